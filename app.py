@@ -1,0 +1,143 @@
+"""Chat with a Llama-family model that may not fit in GPU memory.
+
+    python app.py [MODEL_DIR] [TOKENIZER] [--use_offload] [--offload_exclusion [w1,w2,w3]] [--use_8bit] ...
+
+With no MODEL_DIR the bundled tiny model (models/pytiny, trained on Python's standard library) runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.config import BUNDLED_MODEL, RunConfig
+from llama.errors import UserError
+from llama.sampling import SamplingParams
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad flags give one line naming the flag, and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (Meta or HF)")
+    p.add_argument("tokenizer", nargs="?", type=Path, help="tokenizer file or directory (default: inside MODEL_DIR)")
+    g = p.add_argument_group("model")
+    g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto)")
+    g.add_argument("--f16", action="store_true", help="same as --dtype float16")
+    g.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
+    g.add_argument("--prefill_chunk", type=int, default=512, help="tokens per prefill step")
+    g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
+    g.add_argument("--system", help="system prompt")
+    s = p.add_argument_group("sampling (order: repetition penalty, temperature, top-k, top-p, min-p)")
+    d = SamplingParams()
+    s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy")
+    s.add_argument("--top_k", type=int, default=d.top_k)
+    s.add_argument("--top_p", type=float, default=d.top_p)
+    s.add_argument("--min_p", type=float, default=d.min_p)
+    s.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
+    s.add_argument("--repetition_window", type=int, default=d.repetition_window)
+    s.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=d.mirostat)
+    s.add_argument("--mirostat_tau", type=float, default=d.mirostat_tau)
+    s.add_argument("--mirostat_eta", type=float, default=d.mirostat_eta)
+    s.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    o = p.add_argument_group("offload and quantization")
+    o.add_argument("--use_offload", action="store_true", help="stream block weights from pinned RAM to the GPU")
+    o.add_argument("--offload_exclusion", default="", help="weights kept on the GPU, e.g. [w1,w2,w3]")
+    o.add_argument("--prefetch", type=int, default=2, help="device slots in the prefetch ring")
+    o.add_argument("--gpu_mem", help="VRAM budget, e.g. 6GiB (default: free VRAM less a margin)")
+    o.add_argument("--use_8bit", action="store_true", help="8-bit weights (bitsandbytes LLM.int8 when resident)")
+    o.add_argument("--quant", choices=("int8", "int4"), help="our own weight-only formats")
+    o.add_argument("--save_quantized", type=Path, help="write the quantized model to this directory and exit")
+    m = p.add_argument_group("modes")
+    m.add_argument("--prompt", help="answer this one prompt, print only the reply, exit")
+    m.add_argument("--max_new_tokens", type=int, default=512)
+    m.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    m.add_argument("--ppl", type=Path, help="print the perplexity of this text file and exit")
+    m.add_argument("--serve", metavar="[HOST:]PORT", help="serve the HTTP API instead of the console")
+    m.add_argument("--shared_secret", help="required Authorization for every HTTP request")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    if ns.max_new_tokens < 1:
+        raise UserError("--max_new_tokens must be at least 1")
+    if ns.ctx is not None and ns.ctx < 16:
+        raise UserError("--ctx must be at least 16")
+    if ns.prefetch < 1:
+        raise UserError("--prefetch must be at least 1")
+    sampling = SamplingParams(
+        temperature=ns.temperature,
+        top_k=ns.top_k,
+        top_p=ns.top_p,
+        min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty,
+        repetition_window=ns.repetition_window,
+        mirostat=ns.mirostat,
+        mirostat_tau=ns.mirostat_tau,
+        mirostat_eta=ns.mirostat_eta,
+        seed=ns.seed,
+    )
+    return RunConfig(
+        model_dir=ns.model_dir,
+        tokenizer=ns.tokenizer,
+        device=ns.device,
+        dtype="float16" if ns.f16 else ns.dtype,
+        ctx=ns.ctx,
+        prefill_chunk=ns.prefill_chunk,
+        chat_format=ns.chat_format,
+        system=ns.system,
+        sampling=sampling,
+        use_offload=ns.use_offload,
+        offload_exclusion=ns.offload_exclusion,
+        prefetch=ns.prefetch,
+        gpu_mem=ns.gpu_mem,
+        use_8bit=ns.use_8bit,
+        quant=ns.quant,
+        save_quantized=ns.save_quantized,
+        prompt=ns.prompt,
+        max_new_tokens=ns.max_new_tokens,
+        stop=tuple(ns.stop),
+        ppl=ns.ppl,
+        serve=ns.serve,
+        shared_secret=ns.shared_secret,
+    )
+
+
+def run(cfg: RunConfig) -> None:
+    from engine.build import build_engine
+    from engine.console import run_console, run_prompt
+
+    engine = build_engine(cfg)
+    if cfg.ppl is not None:
+        from llama.perplexity import run_perplexity
+
+        run_perplexity(engine.model, engine.tokenizer, cfg.ppl, cfg.ctx or min(engine.ctx, 512))
+    elif cfg.serve is not None:
+        from server.app import serve
+
+        serve(engine, cfg.serve, cfg.shared_secret)
+    elif cfg.prompt is not None:
+        run_prompt(engine, cfg.prompt)
+    else:
+        run_console(engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        run(config_from_args(ns))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

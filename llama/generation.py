@@ -1,0 +1,193 @@
+"""Token generation over a persistent KV cache: chunked prefill, decode, stops, streaming.
+
+The Generator remembers which tokens its cache holds. A new request shares the longest common
+prefix with them, so a chat turn only prefills its new tokens and a rerun of the same prompt
+prefills one token.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from llama.kv_cache import KVCache
+from llama.model import Transformer
+from llama.sampling import Sampler
+from llama.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens of the request
+    prefilled_tokens: int = 0  # tokens actually run through prefill (the rest came from the cache)
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""  # eos | stop_string | length | interrupted
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefilled_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # The first new token comes out of prefill; decode steps produce the rest.
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class Generation:
+    """What one request produced; filled in while streaming."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Generator:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        device: torch.device | str,
+        max_seq_len: int,
+        cache_dtype: torch.dtype,
+        prefill_chunk: int = 512,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(model.args, max_seq_len, cache_dtype, self.device)
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+
+    def reset(self) -> None:
+        self.cached = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
+        """Run ids at start_pos through the model; return the last position's logits (vocab,) in float32."""
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        logits = self.model(tokens, start_pos, self.cache, last_only=True)
+        self.cached = self.cached[:start_pos] + ids  # only after the forward completed
+        return logits[0, -1].float().cpu()
+
+    def prefill(self, prompt: list[int], stats: GenerationStats) -> torch.Tensor:
+        """Make the cache hold `prompt`, reusing the common prefix; return the next-token logits."""
+        common = 0
+        for a, b in zip(self.cached, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)  # at least one token must run to produce logits
+        self.cached = self.cached[:common]
+        start = time.perf_counter()
+        logits = None
+        for pos in range(common, len(prompt), self.prefill_chunk):
+            logits = self._forward(prompt[pos : pos + self.prefill_chunk], pos)
+        self._sync()
+        stats.prefill_seconds = time.perf_counter() - start
+        stats.prefilled_tokens = len(prompt) - common
+        assert logits is not None
+        return logits
+
+    def stream(
+        self,
+        prompt: list[int],
+        sampler: Sampler,
+        max_new_tokens: int,
+        stop_ids: set[int] | None = None,
+        stop_strings: list[str] | None = None,
+        result: Generation | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces of the reply as they become final. `result` collects ids, text and stats.
+
+        A KeyboardInterrupt (or should_stop() turning true) ends the reply early; the tokens made so
+        far stay in `result` and in the cache, so the conversation stays consistent.
+        """
+        result = result if result is not None else Generation()
+        stats = result.stats
+        stats.prompt_tokens = len(prompt)
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_seq_len}")
+        stop_ids = stop_ids if stop_ids is not None else self.tokenizer.stop_ids
+        stop_strings = [s for s in (stop_strings or []) if s]
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt))
+        decoder = StreamDecoder(self.tokenizer)
+        held = ""  # text not yet yielded because it may be the start of a stop string
+        history = list(prompt)
+        start = time.perf_counter()
+        try:
+            logits = self.prefill(prompt, stats)
+            start = time.perf_counter()
+            while True:
+                token = sampler.sample(logits, history)
+                if token in stop_ids:
+                    stats.stop_reason = "eos"
+                    break
+                result.token_ids.append(token)
+                history.append(token)
+                stats.new_tokens += 1
+                held += decoder.push(token)
+                hit = _find_stop(held, stop_strings)
+                if hit is not None:
+                    held = held[:hit]
+                    stats.stop_reason = "stop_string"
+                    break
+                safe = len(held) - _partial_stop_len(held, stop_strings)
+                if safe > 0:
+                    result.text += held[:safe]
+                    yield held[:safe]
+                    held = held[safe:]
+                if stats.new_tokens >= max_new_tokens:
+                    stats.stop_reason = "length"
+                    break
+                if should_stop is not None and should_stop():
+                    stats.stop_reason = "interrupted"
+                    break
+                logits = self._forward([token], len(history) - 1)
+        except KeyboardInterrupt:
+            stats.stop_reason = "interrupted"
+        finally:
+            self._sync()
+            if stats.new_tokens:
+                stats.decode_seconds = time.perf_counter() - start
+        if stats.stop_reason != "stop_string":
+            held += decoder.flush()
+        if held:
+            result.text += held
+            yield held
+
+    def generate(self, prompt: list[int], sampler: Sampler, max_new_tokens: int, **kwargs) -> Generation:
+        result = Generation()
+        for _ in self.stream(prompt, sampler, max_new_tokens, result=result, **kwargs):
+            pass
+        return result
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in text, or None."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

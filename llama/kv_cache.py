@@ -1,0 +1,41 @@
+"""The KV cache: preallocated keys and values for every layer, written in place as tokens arrive."""
+from __future__ import annotations
+
+import torch
+
+from llama.config import ModelArgs
+
+
+class KVCache:
+    """Keys and values of all layers, shape (batch, n_kv_heads, max_seq_len, head_dim) each.
+
+    The cache does not know how many positions are valid: the caller passes start_pos, and
+    the generation code keeps the count (so a rollback is just a smaller start_pos).
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        batch: int = 1,
+    ) -> None:
+        shape = (batch, args.n_kv_heads, max_seq_len, args.head_dim)
+        self.max_seq_len = max_seq_len
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, n_kv_heads, seqlen, head_dim) at start_pos; return keys/values up to the end."""
+        end = start_pos + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: position {end} > {self.max_seq_len}")
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,165 @@
+"""The Llama-family transformer (Llama 1/2/3, Mistral, Qwen2) with Meta's weight names.
+
+Plain nn.Module code: no device placement, no quantization, no offloading. Those are applied to a
+built model from offload/. RoPE uses Meta's interleaved pair layout (HF checkpoints are permuted
+into it when read).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama.config import Llama3RopeScaling, ModelArgs
+from llama.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,) in float32, with Llama 3.1 scaling when configured."""
+    half = args.head_dim // 2
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, half, dtype=torch.float64, device="cpu") / half))
+    if args.rope_scaling is not None:
+        inv = _llama3_scale(inv, args.rope_scaling)
+    return inv.float()
+
+
+def _llama3_scale(inv: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    mid = (1 - smooth) * inv / s.factor + smooth * inv
+    out = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, out)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x (batch, heads, seqlen, head_dim) by cos/sin (seqlen, head_dim // 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (batch, heads, seqlen, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, q_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(q_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
+        gqa = self.n_heads != self.n_kv_heads
+        if seqlen == 1:
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        elif k.shape[2] == seqlen:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            # Chunked prefill after earlier tokens: query i sees keys up to start_pos + i.
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            query_pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer: int, args: ModelArgs) -> None:
+        super().__init__()
+        self.layer = layer
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Angles for every position, (max_seq_len, head_dim // 2); always real (not meta) tensors.
+        angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32, device="cpu"), rope_frequencies(args))
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens (batch, seqlen) -> logits (batch, seqlen or 1, vocab) in the model's dtype."""
+        seqlen = tokens.shape[1]
+        if start_pos + seqlen > self.rope_cos.shape[0]:
+            raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
+        h = self.tok_embeddings(tokens)  # (batch, seqlen, dim)
+        cos = self.rope_cos[start_pos : start_pos + seqlen].to(h.device)
+        sin = self.rope_sin[start_pos : start_pos + seqlen].to(h.device)
+        for block in self.layers:
+            h = block(h, cos, sin, start_pos, cache)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        return self.output(h.to(self.output.weight.device))

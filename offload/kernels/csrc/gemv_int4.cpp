@@ -1,0 +1,119 @@
+// int4 weight-only GEMV, asymmetric with one scale and zero per group of G weights:
+//   y = sum_g scale_g * (sum_{k in g} q_k x_k - zero_g * sum_{k in g} x_k)
+// so the inner loop is nibble -> float -> FMA, and scale and zero are applied once per group.
+// Activations arrive permuted (int4_permute_activations) so high and low nibbles need no shuffle.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "kernels.h"
+#include "vec.h"
+
+namespace llama_offload {
+
+constexpr int64_t kChunk = 2 * kW;  // weights per vector step: kW bytes, two nibbles each
+
+void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, float* xperm, float* xsum) {
+  const int64_t ng = K / G;
+  const int64_t full = G - G % kChunk;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* src = x + t * K + g * G;
+      float* dst = xperm + t * K + g * G;
+      float s = 0.f;
+      for (int64_t c = 0; c < full; c += kChunk) {
+        for (int i = 0; i < kW; ++i) {
+          dst[c + i] = src[c + 2 * i];
+          dst[c + kW + i] = src[c + 2 * i + 1];
+        }
+      }
+      for (int64_t k = full; k < G; ++k) dst[k] = src[k];
+      for (int64_t k = 0; k < G; ++k) s += src[k];
+      xsum[t * ng + g] = s;
+    }
+  }
+}
+
+template <int R, int TB, typename S>
+static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
+                       const S* scales, const S* zeros, float* y, int64_t ldy) {
+  const int64_t ng = K / G;
+  const int64_t full = G - G % kChunk;
+  const int64_t ldp = K / 2;
+  vfloat total[R][TB] = {};
+  float correction[R][TB] = {};  // sum_g scale_g * (zero_g * xsum_g - scalar tail dot_g)
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t kb = g * G;
+    vfloat acc[R][TB] = {};
+    for (int64_t c = 0; c < full; c += kChunk) {
+      const int64_t k = kb + c;
+      vfloat xe[TB], xo[TB];
+      for (int t = 0; t < TB; ++t) {
+        xe[t] = load_f(xp + t * K + k);
+        xo[t] = load_f(xp + t * K + k + kW);
+      }
+      for (int r = 0; r < R; ++r) {
+        vfloat hi, lo;
+        load_nibbles_as_f(p + r * ldp + k / 2, hi, lo);
+        for (int t = 0; t < TB; ++t) acc[r][t] += hi * xe[t] + lo * xo[t];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = float(scales[r * ng + g]);
+      const float z = float(zeros[r * ng + g]);
+      for (int t = 0; t < TB; ++t) {
+        float tail = 0.f;
+        for (int64_t k = kb + full; k < kb + G; k += 2) {
+          const uint8_t b = p[r * ldp + k / 2];
+          tail += float(b >> 4) * xp[t * K + k] + float(b & 15) * xp[t * K + k + 1];
+        }
+        total[r][t] += splat(s) * acc[r][t];
+        correction[r][t] += s * (z * xsum[t * ng + g] - tail);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TB; ++t) y[t * ldy + r] = hsum(total[r][t]) - correction[r][t];
+}
+
+template <int R, int TB, typename S>
+static void int4_rows(const float* xp, const float* xsum, int64_t K, int64_t G, const uint8_t* packed,
+                      const S* scales, const S* zeros, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t ng = K / G;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    int4_block<R, TB, S>(xp, xsum, K, G, packed + n * (K / 2), scales + n * ng, zeros + n * ng, y + n, N);
+  for (; n < n1; ++n)
+    int4_block<1, TB, S>(xp, xsum, K, G, packed + n * (K / 2), scales + n * ng, zeros + n * ng, y + n, N);
+}
+
+template <typename S>
+void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K, int64_t G,
+                    const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
+                    int64_t n1) {
+  const int64_t ng = K / G;
+  // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
+    for (int64_t t = 0; t < T; t += 4) {
+      const float* xt = xperm + t * K;
+      const float* st = xsum + t * ng;
+      float* yt = y + t * N;
+      switch (T - t) {
+        case 1: int4_rows<4, 1, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
+        case 2: int4_rows<2, 2, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
+        case 3: int4_rows<1, 3, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
+        default: int4_rows<1, 4, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
+      }
+    }
+  }
+}
+
+template void int4_gemv_rows<float>(const float*, const float*, int64_t, int64_t, int64_t, const uint8_t*,
+                                    const float*, const float*, float*, int64_t, int64_t, int64_t);
+template void int4_gemv_rows<c10::BFloat16>(const float*, const float*, int64_t, int64_t, int64_t,
+                                            const uint8_t*, const c10::BFloat16*, const c10::BFloat16*,
+                                            float*, int64_t, int64_t, int64_t);
+template void int4_gemv_rows<c10::Half>(const float*, const float*, int64_t, int64_t, int64_t, const uint8_t*,
+                                        const c10::Half*, const c10::Half*, float*, int64_t, int64_t, int64_t);
+
+}  // namespace llama_offload

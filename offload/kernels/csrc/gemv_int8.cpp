@@ -1,0 +1,61 @@
+// int8 weight-only GEMV: each block of R rows x TB tokens keeps R*TB vector accumulators, so a weight
+// vector is converted once and used TB times, and an activation vector is loaded once for R rows.
+#include "kernels.h"
+#include "vec.h"
+
+namespace llama_offload {
+
+template <int R, int TB>
+static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, int64_t ldq,
+                       const float* scale, float* y, int64_t ldy) {
+  vfloat acc[R][TB] = {};
+  const int64_t kv = K - K % kW;
+  for (int64_t k = 0; k < kv; k += kW) {
+    vfloat xv[TB];
+    for (int t = 0; t < TB; ++t) xv[t] = load_f(x + t * ldx + k);
+    for (int r = 0; r < R; ++r) {
+      const vfloat w = load_i8_as_f(q + r * ldq + k);
+      for (int t = 0; t < TB; ++t) acc[r][t] += w * xv[t];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TB; ++t) {
+      float s = hsum(acc[r][t]);
+      for (int64_t k = kv; k < K; ++k) s += float(q[r * ldq + k]) * x[t * ldx + k];
+      y[t * ldy + r] = s * scale[r];
+    }
+  }
+}
+
+// Rows [n0, n1) for TB tokens: blocks of R rows, then single rows for the remainder.
+template <int R, int TB>
+static void int8_rows(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t N,
+                      int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) int8_block<R, TB>(x, K, K, q + n * K, K, scale + n, y + n, N);
+  for (; n < n1; ++n) int8_block<1, TB>(x, K, K, q + n * K, K, scale + n, y + n, N);
+}
+
+void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
+                    int64_t N, int64_t n0, int64_t n1) {
+  // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
+  for (int64_t nb = n0; nb < n1; nb += 8) {
+    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
+    for (int64_t t = 0; t < T; t += 4) {
+      const float* xt = x + t * K;
+      float* yt = y + t * N;
+      switch (T - t) {
+        case 1: int8_rows<4, 1>(xt, K, q, scale, yt, N, nb, nb1); break;
+        case 2: int8_rows<2, 2>(xt, K, q, scale, yt, N, nb, nb1); break;
+        case 3: int8_rows<2, 3>(xt, K, q, scale, yt, N, nb, nb1); break;
+        default: int8_rows<2, 4>(xt, K, q, scale, yt, N, nb, nb1); break;
+      }
+    }
+  }
+}
+
+int vector_width() {
+  return kW;
+}
+
+}  // namespace llama_offload

@@ -1,0 +1,27 @@
+// The CPU kernels: plain pointers in, float32 out, one call per contiguous range of output rows.
+#pragma once
+
+#include <cstdint>
+
+namespace llama_offload {
+
+// y[t][n] = scale[n] * sum_k q[n][k] * x[t][k], for n in [n0, n1); x is [T][K], q is [N][K], y is [T][N].
+void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
+                    int64_t N, int64_t n0, int64_t n1);
+
+// Activations in the layout the int4 kernel reads: per group, each full chunk of 2*kW values is split into
+// its even-indexed then its odd-indexed values (matching high then low nibbles); xsum[t][g] = sum of group g.
+// x is [T][K]; xperm is [T][K]; xsum is [T][K / G].
+void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, float* xperm, float* xsum);
+
+// y[t][n] = sum_g scale[n][g] * sum_{k in g} (q[n][k] - zero[n][g]) * x[t][k], for n in [n0, n1).
+// packed is [N][K / 2] with q[2j] in the high nibble of byte j and q[2j + 1] in its low nibble;
+// scales and zeros are [N][K / G] of type S (float, c10::BFloat16 or c10::Half).
+template <typename S>
+void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K, int64_t G,
+                    const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
+                    int64_t n1);
+
+int vector_width();
+
+}  // namespace llama_offload
