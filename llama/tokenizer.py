@@ -39,11 +39,10 @@ FALLBACK_EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", 
 class Tokenizer(ABC):
     """Text <-> token ids for one model.
 
-    kind: 'sentencepiece', 'tiktoken' or 'hf'. bos_id is None when the model uses no BOS (Qwen2).
+    bos_id is None when the model uses no BOS (Qwen2).
     stop_ids: ids that end generation (always includes eos_id). special_ids: control tokens by name.
     """
 
-    kind: str
     bos_id: int | None
     eos_id: int
     stop_ids: set[int]
@@ -76,8 +75,6 @@ class Tokenizer(ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece `tokenizer.model` (Llama 1/2, Mistral)."""
 
-    kind = "sentencepiece"
-
     def __init__(self, path: Path) -> None:
         import sentencepiece
 
@@ -94,7 +91,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.special_ids = {
             self._sp.id_to_piece(i): i
             for i in range(self.vocab_size)
-            if self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_user_defined(i)
+            if self._sp.is_control(i) or self._sp.is_unknown(i)
         }
 
     def _encode_text(self, text: str) -> list[int]:
@@ -109,8 +106,6 @@ class SentencePieceTokenizer(Tokenizer):
 
 class TiktokenTokenizer(Tokenizer):
     """Llama 3's `tokenizer.model`: lines of `base64(token bytes) rank`, plus 256 specials after them."""
-
-    kind = "tiktoken"
 
     def __init__(self, path: Path) -> None:
         import tiktoken
@@ -177,8 +172,6 @@ class HFTokenizer(Tokenizer):
     else the first of FALLBACK_EOS_NAMES in the vocabulary. stop_ids: eos plus every `eos_token_id`
     of config.json and generation_config.json.
     """
-
-    kind = "hf"
 
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as HFBackend

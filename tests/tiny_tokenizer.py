@@ -49,7 +49,8 @@ def train_tiny_sentencepiece(directory: Path, vocab_size: int = 400) -> Path:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(CORPUS.splitlines()), model_writer=model, model_type="bpe",
             vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            character_coverage=1.0, normalization_rule_name="identity", split_digits=True,
+            character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            split_digits=True,
             num_threads=1, minloglevel=2,
         )
         _sentencepiece_cache[vocab_size] = model.getvalue()

@@ -33,6 +33,20 @@ void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, f
   }
 }
 
+// Dot products of the last G % kChunk weights of group g (kept in natural order) with TB tokens.
+template <int TB>
+static void int4_group_tail(const float* xp, int64_t K, const uint8_t* p, int64_t kb, int64_t full, int64_t G,
+                            float* dots) {
+  for (int t = 0; t < TB; ++t) {
+    float d = 0.f;
+    for (int64_t k = kb + full; k < kb + G; k += 2) {
+      const uint8_t b = p[k / 2];
+      d += float(b >> 4) * xp[t * K + k] + float(b & 15) * xp[t * K + k + 1];
+    }
+    dots[t] = d;
+  }
+}
+
 template <int R, int TB, typename S>
 static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
                        const S* scales, const S* zeros, float* y, int64_t ldy) {
@@ -40,34 +54,41 @@ static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G,
   const int64_t full = G - G % kChunk;
   const int64_t ldp = K / 2;
   vfloat total[R][TB] = {};
-  float correction[R][TB] = {};  // sum_g scale_g * (zero_g * xsum_g - scalar tail dot_g)
+  float correction[R][TB] = {};  // sum_g scale_g * (zero_g * xsum_g - tail dot_g)
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t kb = g * G;
+    const uint8_t* pg = p + kb / 2;
+    const float* xg = xp + kb;
     vfloat acc[R][TB] = {};
     for (int64_t c = 0; c < full; c += kChunk) {
-      const int64_t k = kb + c;
       vfloat xe[TB], xo[TB];
       for (int t = 0; t < TB; ++t) {
-        xe[t] = load_f(xp + t * K + k);
-        xo[t] = load_f(xp + t * K + k + kW);
+        xe[t] = load_f(xg + t * K + c);
+        xo[t] = load_f(xg + t * K + c + kW);
       }
       for (int r = 0; r < R; ++r) {
         vfloat hi, lo;
-        load_nibbles_as_f(p + r * ldp + k / 2, hi, lo);
-        for (int t = 0; t < TB; ++t) acc[r][t] += hi * xe[t] + lo * xo[t];
+        load_nibbles_as_f(pg + r * ldp + c / 2, hi, lo);
+        for (int t = 0; t < TB; ++t) {
+          acc[r][t] += hi * xe[t];  // two statements: two FMAs, not a mul, an FMA and an add
+          acc[r][t] += lo * xo[t];
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
       const float s = float(scales[r * ng + g]);
-      const float z = float(zeros[r * ng + g]);
+      const float sz = s * float(zeros[r * ng + g]);
+      const vfloat vs = splat(s);
       for (int t = 0; t < TB; ++t) {
-        float tail = 0.f;
-        for (int64_t k = kb + full; k < kb + G; k += 2) {
-          const uint8_t b = p[r * ldp + k / 2];
-          tail += float(b >> 4) * xp[t * K + k] + float(b & 15) * xp[t * K + k + 1];
-        }
-        total[r][t] += splat(s) * acc[r][t];
-        correction[r][t] += s * (z * xsum[t * ng + g] - tail);
+        total[r][t] += vs * acc[r][t];
+        correction[r][t] += sz * xsum[t * ng + g];
+      }
+    }
+    if (full < G) {
+      for (int r = 0; r < R; ++r) {
+        float dots[TB];
+        int4_group_tail<TB>(xp, K, p + r * ldp, kb, full, G, dots);
+        for (int t = 0; t < TB; ++t) correction[r][t] -= float(scales[r * ng + g]) * dots[t];
       }
     }
   }

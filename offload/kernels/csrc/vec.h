@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #ifndef LLAMA_OFFLOAD_VEC_WIDTH
 #if defined(__AVX512F__)
 #define LLAMA_OFFLOAD_VEC_WIDTH 16
@@ -19,8 +23,6 @@ constexpr int kW = LLAMA_OFFLOAD_VEC_WIDTH;  // floats per vector
 
 typedef float vfloat __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kW * sizeof(int32_t))));
-typedef int8_t vbyte __attribute__((vector_size(kW)));
-typedef uint8_t vubyte __attribute__((vector_size(kW)));
 
 inline vfloat load_f(const float* p) {
   vfloat v;
@@ -32,20 +34,38 @@ inline vfloat splat(float s) {
   return vfloat{} + s;
 }
 
-// kW signed bytes -> kW floats (sign-extend, then convert).
+// kW signed bytes -> kW floats. Widening conversions go through intrinsics where available because
+// compilers scalarize __builtin_convertvector from 8- and 16-byte vectors.
 inline vfloat load_i8_as_f(const int8_t* p) {
-  vbyte b;
-  std::memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(__builtin_convertvector(b, vint), vfloat);
+#if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm512_cvtepi32_ps(v);
+#elif LLAMA_OFFLOAD_VEC_WIDTH == 8 && defined(__AVX2__)
+  const __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm256_cvtepi32_ps(v);
+#else
+  vint v;
+  for (int i = 0; i < kW; ++i) v[i] = p[i];
+  return __builtin_convertvector(v, vfloat);
+#endif
 }
 
 // kW packed bytes -> their high nibbles (hi) and low nibbles (lo) as floats.
 inline void load_nibbles_as_f(const uint8_t* p, vfloat& hi, vfloat& lo) {
-  vubyte b;
-  std::memcpy(&b, p, sizeof(b));
-  const vint v = __builtin_convertvector(b, vint);
+#if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = (vfloat)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  lo = (vfloat)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+#elif LLAMA_OFFLOAD_VEC_WIDTH == 8 && defined(__AVX2__)
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  hi = (vfloat)_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
+  lo = (vfloat)_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+#else
+  vint v;
+  for (int i = 0; i < kW; ++i) v[i] = p[i];
   hi = __builtin_convertvector(v >> 4, vfloat);
   lo = __builtin_convertvector(v & 15, vfloat);
+#endif
 }
 
 inline float hsum(vfloat v) {

@@ -1,0 +1,78 @@
+"""What both checkpoint readers share: a weight read from a file, dropping its file pages, JSON files."""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama.errors import UserError
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages now; file pages are re-read if touched again
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor of a checkpoint under its canonical (Meta) name, in the checkpoint's dtype.
+
+    mapped: the tensor is a view of the file's memory map (not a copy). A consumer that copies or
+    converts it elsewhere calls release() afterwards, so a read-once map does not stay resident.
+    """
+
+    name: str
+    tensor: torch.Tensor
+    file: Path
+    mapped: bool
+
+    def release(self) -> None:
+        if self.mapped:
+            release_pages(self.tensor)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Ask the kernel to drop the memory-mapped file pages behind t (whole pages inside its bytes).
+
+    The content is kept: the pages are read from the file again if touched. A no-op off Linux.
+    Meant for file-backed tensors; anonymous memory would be pushed to swap, where there is swap.
+    """
+    if _libc is None or t.device.type != "cpu" or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _libc.madvise(first, last - first, _MADV_PAGEOUT)  # failure (old kernel) only costs memory
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+_libc = _load_libc()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from path, or a UserError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def short_reason(e: BaseException) -> str:
+    """The first line of an exception's message, cut to a readable length, for one-line errors."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -1,0 +1,88 @@
+"""int4 weight-only format: asymmetric, one scale and one integer zero point per group of input channels.
+
+w[n, k] ~= (q[n, k] - zeros[n, g]) * scales[n, g] with g = k // group_size and q in [0, 15].
+Two values per byte: q[n, 2j] in the high nibble of packed[n, j] and q[n, 2j + 1] in the low nibble
+(the byte order torch's `_convert_weight_to_int4pack` expects on CUDA).
+in_features must be a multiple of the group size; quantize_int4 raises a UserError otherwise (no padding,
+so a format's shapes are always the layer's shapes). Pick a smaller group size (32, 64) for tiny models.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama.errors import UserError
+from offload.kernels.bundle import TensorBundle
+from offload.kernels.int8_format import FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Int4Weight(TensorBundle):
+    """packed: uint8 [out, in/2]; scales, zeros: [out, in/group_size], one float dtype (zeros are integers)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+
+    def __post_init__(self) -> None:
+        p, s, z = self.packed, self.scales, self.zeros
+        if p.dtype != torch.uint8 or p.dim() != 2:
+            raise ValueError(f"Int4Weight.packed must be uint8 [out, in/2], got {p.dtype} {tuple(p.shape)}")
+        if s.dtype not in FLOAT_DTYPES or s.dim() != 2 or s.shape[0] != p.shape[0] or s.shape[1] == 0:
+            raise ValueError(f"Int4Weight.scales must be float [{p.shape[0]}, groups], got {s.dtype} "
+                             f"{tuple(s.shape)}")
+        if z.dtype != s.dtype or z.shape != s.shape:
+            raise ValueError(f"Int4Weight.zeros must match scales ({s.dtype} {tuple(s.shape)}), got {z.dtype} "
+                             f"{tuple(z.shape)}")
+        if (2 * p.shape[1]) % s.shape[1] or (2 * p.shape[1] // s.shape[1]) % 2:
+            raise ValueError(f"Int4Weight: {2 * p.shape[1]} inputs do not split into {s.shape[1]} even groups")
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return 2 * self.packed.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scales.shape[1]
+
+    def unpack(self) -> torch.Tensor:
+        """The 4-bit values as uint8 [out, in] in [0, 15]."""
+        hi, lo = self.packed >> 4, self.packed & 15
+        return torch.stack([hi, lo], dim=-1).reshape(self.out_features, self.in_features)  # (out, in)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full-size weight [out, in], computed in float32 and returned in `dtype`."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = self.unpack().float().view(n, k // g, g)  # (out, groups, group_size)
+        w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+        return w.view(n, k).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in] values in [0, 15] -> uint8 [out, in/2], even index in the high nibble."""
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype | None = None) -> Int4Weight:
+    """Quantize a float weight [out, in] by min/max per group; scales in `scale_dtype` (default: w's dtype)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"quantize_int4 needs a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size < 2 or group_size % 2:
+        raise UserError(f"int4 group size must be an even number >= 2, got {group_size}")
+    if k % group_size:
+        raise UserError(f"int4: in_features {k} of a [{n}, {k}] weight is not a multiple of the group size "
+                        f"{group_size}; choose a group size that divides it")
+    scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)
+    wg = w.float().view(n, k // group_size, group_size)  # (out, groups, group_size)
+    # The range always includes 0, so zero points fall in [0, 15].
+    lo, hi = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+    scales = ((hi - lo) / 15.0).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    zeros = torch.round(-lo / scales.float()).clamp_(0, 15).to(scale_dtype)
+    q = torch.round(wg / scales.float()[..., None] + zeros.float()[..., None]).clamp_(0, 15)
+    return Int4Weight(packed=pack_int4(q.to(torch.uint8).view(n, k)), scales=scales, zeros=zeros)

@@ -1,0 +1,262 @@
+"""What goes where: the exclusion list, the offload configuration and the VRAM budget planner.
+
+A block's weights are split into "units", the seven linears the exclusion flag names (wq, wk, wv, wo,
+w1, w2, w3). A unit is either resident on the GPU or streamed from pinned host RAM through a ring of
+device slots. The rest of a block (its norms) is small and always resident. The planner picks the
+placement that streams the fewest bytes per forward pass within a GPU memory budget.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from llama.config import ModelArgs
+from llama.errors import UserError
+
+STREAMABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+UNIT_PATHS = {
+    "wq": "attention.wq",
+    "wk": "attention.wk",
+    "wv": "attention.wv",
+    "wo": "attention.wo",
+    "w1": "feed_forward.w1",
+    "w2": "feed_forward.w2",
+    "w3": "feed_forward.w3",
+}
+_PATH_UNITS = {path: unit for unit, path in UNIT_PATHS.items()}
+
+# Left free on the GPU when no --gpu_mem is given: allocator slack and other processes' growth.
+DEFAULT_MARGIN_BYTES = 512 * 2**20
+DEFAULT_MARGIN_FRACTION = 0.02
+# cuBLAS workspaces and the allocator's rounding, beyond the tensors the activation estimate counts.
+WORKSPACE_BYTES = 64 * 2**20
+
+
+def parse_exclusions(text: str) -> frozenset[str]:
+    """`[w1,w2,w3]` (the older tool's syntax), `w1,w2,w3` or `w1 w2`; `[]` or "" is the empty set."""
+    names = [n for n in re.split(r"[\s,]+", text.strip().strip("[]").strip()) if n]
+    unknown = [n for n in names if n not in STREAMABLE]
+    if unknown:
+        raise UserError(
+            f"--offload_exclusion: unknown weight name {unknown[0]!r} (valid names: {', '.join(STREAMABLE)})"
+        )
+    return frozenset(names)
+
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_size(text: str, flag: str = "--gpu_mem") -> int:
+    """A byte count from `6GiB`, `6000MB`, `6G` (binary), `1.5 GiB`; a unit is required."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise UserError(f"{flag}: cannot read {text!r} as a size (examples: 6GiB, 6000MB, 1.5G)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def unit_of(tensor_name: str) -> str | None:
+    """The unit a block-relative tensor name belongs to (`attention.wq.weight` -> `wq`), or None (norms)."""
+    return _PATH_UNITS.get(tensor_name.rpartition(".")[0])
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """How to run a model whose blocks stream from host RAM. Sizes in bytes."""
+
+    dtype: torch.dtype = torch.float16
+    device: str = "cuda"  # "cpu" runs the same machinery with synchronous copies (tests)
+    # None: the planner chooses. A set without gpu_mem: exactly these units stay resident (the older
+    # tool's meaning). A set with gpu_mem: these stay resident and the planner may add more.
+    exclusions: frozenset[str] | None = None
+    gpu_mem: int | None = None  # None: free VRAM less a margin
+    n_slots: int = 2  # --prefetch: device slots in the ring (blocks in flight while one computes)
+    max_seq_len: int = 2048  # KV cache length the budget must hold
+    batch: int = 1
+    prefill_chunk: int = 2048  # longest forward the activation estimate must hold
+    quant: str | None = None  # "int8" | "int4": linears held, streamed and multiplied in that format
+    pin: bool = True  # False: pageable home buffers (for machines that cannot lock memory)
+    sequential: bool = False  # reference schedule: copy each block right before it runs, no overlap
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_slots < 1:
+            raise UserError(f"--prefetch: need at least 1 device slot, got {self.n_slots}")
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """GPU bytes a model needs, per part, for one dtype/format. Blocks are alike (Llama)."""
+
+    n_blocks: int
+    unit_bytes: Mapping[str, int]  # one block's streamable units, bytes each (as laid out in a slot)
+    block_other_bytes: int  # the rest of one block (norms): always resident
+    head_bytes: int  # output head
+    fixed_bytes: int  # final norm, RoPE tables: always on the GPU
+    kv_cache_bytes: int
+    activation_bytes: int
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(self.unit_bytes.values()) + self.block_other_bytes
+
+
+def activation_bytes(args: ModelArgs, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """Peak transient GPU bytes of one forward of `tokens` positions (last-position logits only)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    per_token = 4 * args.dim * elem + 3 * q * 4 + 2 * kv * 4 + 3 * args.ffn_dim * elem  # RoPE works in float32
+    return batch * tokens * per_token + batch * args.vocab_size * (elem + 4) + WORKSPACE_BYTES
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each part lives. Streamed blocks come first; the last `n_resident_blocks` are whole on the GPU."""
+
+    footprint: Footprint
+    resident_units: frozenset[str]  # resident in every streamed block
+    n_resident_blocks: int
+    head_on_gpu: bool
+    n_slots: int
+    budget: int | None
+    literal: bool = field(default=False, compare=False)  # exclusions taken as given, not optimized
+
+    def streamed_units(self, block: int) -> frozenset[str]:
+        if block >= self.footprint.n_blocks - self.n_resident_blocks:
+            return frozenset()
+        return frozenset(STREAMABLE) - self.resident_units
+
+    @property
+    def streamed_blocks(self) -> list[int]:
+        return [i for i in range(self.footprint.n_blocks) if self.streamed_units(i)]
+
+    @property
+    def slot_bytes(self) -> int:
+        fp = self.footprint
+        return sum(fp.unit_bytes[u] for u in STREAMABLE if u not in self.resident_units)
+
+    @property
+    def ring_bytes(self) -> int:
+        """All slots; the ring never holds more slots than there are streamed blocks."""
+        n = min(self.n_slots, len(self.streamed_blocks))
+        return n * self.slot_bytes
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes crossing the link per forward pass."""
+        return len(self.streamed_blocks) * self.slot_bytes
+
+    @property
+    def resident_weight_bytes(self) -> int:
+        fp = self.footprint
+        per_streamed = sum(fp.unit_bytes[u] for u in self.resident_units) + fp.block_other_bytes
+        n_streamed = len(self.streamed_blocks)
+        head = fp.head_bytes if self.head_on_gpu else 0
+        return n_streamed * per_streamed + (fp.n_blocks - n_streamed) * fp.block_bytes + head + fp.fixed_bytes
+
+    @property
+    def gpu_bytes(self) -> int:
+        fp = self.footprint
+        return self.resident_weight_bytes + self.ring_bytes + fp.kv_cache_bytes + fp.activation_bytes
+
+    def predicted_tps(self, link_gbps: float | None) -> float | None:
+        """Decode tokens/s the link allows (batch 1); None when nothing streams or the link is unknown."""
+        if not self.streamed_bytes or not link_gbps:
+            return None
+        return link_gbps * 1e9 / self.streamed_bytes
+
+    def describe(self, link_gbps: float | None) -> str:
+        fp = self.footprint
+        budget = format_bytes(self.budget) if self.budget is not None else "unlimited"
+        n_stream = len(self.streamed_blocks)
+        lines = [f"offload plan ({'as given' if self.literal else 'planned'}; GPU budget {budget}):"]
+        if n_stream:
+            units = ",".join(u for u in STREAMABLE if u in self.resident_units) or "none"
+            lines.append(
+                f"  streamed: {n_stream} of {fp.n_blocks} blocks through {min(self.n_slots, n_stream)} slots of "
+                f"{format_bytes(self.slot_bytes)}; resident in those blocks: {units}"
+            )
+        if n_stream < fp.n_blocks:
+            lines.append(f"  whole blocks on the GPU: {fp.n_blocks - n_stream}")
+        lines.append(
+            f"  GPU: {format_bytes(self.gpu_bytes)} = weights {format_bytes(self.resident_weight_bytes)}"
+            f" + slots {format_bytes(self.ring_bytes)} + KV cache {format_bytes(fp.kv_cache_bytes)}"
+            f" + activations {format_bytes(fp.activation_bytes)}"
+        )
+        head = "GPU" if self.head_on_gpu else "host RAM (computed on the CPU)"
+        lines.append(f"  output head: {head}; token embedding: host RAM (rows looked up on the CPU)")
+        tps = self.predicted_tps(link_gbps)
+        if tps is None:
+            lines.append("  streamed per token: nothing (every weight is on the GPU)")
+        else:
+            lines.append(
+                f"  streamed per token: {format_bytes(self.streamed_bytes)}; link {link_gbps:.1f} GB/s"
+                f" -> predicted {tps:.2f} tokens/s (decode, batch 1)"
+            )
+        return "\n".join(lines)
+
+
+def plan_placement(
+    footprint: Footprint,
+    budget: int | None,
+    n_slots: int,
+    exclusions: frozenset[str] | None = None,
+    budget_given: bool = False,
+) -> Plan:
+    """The plan that streams the fewest bytes per token and fits `budget` (None: no limit).
+
+    An exclusion list with no explicit budget is taken literally (only the head's place is chosen);
+    otherwise the listed units are a floor and the planner adds resident units and whole blocks.
+    Raises UserError with the smallest budget that would work when nothing fits.
+    """
+    literal = exclusions is not None and not budget_given
+    forced = exclusions or frozenset()
+    free = [u for u in STREAMABLE if u not in forced]
+    if literal:
+        unit_sets = [forced]
+        block_counts: Iterable[int] = [0]
+    else:
+        unit_sets = [forced | frozenset(c) for r in range(len(free) + 1) for c in itertools.combinations(free, r)]
+        block_counts = range(footprint.n_blocks + 1)
+    candidates = [
+        Plan(footprint, units, k, head, n_slots, budget, literal)
+        for units, k, head in itertools.product(unit_sets, block_counts, (True, False))
+    ]
+
+    def host_bytes(p: Plan) -> int:  # bytes read from host RAM per token: streamed, or CPU-computed head
+        return p.streamed_bytes + (0 if p.head_on_gpu else footprint.head_bytes)
+
+    fitting = [p for p in candidates if budget is None or p.gpu_bytes <= budget]
+    if not fitting:
+        smallest = min(candidates, key=lambda p: p.gpu_bytes)
+        fp = footprint
+        flag = "--gpu_mem" if budget_given else "free GPU memory"
+        raise UserError(
+            f"{flag} {format_bytes(budget or 0)} is too small: this model needs at least "
+            f"{format_bytes(smallest.gpu_bytes)} on the GPU ({min(n_slots, max(len(smallest.streamed_blocks), 1))} "
+            f"slots x {format_bytes(smallest.slot_bytes)}, KV cache {format_bytes(fp.kv_cache_bytes)}, "
+            f"activations {format_bytes(fp.activation_bytes)}, resident weights "
+            f"{format_bytes(smallest.resident_weight_bytes)}); lower --max_seq_len, --prefetch or the exclusions"
+        )
+    return min(fitting, key=lambda p: (host_bytes(p), p.gpu_bytes))
+
+
+def default_budget(device: torch.device) -> int:
+    """Free GPU memory less a margin."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, free - DEFAULT_MARGIN_BYTES - int(DEFAULT_MARGIN_FRACTION * total))

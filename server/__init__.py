@@ -1,0 +1,1 @@
+"""HTTP server over the engine: basilisk-compatible and OpenAI-compatible endpoints."""

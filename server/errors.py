@@ -1,0 +1,75 @@
+"""Errors of both HTTP APIs: one exception type, rendered in OpenAI's shape under /v1 and as text elsewhere.
+
+OpenAI's shape is `{"error": {"message", "type", "param", "code"}}`. basilisk clients expect a short text
+body with the status (its original server answered "unauthorized" or "prompt required" that way).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+OPENAI_PREFIX = "/v1"
+
+
+class ApiError(Exception):
+    """A request the server refuses: status code, one-line message, and (for OpenAI) the offending field."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def openai_error_body(error: ApiError) -> dict[str, Any]:
+    kind = "server_error" if error.status >= 500 else "invalid_request_error"
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def error_response(path: str, error: ApiError) -> Response:
+    """The response for `error` in the style of the API that `path` belongs to."""
+    if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
+        return JSONResponse(openai_error_body(error), status_code=error.status)
+    return PlainTextResponse(error.message, status_code=error.status)
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """One clear 400 from pydantic's list of problems with a request body (the first one is reported)."""
+    first = exc.errors()[0] if exc.errors() else {"type": "", "loc": (), "msg": "invalid request"}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
+    if not loc:
+        if first["type"] == "missing":
+            return ApiError(400, "the request body is missing: send a JSON object")
+        return ApiError(400, f"the request body must be a JSON object ({first['msg']})")
+    field = ".".join(loc)
+    if first["type"] == "missing":
+        return ApiError(400, f"missing required field '{field}'", param=field)
+    return ApiError(400, f"invalid value for '{field}': {first['msg']}", param=field)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(request.url.path, exc)
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(request.url.path, validation_error(exc))
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405) else exc.detail
+        return error_response(request.url.path, ApiError(exc.status_code, str(message)))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        error = ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(request.url.path, error)
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

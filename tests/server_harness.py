@@ -1,0 +1,55 @@
+"""A real HTTP server for the server tests: a tiny random model served by uvicorn on a free loopback port."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+from fixtures import make_meta_checkpoint, tiny_args
+from tiny_tokenizer import train_tiny_sentencepiece
+
+from engine.build import Engine, build_engine
+from engine.config import RunConfig
+from llama.sampling import SamplingParams
+from server.app import create_app
+
+CTX = 256
+SECRET = "s3cret-token"
+
+
+def build_tiny_engine(root: Path, ctx: int = CTX) -> Engine:
+    """A 2-layer, 64-wide random Llama with a tiny SentencePiece tokenizer, greedy by default, on the CPU."""
+    model_dir = root / "tiny-llama"
+    model_dir.mkdir()
+    make_meta_checkpoint(tiny_args(vocab_size=400), model_dir)
+    train_tiny_sentencepiece(model_dir)
+    cfg = RunConfig(model_dir=model_dir, device="cpu", ctx=ctx, sampling=SamplingParams(temperature=0.0))
+    return build_engine(cfg)
+
+
+@contextmanager
+def running_server(engine: Engine, shared_secret: str | None = None) -> Iterator[str]:
+    """Serve `engine` in a background thread; yields the base URL (http://127.0.0.1:PORT)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(engine, shared_secret), log_level="warning", timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
