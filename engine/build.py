@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -79,9 +79,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     tokenizer = resolve_tokenizer(cfg)
-    args = read_model_args(model_dir)
-    if args.vocab_size <= 0:
-        args = args.with_vocab(tokenizer.vocab_size)
+    args = read_model_args(model_dir, tokenizer.vocab_size)
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model in {model_dir} has "
@@ -92,10 +90,10 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
-    args = replace(args, max_seq_len=max(ctx, args.max_seq_len))
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
-    model = load_model(model_dir, dtype=dtype, device=device, args=args)
-    model.eval()
+    model = load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
+    if ctx > model.rope_cos.shape[0]:
+        model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
     generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)

@@ -138,10 +138,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # Angles for every position, (max_seq_len, head_dim // 2); always real (not meta) tensors.
-        angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32, device="cpu"), rope_frequencies(args))
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.set_max_seq_len(args.max_seq_len)
+
+    def set_max_seq_len(self, n: int) -> None:
+        """(Re)build the RoPE tables (n, head_dim // 2) for positions 0..n-1; always real (not meta) tensors."""
+        device = self.rope_cos.device if hasattr(self, "rope_cos") else torch.device("cpu")
+        angles = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), rope_frequencies(self.args))
+        self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
     def forward(
         self,

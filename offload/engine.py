@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from llama.checkpoint_files import Weight
 from llama.errors import UserError
 from llama.model import Transformer
 from offload.host import HostStore, aligned, pin_buffer, tensor_nbytes
@@ -182,12 +184,16 @@ class OffloadedModel:
 
 
 def apply_offload(
-    model: Transformer, weights: Iterable[tuple[str, torch.Tensor]], config: OffloadConfig
+    model: Transformer,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    config: OffloadConfig,
+    release: Callable[[str], None] | None = None,
 ) -> OffloadedModel:
     """Fill a model built on the meta device from (canonical name, tensor) pairs, streaming its blocks.
 
     Blocks are streamed or resident as the plan says; the token embedding stays in host RAM; the KV
-    cache belongs on the returned `.device`.
+    cache belongs on the returned `.device`. `release(name)` is called once a tensor has been copied
+    to its place (the reader can then drop the file pages behind it).
     """
     device = resolve_device(config.device)
     link = probe_link_gbps(device, config.pin) if device.type == "cuda" else None
@@ -200,7 +206,7 @@ def apply_offload(
     store = HostStore(pin=config.pin and device.type == "cuda")
     start = time.perf_counter()
     with torch.no_grad():
-        _load(model, weights, config, plan, store, device)
+        _load(model, weights, config, plan, store, device, release or (lambda name: None))
     if config.verbose:
         state = "pinned" if store.pinned else "pageable"
         print(f"host store: {store.nbytes / 1e9:.2f} GB {state} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -222,10 +228,11 @@ def _load(
     plan: Plan,
     store: HostStore,
     device: torch.device,
+    release: Callable[[str], None],
 ) -> None:
     expected = {i: set(block.state_dict(keep_vars=True)) for i, block in enumerate(model.layers)}
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    total = sum(t.numel() for t in model.state_dict(keep_vars=True).values()) * config.dtype.itemsize
+    total = sum(math.prod(s) for s in model.args.weight_shapes().values()) * config.dtype.itemsize
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not config.verbose)
     for name, t in weights:
         bar.update(t.numel() * config.dtype.itemsize)
@@ -236,9 +243,14 @@ def _load(
                 raise UserError(f"unexpected weight {name!r}")
             pending.setdefault(i, {})[rest] = t
             if len(pending[i]) == len(expected[i]):
-                _place_block(model, i, pending.pop(i), config, plan, store, device)
+                done = pending.pop(i)
+                names = [f"layers.{i}.{rest}" for rest in done]
+                _place_block(model, i, done, config, plan, store, device)
+                for n in names:
+                    release(n)
         else:
             _place_top_level(model, name, t, config, plan, device)
+            release(name)
     bar.close()
     if pending:
         i, got = next(iter(pending.items()))
@@ -301,11 +313,19 @@ def _place_top_level(
 
 def build_offloaded_model(model_dir: str | Path, config: OffloadConfig) -> tuple[Transformer, OffloadedModel]:
     """Read a checkpoint directory into a streaming model: (the model, its offload state)."""
-    from llama.checkpoint import iter_weights, read_model_args
+    from llama.checkpoint import iter_checkpoint, read_model_args
 
     resolve_device(config.device)  # fail before reading anything
-    args = read_model_args(Path(model_dir))
+    model_dir = Path(model_dir)
+    args = read_model_args(model_dir)
     with torch.device("meta"):
         model = Transformer(args)
-    offloaded = apply_offload(model, iter_weights(Path(model_dir), args), config)
+    read: dict[str, Weight] = {}
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for w in iter_checkpoint(model_dir, args):
+            read[w.name] = w
+            yield w.name, w.tensor
+
+    offloaded = apply_offload(model, weights(), config, release=lambda name: read.pop(name).release())
     return model, offloaded

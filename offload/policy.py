@@ -137,13 +137,19 @@ class Plan:
     literal: bool = field(default=False, compare=False)  # exclusions taken as given, not optimized
 
     def streamed_units(self, block: int) -> frozenset[str]:
-        if block >= self.footprint.n_blocks - self.n_resident_blocks:
+        if block >= self.n_streamed_blocks:
             return frozenset()
         return frozenset(STREAMABLE) - self.resident_units
 
     @property
+    def n_streamed_blocks(self) -> int:
+        if self.resident_units >= frozenset(STREAMABLE):
+            return 0
+        return self.footprint.n_blocks - self.n_resident_blocks
+
+    @property
     def streamed_blocks(self) -> list[int]:
-        return [i for i in range(self.footprint.n_blocks) if self.streamed_units(i)]
+        return list(range(self.n_streamed_blocks))
 
     @property
     def slot_bytes(self) -> int:
@@ -153,19 +159,19 @@ class Plan:
     @property
     def ring_bytes(self) -> int:
         """All slots; the ring never holds more slots than there are streamed blocks."""
-        n = min(self.n_slots, len(self.streamed_blocks))
+        n = min(self.n_slots, self.n_streamed_blocks)
         return n * self.slot_bytes
 
     @property
     def streamed_bytes(self) -> int:
         """Bytes crossing the link per forward pass."""
-        return len(self.streamed_blocks) * self.slot_bytes
+        return self.n_streamed_blocks * self.slot_bytes
 
     @property
     def resident_weight_bytes(self) -> int:
         fp = self.footprint
         per_streamed = sum(fp.unit_bytes[u] for u in self.resident_units) + fp.block_other_bytes
-        n_streamed = len(self.streamed_blocks)
+        n_streamed = self.n_streamed_blocks
         head = fp.head_bytes if self.head_on_gpu else 0
         return n_streamed * per_streamed + (fp.n_blocks - n_streamed) * fp.block_bytes + head + fp.fixed_bytes
 
@@ -183,7 +189,7 @@ class Plan:
     def describe(self, link_gbps: float | None) -> str:
         fp = self.footprint
         budget = format_bytes(self.budget) if self.budget is not None else "unlimited"
-        n_stream = len(self.streamed_blocks)
+        n_stream = self.n_streamed_blocks
         lines = [f"offload plan ({'as given' if self.literal else 'planned'}; GPU budget {budget}):"]
         if n_stream:
             units = ",".join(u for u in STREAMABLE if u in self.resident_units) or "none"
@@ -201,8 +207,10 @@ class Plan:
         head = "GPU" if self.head_on_gpu else "host RAM (computed on the CPU)"
         lines.append(f"  output head: {head}; token embedding: host RAM (rows looked up on the CPU)")
         tps = self.predicted_tps(link_gbps)
-        if tps is None:
+        if not self.streamed_bytes:
             lines.append("  streamed per token: nothing (every weight is on the GPU)")
+        elif tps is None:
+            lines.append(f"  streamed per token: {format_bytes(self.streamed_bytes)} (link not measured)")
         else:
             lines.append(
                 f"  streamed per token: {format_bytes(self.streamed_bytes)}; link {link_gbps:.1f} GB/s"
@@ -248,7 +256,7 @@ def plan_placement(
         flag = "--gpu_mem" if budget_given else "free GPU memory"
         raise UserError(
             f"{flag} {format_bytes(budget or 0)} is too small: this model needs at least "
-            f"{format_bytes(smallest.gpu_bytes)} on the GPU ({min(n_slots, max(len(smallest.streamed_blocks), 1))} "
+            f"{format_bytes(smallest.gpu_bytes)} on the GPU ({min(n_slots, max(smallest.n_streamed_blocks, 1))} "
             f"slots x {format_bytes(smallest.slot_bytes)}, KV cache {format_bytes(fp.kv_cache_bytes)}, "
             f"activations {format_bytes(fp.activation_bytes)}, resident weights "
             f"{format_bytes(smallest.resident_weight_bytes)}); lower --max_seq_len, --prefetch or the exclusions"

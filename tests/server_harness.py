@@ -25,7 +25,7 @@ def build_tiny_engine(root: Path, ctx: int = CTX) -> Engine:
     """A 2-layer, 64-wide random Llama with a tiny SentencePiece tokenizer, greedy by default, on the CPU."""
     model_dir = root / "tiny-llama"
     model_dir.mkdir()
-    make_meta_checkpoint(tiny_args(vocab_size=400), model_dir)
+    make_meta_checkpoint(tiny_args(vocab_size=400, max_seq_len=ctx), model_dir)
     train_tiny_sentencepiece(model_dir)
     cfg = RunConfig(model_dir=model_dir, device="cpu", ctx=ctx, sampling=SamplingParams(temperature=0.0))
     return build_engine(cfg)

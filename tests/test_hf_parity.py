@@ -47,14 +47,11 @@ def greedy_ours(model: Transformer, prompt: torch.Tensor, n_new: int) -> list[in
 
 
 def greedy_hf(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> list[int]:
-    """The same loop through transformers' own cache (no EOS handling, unlike generate())."""
-    result = model(input_ids=prompt, use_cache=True)
-    out = []
-    for _ in range(n_new):
-        token = int(result.logits[0, -1].argmax())
-        out.append(token)
-        result = model(input_ids=torch.tensor([[token]]), past_key_values=result.past_key_values, use_cache=True)
-    return out
+    """transformers' greedy generate(), never stopping early on an EOS id."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    out = model.generate(prompt, max_new_tokens=n_new, do_sample=False)
+    return out[0, prompt.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("name", list(CASES))

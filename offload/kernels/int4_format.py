@@ -3,8 +3,9 @@
 w[n, k] ~= (q[n, k] - zeros[n, g]) * scales[n, g] with g = k // group_size and q in [0, 15].
 Two values per byte: q[n, 2j] in the high nibble of packed[n, j] and q[n, 2j + 1] in the low nibble
 (the byte order torch's `_convert_weight_to_int4pack` expects on CUDA).
-in_features must be a multiple of the group size; quantize_int4 raises a UserError otherwise (no padding,
-so a format's shapes are always the layer's shapes). Pick a smaller group size (32, 64) for tiny models.
+A layer narrower than the group size is one group (tiny test models); otherwise in_features must be a
+multiple of the group size and quantize_int4 raises a UserError if not (no padding, so a format's shapes are
+always the layer's shapes).
 """
 from __future__ import annotations
 
@@ -69,17 +70,19 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype | None = None) -> Int4Weight:
-    """Quantize a float weight [out, in] by min/max per group; scales in `scale_dtype` (default: w's dtype)."""
+    """Quantize a float weight [out, in] by min/max per group of min(group_size, in) inputs; scales and zeros
+    in `scale_dtype` (default: w's dtype)."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_int4 needs a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
     n, k = w.shape
+    group_size = min(group_size, k)
     if group_size < 2 or group_size % 2:
         raise UserError(f"int4 group size must be an even number >= 2, got {group_size}")
     if k % group_size:
         raise UserError(f"int4: in_features {k} of a [{n}, {k}] weight is not a multiple of the group size "
                         f"{group_size}; choose a group size that divides it")
     scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)
-    wg = w.float().view(n, k // group_size, group_size)  # (out, groups, group_size)
+    wg = w.float().reshape(n, k // group_size, group_size)  # (out, groups, group_size)
     # The range always includes 0, so zero points fall in [0, 15].
     lo, hi = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
     scales = ((hi - lo) / 15.0).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)

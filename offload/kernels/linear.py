@@ -1,0 +1,103 @@
+"""nn.Linear replacements that hold a quantized weight format, and the pass that swaps them into a model.
+
+A QuantizedLinear registers each tensor of its format as a buffer under the format's own field names
+(Int8Linear: qweight, scale; Int4Linear: packed, scales, zeros, or weight_int4pack, scales_and_zeros once
+prepared for CUDA), so `.to()`, state_dict and the offload engine's rebinding of buffers to device slots
+all see plain tensors. forward rebuilds the format from whatever tensors are bound at that moment.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+
+from llama.errors import UserError
+from offload.kernels.bnb import bnb_int8_linear
+from offload.kernels.int4_format import Int4Weight, quantize_int4
+from offload.kernels.int8_format import Int8Weight, quantize_int8
+from offload.kernels.matmul import int4_matmul, int8_matmul
+from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
+
+QuantFormat = Int8Weight | Int4Weight | Int4CudaWeight
+QUANT_MODES = ("int8", "int4", "bnb")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequantized(weight).T + bias, computed on the device of the bound tensors."""
+
+    def __init__(self, weight: QuantFormat, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self._bind(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def _bind(self, weight: QuantFormat) -> None:
+        for name in getattr(self, "format_names", ()):
+            delattr(self, name)
+        self.format_type = type(weight)
+        self.format_names = tuple(weight.tensors())
+        for name, t in weight.tensors().items():
+            self.register_buffer(name, t)
+
+    def weight_format(self) -> QuantFormat:
+        """The format built from the tensors bound right now."""
+        return self.format_type.from_tensors({n: getattr(self, n) for n in self.format_names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_format()
+        y = int8_matmul(x, w) if isinstance(w, Int8Weight) else int4_matmul(x, w)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format_type.__name__}, bias={self.bias is not None}")
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight-only, one scale per output channel."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        return cls(quantize_int8(linear.weight.detach()), linear.bias)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight-only, asymmetric, one scale and zero per group of `group_size` inputs."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
+        return cls(quantize_int4(linear.weight.detach(), group_size), linear.bias)
+
+    def prepare_for_cuda(self, device: torch.device | str = "cuda") -> None:
+        """Rebind the weight in tinygemm's layout (made on `device`) if tinygemm supports its shape."""
+        w = self.weight_format()
+        if isinstance(w, Int4Weight) and tinygemm_supports(w):
+            self._bind(prepare_for_cuda(w, device))
+
+
+def quantize_linears(module: nn.Module, mode: str, names: Iterable[str] | None = None, progress: bool = True,
+                     group_size: int = 128) -> nn.Module:
+    """Replace nn.Linear submodules in place: mode 'int8' (Int8Linear), 'int4' (Int4Linear with `group_size`)
+    or 'bnb' (bitsandbytes LLM.int8, threshold 6.0, quantized when moved to CUDA). `names` are qualified
+    submodule names (as in named_modules()); None means every nn.Linear. Returns `module`."""
+    if mode not in QUANT_MODES:
+        raise UserError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    wanted = list(linears) if names is None else list(names)
+    missing = [n for n in wanted if n not in linears]
+    if missing:
+        raise UserError(f"quantize: no nn.Linear named {', '.join(missing[:5])} in the model")
+    from tqdm import tqdm
+
+    for name in tqdm(wanted, desc=f"quantizing to {mode}", unit="layer", disable=not progress):
+        linear = linears[name]
+        if mode == "int8":
+            new = Int8Linear.from_linear(linear)
+        elif mode == "int4":
+            new = Int4Linear.from_linear(linear, group_size)
+        else:
+            new = bnb_int8_linear(linear)
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, new)
+    return module

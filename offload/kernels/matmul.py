@@ -1,0 +1,57 @@
+"""Quantized matmuls, dispatched on where the weight's tensors are, each with a pure-torch reference twin.
+
+CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ahead of dequantize-then-
+matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
+CUDA: int4 through tinygemm once the weight is prepared (tinygemm.py); int8, and int4 weights tinygemm
+cannot take, by dequantizing on the device per call (a transient full-size copy, freed after the call).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from offload.kernels.cpu_ext import cpu_extension
+from offload.kernels.int4_format import Int4Weight
+from offload.kernels.int8_format import Int8Weight
+from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm
+
+
+def int8_matmul_reference(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """Dequantize, then F.linear in float32; result in x's dtype."""
+    return F.linear(x.float(), w.dequantize(torch.float32)).to(x.dtype)
+
+
+def int4_matmul_reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """Dequantize, then F.linear in float32; result in x's dtype."""
+    return F.linear(x.float(), w.dequantize(torch.float32)).to(x.dtype)
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])  # (tokens, in)
+
+
+def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
+    """x [..., in] @ dequantized(w).T -> [..., out] in x's dtype, computed where w's tensors are."""
+    x2 = _tokens(x)
+    if w.qweight.device.type == "cuda":
+        weight = w.qweight.to(x.dtype).mul_(w.scale.to(x.dtype)[:, None])  # the one transient copy
+        y = F.linear(x2, weight)
+    elif w.qweight.device.type == "cpu" and (ext := cpu_extension()) is not None:
+        y = ext.int8_matmul(x2, w.qweight.contiguous(), w.scale)
+    else:
+        y = int8_matmul_reference(x2, w)
+    return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor:
+    """x [..., in] @ dequantized(w).T -> [..., out] in x's dtype, computed where w's tensors are."""
+    x2 = _tokens(x)
+    if isinstance(w, Int4CudaWeight):
+        y = int4_matmul_tinygemm(x2, w)
+    elif w.packed.device.type == "cuda":
+        y = F.linear(x2, w.dequantize(x.dtype))
+    elif w.packed.device.type == "cpu" and (ext := cpu_extension()) is not None:
+        y = ext.int4_matmul(x2, w.packed.contiguous(), w.scales.contiguous(), w.zeros.contiguous())
+    else:
+        y = int4_matmul_reference(x2, w)
+    return y.reshape(*x.shape[:-1], w.out_features)

@@ -1,0 +1,78 @@
+"""The console driven as a user drives it: a subprocess with piped stdin, and the one-shot --prompt mode."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_model import make_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY_FLAGS = ["--temperature", "0", "--repetition_penalty", "1.0", "--device", "cpu", "--dtype", "float32"]
+
+
+def _app(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("console"))
+
+
+def test_prompt_mode_prints_only_the_reply(model_dir):
+    a = _app(str(model_dir), "--prompt", "hello there", "--max_new_tokens", "8", *GREEDY_FLAGS)
+    b = _app(str(model_dir), "--prompt", "hello there", "--max_new_tokens", "8", *GREEDY_FLAGS)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+    assert "loading" not in a.stdout and "tok/s" in a.stderr
+
+
+def test_chat_turns_reset_and_exit(model_dir):
+    script = "hello there\nhow are you\n/reset\nhello there\n/exit\nnever read\n"
+    r = _app(str(model_dir), "--max_new_tokens", "6", "--chat_format", "llama2", *GREEDY_FLAGS, stdin=script)
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.split("> ") if line.strip()]
+    assert len(replies) == 3
+    assert replies[0] == replies[2]  # after /reset the same message gets the same greedy reply
+    assert "(conversation cleared)" in r.stderr
+    prefills = [int(s.split()[0]) for s in r.stderr.split("[prefill ")[1:]]
+    assert prefills[1] < prefills[0] + 6 + 12  # the second turn reused the cache: only new tokens ran
+    assert prefills[2] == 1  # the reset dialog is a prefix the cache still holds: only the last token reruns
+
+
+def test_bad_flag_is_one_line_and_exit_2(model_dir):
+    r = _app(str(model_dir), "--no_such_flag")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--no_such_flag" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["/nonexistent/model"], "/nonexistent/model"),
+        (["{model}", "--chat_format", "klingon"], "klingon"),
+        (["{model}", "--temperature", "-1"], "--temperature"),
+        (["{model}", "--device", "cuda"], "--device"),
+    ],
+)
+def test_bad_input_gets_one_line_naming_it(model_dir, args, needle):
+    r = _app(*[a.format(model=model_dir) for a in args], "--prompt", "hi")
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and needle in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_prompt_longer_than_context_is_an_error(model_dir):
+    r = _app(str(model_dir), "--ctx", "32", "--prompt", "word " * 100, *GREEDY_FLAGS)
+    assert r.returncode == 2 and "longer than the context" in r.stderr

@@ -1,0 +1,138 @@
+"""The offload engine on the CPU: streamed runs match the resident model exactly (same kernels, same dtype).
+
+On the CPU the "device" slots are host memory and copies are synchronous, but the planning, the home
+buffers, the ring, the hooks and the view binding are the ones a GPU run uses.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import make_meta_checkpoint, random_state, tiny_args
+from offload_testing import greedy, offloaded, resident
+
+from llama.errors import UserError
+from llama.kv_cache import KVCache
+from offload.engine import HostEmbedding, build_offloaded_model
+from offload.policy import OffloadConfig, plan_placement
+
+STEPS = 24
+ATT, FFN = frozenset({"wq", "wk", "wv", "wo"}), frozenset({"w1", "w2", "w3"})
+
+
+def cpu_config(**kw: object) -> OffloadConfig:
+    return OffloadConfig(**{"dtype": torch.float32, "device": "cpu", "verbose": False, "max_seq_len": 128, **kw})
+
+
+@pytest.fixture(scope="module")
+def model4() -> tuple:
+    args = tiny_args(n_layers=4)
+    state = random_state(args, seed=1)
+    return args, state, greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+
+
+@pytest.mark.parametrize(
+    "exclusions, n_slots, sequential",
+    [(frozenset(), 2, False), (frozenset(), 3, False), (FFN, 2, False), (ATT, 3, False), (frozenset(), 2, True)],
+)
+def test_streamed_matches_resident(model4: tuple, exclusions: frozenset, n_slots: int, sequential: bool) -> None:
+    args, state, (ref_tokens, ref_logits) = model4
+    model, off = offloaded(args, state, cpu_config(exclusions=exclusions, n_slots=n_slots, sequential=sequential))
+    assert off.streaming is not None and off.streamed_bytes > 0
+    assert isinstance(model.tok_embeddings, HostEmbedding)
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref_tokens
+    assert torch.equal(logits, ref_logits)
+
+
+def test_resident_units_are_not_streamed(model4: tuple) -> None:
+    args, state, _ = model4
+    model, off = offloaded(args, state, cpu_config(exclusions=FFN))
+    for i, block in enumerate(model.layers):
+        assert set(off.store.entries(i)) == {f"attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
+        assert block.feed_forward.w1.weight.data_ptr() != off.store.buffer(i).data_ptr()
+    one_block = sum(state[f"layers.0.attention.{w}.weight"].numel() * 4 for w in ("wq", "wk", "wv", "wo"))
+    assert off.streamed_bytes == args.n_layers * one_block
+
+
+def test_planner_with_budget_mixes_resident_and_streamed(model4: tuple) -> None:
+    args, state, (ref_tokens, ref_logits) = model4
+    model, off = offloaded(args, state, cpu_config())
+    full = off.plan.gpu_bytes  # no budget: everything resident
+    assert off.streaming is None
+    budget = full - 3 * off.plan.footprint.block_bytes // 2
+    model, off = offloaded(args, state, cpu_config(gpu_mem=budget))
+    assert off.plan.gpu_bytes <= budget and 0 < off.plan.n_resident_blocks < args.n_layers
+    assert off.streaming is not None
+    assert greedy(model, args, "cpu", torch.float32, STEPS) == (ref_tokens, ref_logits) or torch.equal(
+        greedy(model, args, "cpu", torch.float32, STEPS)[1], ref_logits
+    )
+
+
+def test_replan_without_reloading(model4: tuple) -> None:
+    args, state, (ref_tokens, ref_logits) = model4
+    model, off = offloaded(args, state, cpu_config(exclusions=frozenset()))
+    for ex in (FFN, ATT, frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "w3"}), frozenset()):
+        off.replan(plan_placement(off.plan.footprint, None, 2, ex))
+        tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+        assert tokens == ref_tokens and torch.equal(logits, ref_logits)
+    assert off.streaming is not None and off.streaming.n_slots == 2
+
+
+def test_a_pass_that_raises_does_not_break_the_ring(model4: tuple) -> None:
+    args, state, (ref_tokens, ref_logits) = model4
+    model, _ = offloaded(args, state, cpu_config(exclusions=frozenset(), n_slots=3))
+    small = KVCache(args, 4, torch.float32)
+    with pytest.raises(ValueError, match="KV cache overflow"), torch.inference_mode():
+        model(torch.tensor([[1, 2, 3, 4, 5, 6]]), 0, small)  # raises inside block 0, slot held
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref_tokens and torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("arch, tie", [("qwen2", False), ("mistral", False), ("llama", True)])
+def test_other_families(arch: str, tie: bool) -> None:
+    args = tiny_args(arch, n_layers=3, tie_embeddings=tie)
+    state = random_state(args, seed=2)
+    ref = greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+    model, off = offloaded(args, state, cpu_config(exclusions=frozenset()))
+    if arch == "qwen2":
+        assert "attention.wq.bias" in off.store.entries(0)  # biases travel with their unit
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref[0] and torch.equal(logits, ref[1])
+
+
+def test_bfloat16_streaming(model4: tuple) -> None:
+    args, state, _ = model4
+    ref = greedy(resident(args, state, "cpu", torch.bfloat16), args, "cpu", torch.bfloat16, STEPS)
+    model, _ = offloaded(args, state, cpu_config(dtype=torch.bfloat16, exclusions=frozenset()))
+    tokens, logits = greedy(model, args, "cpu", torch.bfloat16, STEPS)
+    assert tokens == ref[0] and torch.equal(logits, ref[1])
+
+
+def test_build_from_checkpoint_directory(tmp_path: Path) -> None:
+    args = tiny_args(n_layers=3)
+    state = make_meta_checkpoint(args, tmp_path, seed=3)
+    ref = greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+    model, off = build_offloaded_model(tmp_path, cpu_config(exclusions=frozenset()))
+    assert off.store.blocks == [0, 1, 2]
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref[0] and torch.equal(logits, ref[1])
+
+
+def test_unexpected_and_missing_weights(model4: tuple) -> None:
+    args, state, _ = model4
+    with pytest.raises(UserError, match="unexpected weight 'layers.0.attention.wz.weight'"):
+        offloaded(args, {**state, "layers.0.attention.wz.weight": torch.zeros(1)}, cpu_config())
+    partial = {k: v for k, v in state.items() if k != "layers.2.feed_forward.w2.weight"}
+    with pytest.raises(UserError, match="missing weight 'layers.2.feed_forward.w2.weight'"):
+        offloaded(args, partial, cpu_config())
+    with pytest.raises(UserError, match="missing weight 'norm.weight'"):
+        offloaded(args, {k: v for k, v in state.items() if k != "norm.weight"}, cpu_config())
+
+
+def test_use_offload_without_gpu_suggests_cpu_mode(model4: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    args, state, _ = model4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--use_offload.*CPU mode"):
+        offloaded(args, state, OffloadConfig(device="cuda"))
