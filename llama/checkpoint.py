@@ -23,7 +23,7 @@ __all__ = ["Weight", "check_weights", "checkpoint_format", "iter_checkpoint", "i
 
 
 def checkpoint_format(model_dir: Path) -> Literal["hf", "meta"]:
-    """"hf" or "meta" (HF wins where a directory holds both), or a UserError naming the directory."""
+    """The format in model_dir, "hf" or "meta" (HF wins where both are present), or a UserError naming it."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: {'not a directory' if model_dir.exists() else 'no such directory'}")

@@ -44,10 +44,13 @@ def read_hf_args(model_dir: Path) -> ModelArgs:
 
 
 def hf_weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files: those the index lists, else every *.safetensors in the directory."""
+    """The safetensors files: those the index lists, else model*.safetensors, else every *.safetensors.
+
+    (Mistral's repositories also hold a consolidated.safetensors with Meta names beside the HF files.)
+    """
     index = model_dir / INDEX
     if not index.exists():
-        return sorted(model_dir.glob("*.safetensors"))
+        return sorted(model_dir.glob("model*.safetensors")) or sorted(model_dir.glob("*.safetensors"))
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index}: no 'weight_map' object")
@@ -108,11 +111,14 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tenso
 
 def iter_hf_weights(model_dir: Path, args: ModelArgs) -> Iterator[Weight]:
     """Every tensor of the safetensors files, renamed, q/k rows un-permuted; one at a time."""
+    meta_names = args.weight_shapes().keys()
     for path in hf_weight_files(model_dir):
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     name = canonical_name(key)
+                    if name == key and key in meta_names:
+                        raise UserError(f"{path}: tensor {key!r} has a Meta name, not a Hugging Face one")
                     if name.endswith("rotary_emb.inv_freq") or (args.tie_embeddings and name == "output.weight"):
                         continue  # a buffer older exports saved; a duplicate of a tied head
                     yield _from_hf_layout(name, f.get_tensor(key), path, args)

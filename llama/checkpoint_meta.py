@@ -107,7 +107,7 @@ def _load_shards(files: list[Path]) -> list[dict[str, torch.Tensor]]:
         try:
             sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises RuntimeError, UnpicklingError, ... for damaged files
-            raise UserError(f"{f}: cannot read PyTorch checkpoint ({short_reason(e)})") from None
+            raise UserError(f"{f}: cannot read PyTorch checkpoint, damaged or truncated? ({short_reason(e)})") from None
         if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
             raise UserError(f"{f}: expected a dict of tensors")
         shards.append(sd)

@@ -8,7 +8,6 @@ with allow_extra. Extra config fields are merged into config.json / params.json.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,20 +71,28 @@ def write_meta_checkpoint(
     if args.rope_scaling not in (None, Llama3RopeScaling()):
         raise ValueError("params.json can only express Llama 3.1's default RoPE scaling (use_scaled_rope)")
     out_dir = Path(out_dir)
-    names = [n for n in state if not (args.tie_embeddings and n == "output.weight")]
-    dims = {n: _split_dim(n, state[n], n_shards, 0 if vocab_parallel_embedding else 1) for n in names}
+    split: dict[str, int | None] = {}  # model tensors: the dim split on, None when replicated
+    extras = []  # tensors outside the model: whole, in shard 0
+    for name, t in state.items():
+        if args.tie_embeddings and name == "output.weight":
+            continue
+        try:
+            split[name] = dim = model_parallel_dim(name, t.dim(), 0 if vocab_parallel_embedding else 1)
+        except KeyError:
+            extras.append(name)
+            continue
+        if dim is not None and t.shape[dim] % n_shards:
+            raise ValueError(f"{name}: size {t.shape[dim]} of dim {dim} does not split into {n_shards} shards")
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("consolidated.*.pth"):
         old.unlink()
     for r in range(n_shards):
-        shard = {}
-        for n in names:
-            if dims[n] is None:
-                shard[n] = _own_storage(state[n])
-            elif dims[n] != "extra":
-                shard[n] = state[n].chunk(n_shards, dims[n])[r].clone()
-            elif r == 0:
-                shard[n] = _own_storage(state[n])
+        shard = {
+            name: _own_storage(state[name]) if dim is None else state[name].chunk(n_shards, dim)[r].clone()
+            for name, dim in split.items()
+        }
+        if r == 0:
+            shard.update({name: _own_storage(state[name]) for name in extras})
         torch.save(shard, out_dir / f"consolidated.{r:02d}.pth")
         del shard
     _write_json(out_dir / PARAMS, {**_meta_params(args), **(extra_params or {})})
@@ -108,17 +115,6 @@ def _pack(names: list[str], state: Mapping[str, torch.Tensor], max_bytes: int | 
 def _to_hf_layout(name: str, t: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     heads = rope_heads(name, args)
     return t if heads is None else meta_to_hf_rows(t, heads, args.head_dim)
-
-
-def _split_dim(name: str, t: torch.Tensor, n_shards: int, embedding_dim: int) -> int | str | None:
-    """The dim name is split on, None when replicated, "extra" for tensors outside the model (shard 0 only)."""
-    try:
-        dim = model_parallel_dim(name, t.dim(), embedding_dim)
-    except KeyError:
-        return "extra"
-    if dim is not None and t.shape[dim] % n_shards:
-        raise ValueError(f"{name}: size {t.shape[dim]} of dim {dim} does not split into {n_shards} shards")
-    return dim
 
 
 def _meta_params(args: ModelArgs) -> dict[str, Any]:

@@ -127,6 +127,8 @@ class ModelArgs:
             vocab = int(cfg["vocab_size"])
         except KeyError as e:
             raise UserError(f"{source}: missing field {e.args[0]!r}") from None
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
+            raise UserError(f"{source}: only silu MLPs without bias are supported (hidden_act, mlp_bias)")
         rope = cfg.get("rope_parameters") or {}  # transformers v5
         theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         scaling_cfg = cfg.get("rope_scaling") or rope

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from llama.checkpoint import check_weights, iter_checkpoint, read_model_args
 from llama.checkpoint_files import Weight
@@ -32,7 +33,7 @@ def load_model(
     """
     model_dir, device = Path(model_dir), torch.device(device)
     args = read_model_args(model_dir, vocab_size)
-    model = _empty_model(args)
+    model = empty_model(args)
     for w in iter_checkpoint(model_dir, args):
         _assign(model, w.name, _to_target(w, dtype, device))
     return _finish(model, device)
@@ -48,15 +49,26 @@ def model_from_state(
     device = torch.device(device)
     names = {n: tuple(t.shape) for n, t in state.items() if not (args.tie_embeddings and n == "output.weight")}
     check_weights(names, args, "state dict")
-    model = _empty_model(args)
+    model = empty_model(args)
     for name in names:
         _assign(model, name, state[name].to(device=device, dtype=dtype))
     return _finish(model, device)
 
 
-def _empty_model(args: ModelArgs) -> Transformer:
-    with torch.device("meta"):
+def empty_model(args: ModelArgs) -> Transformer:
+    """The model with every parameter on the meta device (no memory), for weights assigned afterwards."""
+    with torch.device("meta"), _SkipInit():
         return Transformer(args)
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips torch.nn.init calls: initializing meta tensors is pointless and imports torch._dynamo (~80 MB, seconds)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # torch's protocol, untyped
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def _to_target(w: Weight, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from llama.checkpoint_files import Weight
 from llama.errors import UserError
 from llama.model import Transformer
-from offload.host import HostStore, aligned, pin_buffer, tensor_nbytes
+from offload.host import HostStore, aligned, page_aligned_empty, pin_buffer, tensor_nbytes
 from offload.policy import (
     STREAMABLE,
     Footprint,
@@ -91,7 +91,7 @@ def measure_link_gbps(src: torch.Tensor, device: torch.device, repeats: int = 5)
 
 def probe_link_gbps(device: torch.device, pin: bool) -> float:
     """The link's bandwidth from (pinned, if `pin` and possible) host memory, with a small probe buffer."""
-    probe = torch.empty(LINK_PROBE_BYTES, dtype=torch.uint8)
+    probe = page_aligned_empty(LINK_PROBE_BYTES)
     pinned = pin and pin_buffer(probe) == 0
     try:
         return measure_link_gbps(probe, device)
@@ -105,9 +105,8 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
     args = model.args
     probe = copy.deepcopy(model.layers[0]).to(device="meta", dtype=config.dtype)
     if config.quant:
-        from offload.kernels import quantize_linears
-
-        quantize_linears(probe, config.quant)
+        # Shapes only; tinygemm's CUDA layout (not made here) takes the same bytes as the portable one.
+        quantize_block(probe, config.quant, torch.device("meta"))
     unit_bytes = dict.fromkeys(STREAMABLE, 0)
     other = 0
     for name, t in named_tensors(probe):
@@ -127,6 +126,17 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
         kv_cache_bytes=args.kv_cache_bytes(config.max_seq_len, config.dtype, config.batch),
         activation_bytes=activation_bytes(args, config.prefill_chunk, config.dtype, config.batch),
     )
+
+
+def quantize_block(block: nn.Module, quant: str, device: torch.device) -> None:
+    """Swap the block's linears for `quant` modules, in the layout `device` multiplies (that layout streams)."""
+    from offload.kernels import quantize_linears
+
+    quantize_linears(block, quant, progress=False)
+    if device.type == "cuda":
+        for m in block.modules():
+            if hasattr(m, "prepare_for_cuda"):  # int4: tinygemm's packing, made once on the GPU
+                m.prepare_for_cuda(device)
 
 
 class OffloadedModel:
@@ -278,9 +288,7 @@ def _place_block(
         set_tensor(block, name, t.to(device=work or t.device, dtype=config.dtype if t.is_floating_point() else t.dtype))
     tensors.clear()
     if config.quant:
-        from offload.kernels import quantize_linears
-
-        quantize_linears(block, config.quant)
+        quantize_block(block, config.quant, device)
     units = plan.streamed_units(i)
     streamed = {}
     for name, t in list(named_tensors(block)):

@@ -7,6 +7,7 @@ pageable memory.
 """
 from __future__ import annotations
 
+import mmap
 import sys
 import weakref
 from collections.abc import Iterable, Mapping
@@ -17,6 +18,7 @@ import torch
 from offload.policy import format_bytes
 
 ALIGN = 512  # every tensor starts at a multiple of this many bytes (vector loads, cuBLAS alignment)
+PAGE = mmap.PAGESIZE
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,13 @@ def merge_runs(entries: Iterable[TensorEntry]) -> list[tuple[int, int]]:
     return runs
 
 
+def page_aligned_empty(nbytes: int) -> torch.Tensor:
+    """An uninitialized uint8 CPU tensor starting on a page boundary (what cudaHostRegister locks best)."""
+    raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE
+    return raw[start : start + nbytes]
+
+
 def pin_buffer(buffer: torch.Tensor) -> int:
     """Page-lock a CPU tensor's memory in place; returns the CUDA error code (0 on success)."""
     return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), tensor_nbytes(buffer), 0))
@@ -91,7 +100,7 @@ class HostStore:
     def add_block(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy a block's tensors (any device, any order) into a new home buffer, in the given order."""
         entries, size = lay_out(tensors.items())
-        buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = page_aligned_empty(size)
         if self.pin and not self.pin_failed:
             self._lock(buffer)
         for name, t in tensors.items():

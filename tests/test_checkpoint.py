@@ -323,3 +323,16 @@ def test_check_weights_on_its_own() -> None:
     with pytest.raises(UserError, match="x: unexpected tensor 'layers.7.ffn_norm.weight'"):
         check_weights({**seen, "layers.7.ffn_norm.weight": (64,)}, args, "x")
     check_weights({**seen, "layers.0.attention.wq.scales": (64, 2)}, args, "x", allow_extra=True)
+
+
+def test_error_meta_names_in_a_hf_file(hf_dir: Path) -> None:
+    rewrite_tensors(hf_dir / "model.safetensors", lambda t: t.update({"norm.weight": t.pop("model.norm.weight")}))
+    with pytest.raises(UserError, match=r"model\.safetensors: tensor 'norm\.weight' has a Meta name"):
+        load_model(hf_dir)
+
+
+def test_hf_reader_prefers_model_files_without_an_index(hf_dir: Path) -> None:
+    """Mistral's repositories hold consolidated.safetensors (Meta names) beside model.safetensors."""
+    args = tiny_args("llama")
+    save_file({"tok_embeddings.weight": torch.zeros(256, 64)}, hf_dir / "consolidated.safetensors")
+    assert_same_state(read_all(hf_dir, args), random_state(args))

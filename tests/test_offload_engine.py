@@ -17,7 +17,7 @@ from llama.kv_cache import KVCache
 from offload.engine import HostEmbedding, build_offloaded_model
 from offload.policy import OffloadConfig, plan_placement
 
-STEPS = 24
+STEPS = 16
 ATT, FFN = frozenset({"wq", "wk", "wv", "wo"}), frozenset({"w1", "w2", "w3"})
 
 
@@ -63,11 +63,11 @@ def test_planner_with_budget_mixes_resident_and_streamed(model4: tuple) -> None:
     assert off.streaming is None
     budget = full - 3 * off.plan.footprint.block_bytes // 2
     model, off = offloaded(args, state, cpu_config(gpu_mem=budget))
-    assert off.plan.gpu_bytes <= budget and 0 < off.plan.n_resident_blocks < args.n_layers
-    assert off.streaming is not None
-    assert greedy(model, args, "cpu", torch.float32, STEPS) == (ref_tokens, ref_logits) or torch.equal(
-        greedy(model, args, "cpu", torch.float32, STEPS)[1], ref_logits
-    )
+    plan = off.plan
+    assert plan.gpu_bytes <= budget and off.streaming is not None
+    assert plan.resident_units or plan.n_resident_blocks  # some weights resident, some streamed
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
 def test_replan_without_reloading(model4: tuple) -> None:
@@ -136,3 +136,22 @@ def test_use_offload_without_gpu_suggests_cpu_mode(model4: tuple, monkeypatch: p
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--use_offload.*CPU mode"):
         offloaded(args, state, OffloadConfig(device="cuda"))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_streaming_matches_quantized_resident(quant: str) -> None:
+    from offload.kernels import quantize_linears
+
+    args = tiny_args(n_layers=3, dim=128, n_heads=4, ffn_dim=256)
+    state = random_state(args, seed=4)
+    ref_model = resident(args, state, "cpu", torch.float32)
+    for block in ref_model.layers:
+        quantize_linears(block, quant, progress=False, group_size=128)
+    ref = greedy(ref_model, args, "cpu", torch.float32, STEPS)
+    model, off = offloaded(args, state, cpu_config(exclusions=frozenset(), quant=quant))
+    assert not any(n.endswith(".weight") and "norm" not in n for n in off.store.entries(0))  # quantized bytes
+    fp32_bytes = sum(t.numel() * 4 for n, t in state.items() if n.startswith("layers.") and "norm" not in n)
+    assert off.streamed_bytes < 0.3 * fp32_bytes
+    assert off.streamed_bytes == off.plan.streamed_bytes  # the planner's shape-only estimate is exact
+    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    assert tokens == ref[0] and torch.equal(logits, ref[1])

@@ -1,7 +1,7 @@
 """Turn a training run (tools/train_bundled_model.py --out RUN) into the bundled HF model directory.
 
 Merges the run's bf16 weight shards into one model.safetensors with config.json (through
-llama.checkpoint_writer), copies the training log and summary beside them, then measures the held-out
+llama.checkpoint_writer; the tokenizer.model must already be in --out), copies the training log and summary beside them, then measures the held-out
 perplexity of the written directory exactly as the tests load it (float32, CPU) and records it in
 eval.json: over the whole held-out file, and over its first --prefix-chunks chunks (what the test checks).
 
@@ -30,19 +30,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("models/pytiny"))
     parser.add_argument("--heldout", type=Path, default=Path("data/heldout_stdlib.txt"))
     parser.add_argument("--ctx", type=int, default=512)
-    parser.add_argument("--prefix-chunks", type=int, default=24)
+    parser.add_argument("--prefix-chunks", type=int, default=12)
     args = parser.parse_args()
 
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(args.run.glob("model-state-*.safetensors")):
         state.update(load_file(str(shard)))
     margs = ModelArgs.from_hf_config(json.loads((args.run / "config.json").read_text()))
-    write_hf_checkpoint(state, margs, args.out)
+    tokenizer = load_tokenizer(args.out)
+    special = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    write_hf_checkpoint(state, margs, args.out, extra_config=special)
     for name in ("train_log.txt", "summary.json"):
-        shutil.copy(args.run / name, args.out / name)
+        shutil.copyfile(args.run / name, args.out / name)
 
     model = load_model(args.out, torch.float32, "cpu")
-    tokenizer = load_tokenizer(args.out)
     ids = tokenizer.encode(args.heldout.read_text(encoding="utf-8"), bos=True)
     full = perplexity(model, ids, args.ctx, bos_id=tokenizer.bos_id, batch_size=4)
     prefix = perplexity(model, ids[: args.prefix_chunks * args.ctx], args.ctx, bos_id=tokenizer.bos_id)

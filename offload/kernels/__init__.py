@@ -5,7 +5,15 @@ from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
-from offload.kernels.linear import QUANT_MODES, Int4Linear, Int8Linear, QuantizedLinear, quantize_linears
+from offload.kernels.linear import (
+    QUANT_MODES,
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    prepare_linears_for_cuda,
+    quantize_linears,
+    quantized_linear_from_tensors,
+)
 from offload.kernels.matmul import int4_matmul, int4_matmul_reference, int8_matmul, int8_matmul_reference
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
 
@@ -24,8 +32,10 @@ __all__ = [
     "int8_matmul",
     "int8_matmul_reference",
     "prepare_for_cuda",
+    "prepare_linears_for_cuda",
     "quantize_int4",
     "quantize_int8",
     "quantize_linears",
+    "quantized_linear_from_tensors",
     "tinygemm_supports",
 ]

@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -46,32 +46,35 @@ def build_directory() -> Path:
     return root / f"{NAME}_{h.hexdigest()[:16]}"
 
 
-def build_cpu_extension(build_dir: Path) -> ModuleType:
-    """Compile (if needed) and import the extension from `build_dir`; raises if that fails."""
+def build_cpu_extension(build_dir: Path) -> Any:
+    """Compile (if needed) and load the extension from `build_dir`; returns its operator namespace
+    `torch.ops.llama_offload` (int8_matmul, int4_matmul, vector_width); raises if that fails."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
     fresh = not (build_dir / f"{NAME}.so").exists()
     if fresh:
-        print("llama-offload: compiling CPU kernels (first use, ~1 min)...", file=sys.stderr, flush=True)
+        print("llama-offload: compiling CPU kernels (first use, up to a minute)...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    module = cpp_extension.load(
+    cpp_extension.load(
         name=NAME,
         sources=[str(CSRC / s) for s in SOURCES],
         extra_cflags=list(CFLAGS),
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         verbose=os.environ.get("LLAMA_OFFLOAD_EXT_VERBOSE") == "1",
+        is_python_module=False,
     )
     if fresh:
         print(f"llama-offload: CPU kernels built in {time.perf_counter() - start:.0f} s", file=sys.stderr,
               flush=True)
-    return module
+    return torch.ops.llama_offload
 
 
 @functools.cache
-def cpu_extension() -> ModuleType | None:
-    """The compiled CPU kernels, or None (after one warning) when they cannot be built on this machine."""
+def cpu_extension() -> Any | None:
+    """The compiled CPU kernels (`torch.ops.llama_offload`), or None after one warning when they cannot be
+    built or loaded on this machine."""
     try:
         return build_cpu_extension(build_directory())
     except Exception as e:  # no compiler, no ninja, build error, ABI mismatch: all mean "use the reference"

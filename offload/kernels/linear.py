@@ -7,7 +7,8 @@ all see plain tensors. forward rebuilds the format from whatever tensors are bou
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,7 @@ from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_
 
 QuantFormat = Int8Weight | Int4Weight | Int4CudaWeight
 QUANT_MODES = ("int8", "int4", "bnb")
+FORMATS = (Int8Weight, Int4Weight, Int4CudaWeight)
 
 
 class QuantizedLinear(nn.Module):
@@ -74,6 +76,27 @@ class Int4Linear(QuantizedLinear):
         w = self.weight_format()
         if isinstance(w, Int4Weight) and tinygemm_supports(w):
             self._bind(prepare_for_cuda(w, device))
+
+
+def quantized_linear_from_tensors(tensors: Mapping[str, torch.Tensor]) -> QuantizedLinear:
+    """Rebuild a layer from a format's tensors plus an optional 'bias' (as saved by --save_quantized);
+    the format is recognised by its tensor names."""
+    bias = tensors.get("bias")
+    rest = {n: t for n, t in tensors.items() if n != "bias"}
+    for fmt in FORMATS:
+        if sorted(rest) == sorted(f.name for f in dataclasses.fields(fmt)):
+            cls = Int8Linear if fmt is Int8Weight else Int4Linear
+            return cls(fmt.from_tensors(rest), bias)
+    raise UserError(f"quantized layer with tensors {sorted(tensors)} matches no known format")
+
+
+def prepare_linears_for_cuda(module: nn.Module, device: torch.device | str = "cuda") -> nn.Module:
+    """Convert every Int4Linear in `module` that tinygemm supports to tinygemm's layout (made on `device`;
+    the tensors stay there and may be moved to pinned host memory afterwards). Returns `module`."""
+    for m in module.modules():
+        if isinstance(m, Int4Linear):
+            m.prepare_for_cuda(device)
+    return module
 
 
 def quantize_linears(module: nn.Module, mode: str, names: Iterable[str] | None = None, progress: bool = True,

@@ -1,7 +1,7 @@
 // Tensor-level entry points: check dtype, shape and device, then run the kernels over output rows.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace llama_offload {
 

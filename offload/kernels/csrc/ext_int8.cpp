@@ -1,4 +1,5 @@
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include "ext.h"
 #include "kernels.h"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one go (CI has none): the CUDA-marked tests, then the GPU benchmarks.
+# Logs and results go to $OUT (default ./out); a short table is printed last.
+#   bash bench/run_gpu_checks.sh            # on the lent device: OUT is set by the tool
+# Add your benchmark as one more `bench` line below; it should print its own short table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/gpu.txt"
+
+"$PY" -m pytest -m cuda -q -rs -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tee "$OUT/cuda_tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+bench() {  # bench NAME COMMAND...: run one benchmark, log to $OUT/NAME.log
+    local name=$1; shift
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
+bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json" --markdown "$OUT/offload_bench.md"
+
+echo
+echo "== summary =="
+echo "GPU: $(head -1 "$OUT/gpu.txt")"
+echo "CUDA tests: $(tail -1 "$OUT/cuda_tests.log")"
+for md in "$OUT"/*.md; do
+    [ -f "$md" ] && { echo; cat "$md"; }
+done
+exit $status
