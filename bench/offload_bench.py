@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.config import ModelArgs  # noqa: E402
-from llama.kv_cache import KVCache  # noqa: E402
-from llama.model import Transformer  # noqa: E402
-from offload.engine import OffloadedModel, apply_offload, measure_link_gbps  # noqa: E402
-from offload.policy import STREAMABLE, OffloadConfig, plan_placement  # noqa: E402
+from llama.config import ModelArgs
+from llama.kv_cache import KVCache
+from llama.model import Transformer
+from offload.engine import OffloadedModel, apply_offload, measure_link_gbps
+from offload.policy import STREAMABLE, OffloadConfig, plan_placement
 
 GiB = 2**30
 ALL_MODES = ("resident", "off_all", "off_ff", "off_att", "int8", "int4", "int4_resident", "accelerate")
@@ -258,11 +258,11 @@ def table(rows: list[Row], prompt: int) -> str:
     def f(x: float | None, spec: str) -> str:
         return "-" if x is None else format(x, spec)
 
-    lines = [
+    header = (
         "| mode | GB streamed/token | decode tok/s | link limit tok/s | % of limit | achieved GB/s | "
-        f"prefill tok/s ({prompt}) | prefill % of limit | peak VRAM decode / prefill GiB | VRAM target GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        f"prefill tok/s ({prompt}) | prefill % of limit | peak VRAM decode / prefill GiB | VRAM target GiB |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r.mode} | {r.streamed_gb:.2f} | {r.decode_tps:.2f} | {f(r.limit_tps, '.2f')} | "
@@ -333,7 +333,7 @@ def main() -> None:
         budget = math.ceil(off_all.peak_decode_gib * 100) / 100 if off_all else 2.0
         try:
             rows.append(accelerate_peer(args, budget, ns, device))
-        except Exception as e:  # a peer's failure must not lose our own rows
+        except Exception as e:  # noqa: BLE001 - a peer's failure must not lose our own rows
             print(f"[accelerate] failed: {type(e).__name__}: {e}", flush=True)
 
     shape = f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, FFN {args.ffn_dim}, vocab {args.vocab_size}"

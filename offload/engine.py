@@ -130,13 +130,11 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
 
 def quantize_block(block: nn.Module, quant: str, device: torch.device) -> None:
     """Swap the block's linears for `quant` modules, in the layout `device` multiplies (that layout streams)."""
-    from offload.kernels import quantize_linears
+    from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
 
     quantize_linears(block, quant, progress=False)
     if device.type == "cuda":
-        for m in block.modules():
-            if hasattr(m, "prepare_for_cuda"):  # int4: tinygemm's packing, made once on the GPU
-                m.prepare_for_cuda(device)
+        prepare_linears_for_cuda(block, device)  # int4: tinygemm's packing, made once on the GPU
 
 
 class OffloadedModel:
@@ -264,7 +262,7 @@ def _load(
     bar.close()
     if pending:
         i, got = next(iter(pending.items()))
-        raise UserError(f"missing weight 'layers.{i}.{sorted(expected[i] - set(got))[0]}'")
+        raise UserError(f"missing weight 'layers.{i}.{min(expected[i] - set(got))}'")
     missing = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if missing:
         raise UserError(f"missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))

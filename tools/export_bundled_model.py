@@ -1,9 +1,10 @@
 """Turn a training run (tools/train_bundled_model.py --out RUN) into the bundled HF model directory.
 
 Merges the run's bf16 weight shards into one model.safetensors with config.json (through
-llama.checkpoint_writer; the tokenizer.model must already be in --out), copies the training log and summary beside them, then measures the held-out
-perplexity of the written directory exactly as the tests load it (float32, CPU) and records it in
-eval.json: over the whole held-out file, and over its first --prefix-chunks chunks (what the test checks).
+llama.checkpoint_writer; the tokenizer.model must already be in --out), copies the training log and
+summary beside them, then measures the held-out perplexity of the written directory exactly as the
+tests load it (float32, CPU) and records it in eval.json: over the whole held-out file, and over its
+first --prefix-chunks chunks (what the test checks).
 
     python -m tools.export_bundled_model --run RUN --out models/pytiny
 """

@@ -13,7 +13,7 @@ most 15 MiB each (the device tool brings back files of at most 16 MiB), train_lo
 with the held-out perplexity of the written (bf16-rounded) weights, computed in float32.
 tools/export_bundled_model.py turns that directory into the HF model directory.
 
-    PYTHONUNBUFFERED=1 python -m tools.train_bundled_model --out $OUT/run --minutes 5.5
+    PYTHONUNBUFFERED=1 python -m tools.train_bundled_model --out $OUT/run
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import gzip
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,10 +63,10 @@ def tokenize_corpus(path: Path, tokenizer: Tokenizer, val_every: int) -> tuple[t
 
 def init_weights(model: Transformer) -> None:
     # GPT-2 style: small normal init; the projections that add into the residual stream scaled by depth.
+    residual_std = INIT_STD / math.sqrt(2 * model.args.n_layers)
     for name, p in model.named_parameters():
         if p.dim() == 2:
-            std = INIT_STD / math.sqrt(2 * model.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else INIT_STD
-            torch.nn.init.normal_(p, std=std)
+            torch.nn.init.normal_(p, std=residual_std if name.endswith(("wo.weight", "w2.weight")) else INIT_STD)
 
 
 def with_bos(windows: torch.Tensor, bos_id: int) -> torch.Tensor:
@@ -115,6 +116,55 @@ def save_shards(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
     for path, shard in zip(paths, shards):
         save_file(shard, str(path))
     return paths
+
+
+@dataclass
+class Best:
+    """The weights with the lowest validation loss so far."""
+
+    loss: float
+    step: int
+    state: dict[str, torch.Tensor]
+
+
+def fit(
+    model: Transformer, train: torch.Tensor, val: torch.Tensor, bos_id: int, args: argparse.Namespace, log: Log
+) -> tuple[Best, int, float, float]:
+    """Train until the time or epoch budget is spent; return (best, steps, epochs, seconds)."""
+    cuda = train.is_cuda
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95), fused=cuda,
+    )
+    gen = torch.Generator(device=train.device).manual_seed(args.seed)
+    best = Best(math.inf, -1, {})
+    step, start = 0, time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - start
+        epochs = step * args.batch * args.ctx / len(train)
+        # Training ends at progress 1: the time budget or the epoch budget, whichever comes first.
+        progress = max(elapsed / (args.minutes * 60), epochs / args.max_epochs)
+        done = progress >= 1
+        if step % args.eval_every == 0 or done:
+            vloss = val_loss(model, val, args.ctx, args.batch, bos_id, cuda)
+            if vloss < best.loss:
+                best = Best(vloss, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            log(f"step {step:6d}  {elapsed:6.1f} s  epoch {epochs:5.2f}  val loss {vloss:.4f}  "
+                f"lr {learning_rate(step, progress, args):.2e}")
+        if done:
+            return best, step, epochs, time.perf_counter() - start
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, progress, args)
+        loss = lm_loss(model, random_windows(train, args.batch, args.ctx, gen), bos_id, cuda)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"step {step:6d}  train loss {loss.item():.4f}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -169,45 +219,13 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {margs.to_hf_config()}; {n_params:,} parameters")
 
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), fused=cuda,
-    )
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    best = (math.inf, -1, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    step, start = 0, time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        epochs = step * args.batch * args.ctx / len(train)
-        # Training ends at progress 1: the time budget or the epoch budget, whichever comes first.
-        progress = max(elapsed / (args.minutes * 60), epochs / args.max_epochs)
-        done = progress >= 1
-        if step % args.eval_every == 0 or done:
-            vloss = val_loss(model, val, args.ctx, args.batch, tokenizer.bos_id, cuda)
-            if vloss < best[0]:
-                best = (vloss, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
-            log(f"step {step:6d}  {elapsed:6.1f} s  epoch {epochs:5.2f}  val loss {vloss:.4f}  "
-                f"lr {learning_rate(step, progress, args):.2e}")
-        if done:
-            break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, progress, args)
-        loss = lm_loss(model, random_windows(train, args.batch, args.ctx, gen), tokenizer.bos_id, cuda)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        if step % 50 == 0:
-            log(f"step {step:6d}  train loss {loss.item():.4f}")
-    train_s = time.perf_counter() - start
+    best, step, epochs, train_s = fit(model, train, val, tokenizer.bos_id, args, log)
     tok_s = step * args.batch * args.ctx / train_s
-    log(f"trained {step} steps in {train_s:.1f} s ({tok_s:,.0f} tokens/s); best val loss {best[0]:.4f} at step {best[1]}")
+    log(f"trained {step} steps in {train_s:.1f} s ({tok_s:,.0f} tokens/s); "
+        f"best val loss {best.loss:.4f} at step {best.step}")
 
     # Write the best weights in bf16, and evaluate exactly those (rounded) weights in float32.
-    state = {k: v.to(torch.bfloat16).cpu() for k, v in best[2].items()}
+    state = {k: v.to(torch.bfloat16).cpu() for k, v in best.state.items()}
     shards = save_shards(state, args.out)
     (args.out / "config.json").write_text(json.dumps(margs.to_hf_config(), indent=2) + "\n")
     model.load_state_dict({k: v.float() for k, v in state.items()})
@@ -223,8 +241,8 @@ def main() -> None:
         "tokens_per_second": round(tok_s),
         "train_tokens": len(train),
         "epochs": round(epochs, 2),
-        "best_step": best[1],
-        "best_val_loss": round(best[0], 4),
+        "best_step": best.step,
+        "best_val_loss": round(best.loss, 4),
         "heldout_ppl_float32": round(ppl, 4),
         "heldout_ppl_ctx": args.ppl_ctx,
         "heldout_chunks": len(heldout) // args.ppl_ctx,

@@ -59,7 +59,7 @@ static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G,
     const int64_t kb = g * G;
     const uint8_t* pg = p + kb / 2;
     const float* xg = xp + kb;
-    vfloat acc[R][TB] = {};
+    vfloat acc[R][TB] = {}, acc_lo[R][TB] = {};  // two chains per (row, token): FMA latency is hidden
     for (int64_t c = 0; c < full; c += kChunk) {
       vfloat xe[TB], xo[TB];
       for (int t = 0; t < TB; ++t) {
@@ -70,8 +70,8 @@ static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G,
         vfloat hi, lo;
         load_nibbles_as_f(pg + r * ldp + c / 2, hi, lo);
         for (int t = 0; t < TB; ++t) {
-          acc[r][t] += hi * xe[t];  // two statements: two FMAs, not a mul, an FMA and an add
-          acc[r][t] += lo * xo[t];
+          acc[r][t] += hi * xe[t];
+          acc_lo[r][t] += lo * xo[t];
         }
       }
     }
@@ -80,7 +80,7 @@ static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G,
       const float sz = s * float(zeros[r * ng + g]);
       const vfloat vs = splat(s);
       for (int t = 0; t < TB; ++t) {
-        total[r][t] += vs * acc[r][t];
+        total[r][t] += vs * (acc[r][t] + acc_lo[r][t]);
         correction[r][t] += sz * xsum[t * ng + g];
       }
     }

@@ -12,8 +12,10 @@
 #ifndef LLAMA_OFFLOAD_VEC_WIDTH
 #if defined(__AVX512F__)
 #define LLAMA_OFFLOAD_VEC_WIDTH 16
-#else
+#elif defined(__AVX__)
 #define LLAMA_OFFLOAD_VEC_WIDTH 8
+#else
+#define LLAMA_OFFLOAD_VEC_WIDTH 4
 #endif
 #endif
 
