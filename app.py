@@ -72,6 +72,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         raise UserError("--ctx must be at least 16")
     if ns.prefetch < 1:
         raise UserError("--prefetch must be at least 1")
+    if ns.serve is not None:
+        from server.app import parse_serve_spec
+
+        parse_serve_spec(ns.serve)  # a bad spec fails before the model loads
     sampling = SamplingParams(
         temperature=ns.temperature,
         top_k=ns.top_k,

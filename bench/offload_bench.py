@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama.config import ModelArgs
 from llama.kv_cache import KVCache
 from llama.model import Transformer
-from offload.engine import OffloadedModel, apply_offload, measure_link_gbps
+from offload.engine import OffloadedModel, apply_offload, probe_link_gbps
 from offload.policy import STREAMABLE, OffloadConfig, plan_placement
 
 GiB = 2**30
@@ -155,7 +155,7 @@ def decode_count(streamed_bytes: int, link: float | None, seconds: float, room: 
 
 def offload_modes(
     modes: list[str], quant: str | None, args: ModelArgs, ns: argparse.Namespace, device: torch.device,
-    cache: KVCache,
+    cache: KVCache, link: float | None,
 ) -> list[Row]:
     """Load the synthetic model once (streamed, in `quant` or fp16) and run each mode by re-planning."""
     dtype = torch.bfloat16 if quant == "int4" else torch.float16  # torch's int4 GEMM is bf16-only
@@ -169,7 +169,6 @@ def offload_modes(
     off = apply_offload(model, synthetic_weights(args, device), config)
     print(f"[{quant or 'fp16'}] store {off.store.nbytes / 1e9:.2f} GB, pinned={off.store.pinned}, "
           f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
-    link = measure_link_gbps(off.store.buffer(0), device) if device.type == "cuda" else None
     rows = []
     for mode in modes:
         plan = plan_placement(off.plan.footprint, None, ns.slots, EXCLUSIONS[mode])
@@ -181,10 +180,11 @@ def offload_modes(
         n = decode_count(off.streamed_bytes, link, ns.seconds, ns.ctx - ns.prompt - 2)
         print(f"[{mode}] streamed {off.streamed_bytes / 1e9:.2f} GB/pass, timing {n} tokens", flush=True)
         row = run_model(mode, model, cache, args, device, ns.prompt, n, off.streamed_bytes, link)
-        if off.streaming is not None:
+        if off.streaming is not None:  # slots + output head + resident units + KV cache + 256 MiB
+            fp = off.plan.footprint
             slots = off.streaming.n_slots * off.streaming.slot_bytes
-            head = off.plan.footprint.head_bytes if off.plan.head_on_gpu else 0
-            row.vram_target_gib = (slots + head + cache.nbytes() + 256 * 2**20) / GiB
+            weights = off.plan.resident_weight_bytes - fp.fixed_bytes - fp.n_blocks * fp.block_other_bytes
+            row.vram_target_gib = (slots + weights + cache.nbytes() + 256 * 2**20) / GiB
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
     off.close()
@@ -310,6 +310,9 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"card: {card}; torch {torch.__version__}; shape {args}", flush=True)
 
+    # One link figure for every row: a 512 MiB pinned block-sized copy, median of 10.
+    link = probe_link_gbps(device, True, 512 * 2**20, repeats=10) if device.type == "cuda" else None
+    print(f"link: {link} GB/s pinned host-to-device", flush=True)
     rows: list[Row] = []
     fp16_modes = [m for m in ("resident", "off_all", "off_ff", "off_att") if m in modes]
     int8_modes = [m for m in ("int8",) if m in modes]
@@ -317,13 +320,13 @@ def main() -> None:
     have_kernels = _have_quantize()
     cache = KVCache(args, ns.ctx, torch.float16, device)
     if fp16_modes:
-        rows += offload_modes(fp16_modes, None, args, ns, device, cache)
+        rows += offload_modes(fp16_modes, None, args, ns, device, cache, link)
     for quant, qmodes in (("int8", int8_modes), ("int4", int4_modes)):
         if qmodes and not have_kernels:
             print(f"[{quant}] skipped: offload.kernels has no quantize_linears yet", flush=True)
         elif qmodes:
             cache_q = KVCache(args, ns.ctx, torch.bfloat16, device) if quant == "int4" else cache
-            rows += offload_modes(qmodes, quant, args, ns, device, cache_q)
+            rows += offload_modes(qmodes, quant, args, ns, device, cache_q, link)
             del cache_q
     del cache
     gc.collect()
@@ -337,8 +340,11 @@ def main() -> None:
             print(f"[accelerate] failed: {type(e).__name__}: {e}", flush=True)
 
     shape = f"dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, FFN {args.ffn_dim}, vocab {args.vocab_size}"
+    end_link = probe_link_gbps(device, True, 512 * 2**20, repeats=10) if device.type == "cuda" else None
+    links = f"link {link:.1f} GB/s pinned (at the end {end_link:.1f})" if link and end_link else "link not measured"
     header = (f"{time.strftime('%Y-%m-%d')}, {card}, torch {torch.__version__}; model {shape}, random weights; "
-              f"{ns.slots} slots; prompt {ns.prompt}; command: python bench/offload_bench.py {' '.join(sys.argv[1:])}")
+              f"{ns.slots} slots; prompt {ns.prompt}; {links}; "
+              f"command: python bench/offload_bench.py {' '.join(sys.argv[1:])}")
     md = header + "\n\n" + table(rows, ns.prompt)
     print("\n" + md, flush=True)
     if ns.json:

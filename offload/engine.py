@@ -89,12 +89,12 @@ def measure_link_gbps(src: torch.Tensor, device: torch.device, repeats: int = 5)
     return tensor_nbytes(src) / statistics.median(times) / 1e9
 
 
-def probe_link_gbps(device: torch.device, pin: bool) -> float:
-    """The link's bandwidth from (pinned, if `pin` and possible) host memory, with a small probe buffer."""
-    probe = page_aligned_empty(LINK_PROBE_BYTES)
+def probe_link_gbps(device: torch.device, pin: bool, nbytes: int = LINK_PROBE_BYTES, repeats: int = 5) -> float:
+    """The link's bandwidth from (pinned, if `pin` and possible) host memory, with a probe buffer."""
+    probe = page_aligned_empty(nbytes)
     pinned = pin and pin_buffer(probe) == 0
     try:
-        return measure_link_gbps(probe, device)
+        return measure_link_gbps(probe, device, repeats)
     finally:
         if pinned:
             torch.cuda.cudart().cudaHostUnregister(probe.data_ptr())

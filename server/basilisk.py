@@ -25,7 +25,7 @@ from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from starlette.responses import PlainTextResponse
 
@@ -34,9 +34,13 @@ from llama.tokenizer import StreamDecoder, Tokenizer
 from server.errors import ApiError
 from server.queue import Job
 from server.sampling_extras import (
-    DecayingRepetitionPenalty, LogitsProcessor, PositionalRepetitionPenalty, SuppressTokens, make_sampler,
+    DecayingRepetitionPenalty,
+    LogitsProcessor,
+    PositionalRepetitionPenalty,
+    SuppressTokens,
+    make_sampler,
 )
-from server.state import ServerState, server_state
+from server.state import ServerState, State
 
 STX, ETX = "\x02", "\x03"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -132,19 +136,19 @@ async def ping() -> str:
 
 
 @router.get("/config")
-async def config(state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def config(state: State) -> dict[str, Any]:
     return public_settings(state)
 
 
 @router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def tokenize(req: TokenizeRequest, state: State) -> dict[str, Any]:
     tokenizer = state.engine.tokenizer
     ids = encode_prompt(req.prompt, tokenizer, req.special_convert)
     return {"tokens": ids, "fragments": fragments(ids, tokenizer)}
 
 
 @router.post("/infer")
-async def infer(req: InferRequest, request: Request, state: ServerState = Depends(server_state)) -> dict[str, Any]:
+async def infer(req: InferRequest, request: Request, state: State) -> dict[str, Any]:
     tokenizer = state.engine.tokenizer
     ids = encode_prompt(req.prompt, tokenizer, req.special_convert)
     state.check_prompt(len(ids), "prompt")

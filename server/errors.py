@@ -38,19 +38,35 @@ def error_response(path: str, error: ApiError) -> Response:
     return PlainTextResponse(error.message, status_code=error.status)
 
 
+BUILTIN_TAGS = {"str", "int", "float", "bool", "dict", "list"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic names the member of a union that failed ('str', 'list[int]', 'ContentPart') in the error's
+    location; field names are snake_case, so they never look like that."""
+    return isinstance(part, str) and ("[" in part or part in BUILTIN_TAGS or part[:1].isupper())
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     """One clear 400 from pydantic's list of problems with a request body (the first one is reported)."""
-    first = exc.errors()[0] if exc.errors() else {"type": "", "loc": (), "msg": "invalid request"}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
+    first = errors[0]
+    loc = [part for part in first.get("loc", ()) if part != "body"]
     if first["type"] == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
     if not loc:
         if first["type"] == "missing":
             return ApiError(400, "the request body is missing: send a JSON object")
         return ApiError(400, f"the request body must be a JSON object ({first['msg']})")
-    field = ".".join(loc)
+    tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    field = ".".join(str(part) for part in loc[:tag_at])
     if first["type"] == "missing":
         return ApiError(400, f"missing required field '{field}'", param=field)
+    if tag_at is not None:  # every member of a union failed: say which types would do
+        member_locs = [[part for part in e["loc"] if part != "body"] for e in errors]
+        tags = [str(m[tag_at]) for m in member_locs if m[:tag_at] == loc[:tag_at] and len(m) > tag_at]
+        expected = ", ".join(dict.fromkeys(tags))
+        return ApiError(400, f"invalid value for '{field}': expected one of {expected}", param=field)
     return ApiError(400, f"invalid value for '{field}': {first['msg']}", param=field)
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from engine.build import Engine
 from server.errors import ApiError
@@ -51,3 +52,6 @@ class ServerState:
 def server_state(request: Request) -> ServerState:
     """FastAPI dependency: the ServerState of the app serving `request`."""
     return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(server_state)]  # route parameter type that receives the ServerState

@@ -34,7 +34,8 @@ def build_tiny_engine(root: Path, ctx: int = CTX) -> Engine:
 @contextmanager
 def running_server(engine: Engine, shared_secret: str | None = None) -> Iterator[str]:
     """Serve `engine` in a background thread; yields the base URL (http://127.0.0.1:PORT)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP given explicitly: asyncio turns Nagle off only on sockets whose proto says TCP
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

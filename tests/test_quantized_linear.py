@@ -164,9 +164,10 @@ def test_cuda_bnb_resident_layers() -> None:
     block = Block().half()
     x = torch.randn(3, 128, dtype=torch.float16)
     ref = block(x).detach()
-    quantize_linears(block, "bnb", progress=False)
     block = block.cuda()
+    quantize_linears(block, "bnb", progress=False)  # quantized on the GPU, where the layers are
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and block.w1.weight.device.type == "cuda"
+    assert block.w1.weight.dtype == torch.int8
     assert rel_err(block(x.cuda()).detach().cpu(), ref) < 0.02
 
 

@@ -155,7 +155,6 @@ def one_request(http: httpx.Client, kind: str, rng: random.Random) -> tuple[str,
 KINDS = ("completion", "chat", "completion_stream", "chat_stream", "infer", "tokenize", "invalid", "unauthorized")
 
 
-@pytest.mark.slow
 def test_load_every_request_is_answered(served: Served) -> None:
     n_requests, n_clients = 320, 16
     rng = random.Random(0)

@@ -130,7 +130,7 @@ def test_stop_string_cuts_the_text(served: Served) -> None:
 
 def test_seed_makes_sampling_reproducible_and_n_gives_choices(served: Served) -> None:
     client = served.client()
-    kwargs = dict(model="m", prompt=PROMPT, max_tokens=10, temperature=1.0, top_p=1.0, seed=7, n=2)
+    kwargs = {"model": "m", "prompt": PROMPT, "max_tokens": 10, "temperature": 1.0, "top_p": 1.0, "seed": 7, "n": 2}
     first = client.completions.create(**kwargs)
     second = client.completions.create(**kwargs)
     assert [c.index for c in first.choices] == [0, 1]
@@ -195,6 +195,8 @@ TOO_LONG = "the quick brown fox " * CTX
         ("/v1/completions", {"prompt": PROMPT, "temperature": 5}, 400, "temperature", None, "less than or equal"),
         ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, 400, "stream", None, "boolean"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt", None, "missing"),
+        ("/v1/completions", {"prompt": 12}, 400, "prompt", None, "expected one of str, list[str], list[int]"),
+        ("/v1/completions", {"prompt": PROMPT, "stop": 5}, 400, "stop", None, "expected one of str, list[str]"),
         ("/v1/completions", {"prompt": TOO_LONG}, 400, "prompt", "context_length_exceeded", "context"),
         ("/v1/completions", {"prompt": PROMPT, "max_tokens": CTX}, 400, "max_tokens", "context_length_exceeded",
          "room"),

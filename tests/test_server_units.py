@@ -17,7 +17,11 @@ from server.app import parse_serve_spec
 from server.basilisk import encode_prompt, fragments, newline_ids
 from server.queue import EngineQueue, Job
 from server.sampling_extras import (
-    DecayingRepetitionPenalty, ExtendedSampler, LogitBias, PositionalRepetitionPenalty, PresenceFrequencyPenalty,
+    DecayingRepetitionPenalty,
+    ExtendedSampler,
+    LogitBias,
+    PositionalRepetitionPenalty,
+    PresenceFrequencyPenalty,
     SuppressTokens,
 )
 
@@ -263,6 +267,34 @@ def test_queue_releases_the_engine_when_the_reader_is_cancelled_only_after_the_w
     assert first.result.stats.stop_reason == "interrupted"
     assert gen.max_running == 1  # the second job never overlapped the stopping first one
     assert gen.started == [1, 2]
+
+
+def test_queue_skips_a_job_whose_client_left_while_it_waited() -> None:
+    gen = FakeGenerator(delay=0.01)
+
+    async def main() -> Job:
+        queue = EngineQueue(gen)  # type: ignore[arg-type]
+        left = asyncio.Event()
+
+        async def gone() -> bool:
+            return left.is_set()
+
+        running = asyncio.create_task(_drain(queue, Job([1], sampler=None, max_new_tokens=10)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        waiting = Job([2], sampler=None, max_new_tokens=10)  # type: ignore[arg-type]
+        pieces = asyncio.create_task(_collect(queue, waiting, gone))
+        left.set()  # its client goes away while job 1 still runs
+        await running
+        assert await pieces == []
+        return waiting
+
+    waiting = asyncio.run(main())
+    assert gen.started == [1]
+    assert waiting.result.stats.stop_reason == "interrupted"
+
+
+async def _collect(queue: EngineQueue, job: Job, is_disconnected) -> list[str]:
+    return [piece async for piece in queue.stream(job, is_disconnected)]
 
 
 def test_queue_reraises_generation_errors() -> None:

@@ -12,6 +12,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("bindings.cpp", "ext_int8.cpp", "ext_int4.cpp", "gemv_int8.cpp", "gemv_int4.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 NAME = "llama_offload_cpu_kernels"
+_LOAD_LOCK = threading.Lock()  # the operators may be registered once per process
 
 
 def _cpu_features() -> str:
@@ -71,10 +73,15 @@ def build_cpu_extension(build_dir: Path) -> Any:
     return torch.ops.llama_offload
 
 
-@functools.cache
 def cpu_extension() -> Any | None:
     """The compiled CPU kernels (`torch.ops.llama_offload`), or None after one warning when they cannot be
     built or loaded on this machine."""
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.cache
+def _load_once() -> Any | None:
     try:
         return build_cpu_extension(build_directory())
     except Exception as e:  # no compiler, no ninja, build error, ABI mismatch: all mean "use the reference"
