@@ -155,10 +155,11 @@ def decode_count(streamed_bytes: int, link: float | None, seconds: float, room: 
 
 def offload_modes(
     modes: list[str], quant: str | None, args: ModelArgs, ns: argparse.Namespace, device: torch.device,
-    cache: KVCache, link: float | None,
+    link: float | None,
 ) -> list[Row]:
     """Load the synthetic model once (streamed, in `quant` or fp16) and run each mode by re-planning."""
     dtype = torch.bfloat16 if quant == "int4" else torch.float16  # torch's int4 GEMM is bf16-only
+    cache = KVCache(args, ns.ctx, dtype, device)
     config = OffloadConfig(
         dtype=dtype, device=str(device), exclusions=frozenset(), n_slots=ns.slots, max_seq_len=ns.ctx,
         prefill_chunk=ns.prompt, quant=quant,
@@ -188,7 +189,7 @@ def offload_modes(
         rows.append(row)
         print(json.dumps(asdict(row)), flush=True)
     off.close()
-    del model, off
+    del model, off, cache
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -224,7 +225,8 @@ def accelerate_peer(args: ModelArgs, budget_gib: float, ns: argparse.Namespace, 
     )
     on_cpu = sum(1 for k, v in device_map.items() if v == "cpu" and ".layers." in f".{k}.")
     hf = dispatch_model(hf, device_map=device_map, main_device=device.index or 0)
-    note = f"max_memory GPU {budget_gib:.2f} GiB; {on_cpu} of {args.n_layers} blocks on the CPU"
+    note = (f"max_memory GPU {budget_gib:.2f} GiB (off_all's peak less accelerate's KV cache); "
+            f"{on_cpu} of {args.n_layers} blocks on the CPU")
     print(f"[accelerate] {note}", flush=True)
     ids = torch.randint(0, args.vocab_size, (1, ns.prompt), device=device)
     torch.cuda.synchronize(device)
@@ -318,22 +320,19 @@ def main() -> None:
     int8_modes = [m for m in ("int8",) if m in modes]
     int4_modes = [m for m in ("int4", "int4_resident") if m in modes]
     have_kernels = _have_quantize()
-    cache = KVCache(args, ns.ctx, torch.float16, device)
     if fp16_modes:
-        rows += offload_modes(fp16_modes, None, args, ns, device, cache, link)
+        rows += offload_modes(fp16_modes, None, args, ns, device, link)
     for quant, qmodes in (("int8", int8_modes), ("int4", int4_modes)):
         if qmodes and not have_kernels:
             print(f"[{quant}] skipped: offload.kernels has no quantize_linears yet", flush=True)
         elif qmodes:
-            cache_q = KVCache(args, ns.ctx, torch.bfloat16, device) if quant == "int4" else cache
-            rows += offload_modes(qmodes, quant, args, ns, device, cache_q, link)
-            del cache_q
-    del cache
-    gc.collect()
+            rows += offload_modes(qmodes, quant, args, ns, device, link)
     if "accelerate" in modes and device.type == "cuda":
         torch.cuda.empty_cache()
+        # The same peak VRAM as off_all: max_memory does not count accelerate's KV cache, so it is taken off.
         off_all = next((r for r in rows if r.mode == "off_all"), None)
-        budget = math.ceil(off_all.peak_decode_gib * 100) / 100 if off_all else 2.0
+        kv = args.kv_cache_bytes(ns.prompt + ns.accelerate_tokens + 1, torch.float16) / GiB
+        budget = round(off_all.peak_decode_gib - kv, 2) if off_all else 1.0
         try:
             rows.append(accelerate_peer(args, budget, ns, device))
         except Exception as e:  # noqa: BLE001 - a peer's failure must not lose our own rows

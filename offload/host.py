@@ -151,7 +151,3 @@ class HostStore:
         self._buffers.clear()
         self._entries.clear()
 
-
-def block_bytes_in_slot(tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Bytes the tensors take in a home buffer or slot (with alignment), without building it."""
-    return sum(aligned(tensor_nbytes(t)) for _, t in tensors)

@@ -3,6 +3,11 @@
 A block's forward pre-hook acquires its slot from the schedule and points the block's streamed
 parameters and buffers at views of that slot (dictionary assignments, no copies); its forward hook
 releases the slot. The model itself is untouched: it runs its normal forward.
+
+The host must run ahead of the GPU so that copies are queued before the link goes idle. cuDNN's
+attention blocks the host until the GPU catches up (1.5 ms a call measured on an H100 while streaming,
+77 us when resident), so while streaming is attached scaled_dot_product_attention uses its other
+CUDA backends (flash, memory-efficient); the setting is restored on detach.
 """
 from __future__ import annotations
 
@@ -97,6 +102,9 @@ class StreamedBlocks:
         )
         self._blocks = blocks
         self._streamed = streamed
+        self._cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+        if device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self._hooks: list[RemovableHandle] = []
         for b in order:
             self._hooks.append(blocks[b].register_forward_pre_hook(self._pre_hook(b)))
@@ -127,6 +135,7 @@ class StreamedBlocks:
         self._hooks.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
         for b, names in self._streamed.items():
             for name in names:
                 set_tensor(self._blocks[b], name, self.store.view(b, name))

@@ -34,9 +34,6 @@ class CudaTransfer:
     def mark_free(self, slot: int) -> None:
         self.free[slot].record(torch.cuda.current_stream(self.device))
 
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
 
 class SyncTransfer:
     def __init__(self, copy_fn: CopyFn) -> None:
@@ -50,6 +47,3 @@ class SyncTransfer:
 
     def mark_free(self, slot: int) -> None:
         pass  # compute already happened
-
-    def synchronize(self) -> None:
-        pass

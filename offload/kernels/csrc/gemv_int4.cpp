@@ -1,9 +1,13 @@
 // int4 weight-only GEMV, asymmetric with one scale and zero per group of G weights:
 //   y = sum_g scale_g * (sum_{k in g} q_k x_k - zero_g * sum_{k in g} x_k)
 // so the inner loop is nibble -> float -> FMA, and scale and zero are applied once per group.
-// Activations arrive permuted (int4_permute_activations) so high and low nibbles need no shuffle.
+// Activations arrive permuted (int4_permute_activations) so high and low nibbles need no shuffle, and
+// pre-combined: with byte = 16 * hi + lo, hi * xe + lo * xo = hi * (xe - 16 * xo) + byte * xo, which
+// spares masking out the low nibble.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <vector>
 
 #include "kernels.h"
 #include "vec.h"
@@ -11,7 +15,6 @@
 namespace llama_offload {
 
 constexpr int64_t kChunk = 2 * kW;  // weights per vector step: kW bytes, two nibbles each
-constexpr int64_t kPrefetchBytes = 2048;  // how far ahead in a row to prefetch, issued once per group
 
 void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, float* xperm, float* xsum) {
   const int64_t ng = K / G;
@@ -23,7 +26,7 @@ void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, f
       float s = 0.f;
       for (int64_t c = 0; c < full; c += kChunk) {
         for (int i = 0; i < kW; ++i) {
-          dst[c + i] = src[c + 2 * i];
+          dst[c + i] = src[c + 2 * i] - 16.f * src[c + 2 * i + 1];
           dst[c + kW + i] = src[c + 2 * i + 1];
         }
       }
@@ -48,20 +51,23 @@ static void int4_group_tail(const float* xp, int64_t K, const uint8_t* p, int64_
   }
 }
 
-template <int R, int TB, typename S>
-static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G, const uint8_t* p,
-                       const S* scales, const S* zeros, float* y, int64_t ldy) {
+// y[t][r] = sum_g scale[r][g] * dot_g(q, x) for R rows; the zero-point term is added by the caller.
+// scales are float [R][ng] here: converted once per tile of rows, so a group costs one broadcast and FMA.
+template <int R, int TB>
+static void int4_block(const float* xp, int64_t K, int64_t G, const uint8_t* p, const float* scales, float* y,
+                       int64_t ldy) {
   const int64_t ng = K / G;
   const int64_t full = G - G % kChunk;
   const int64_t ldp = K / 2;
   vfloat total[R][TB] = {};
-  float correction[R][TB] = {};  // sum_g scale_g * (zero_g * xsum_g - tail dot_g)
+  float tail_total[R][TB] = {};
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t kb = g * G;
     const uint8_t* pg = p + kb / 2;
     const float* xg = xp + kb;
     vfloat acc[R][TB] = {};
-    for (int r = 0; r < R; ++r) __builtin_prefetch(pg + r * ldp + kPrefetchBytes);
+    // The same group of the next block's rows: one block ahead, and each new row's stream starts warm.
+    for (int r = R; r < 2 * R; ++r) __builtin_prefetch(pg + r * ldp);
     for (int64_t c = 0; c < full; c += kChunk) {
       vfloat xe[TB], xo[TB];
       for (int t = 0; t < TB; ++t) {
@@ -69,65 +75,66 @@ static void int4_block(const float* xp, const float* xsum, int64_t K, int64_t G,
         xo[t] = load_f(xg + t * K + c + kW);
       }
       for (int r = 0; r < R; ++r) {
-        vfloat hi, lo;
-        load_nibbles_as_f(pg + r * ldp + c / 2, hi, lo);
+        vfloat hi, byte;
+        load_hi_and_byte_as_f(pg + r * ldp + c / 2, hi, byte);
         for (int t = 0; t < TB; ++t) {
           acc[r][t] += hi * xe[t];  // two statements: two FMAs, not a mul, an FMA and an add
-          acc[r][t] += lo * xo[t];
+          acc[r][t] += byte * xo[t];
         }
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = float(scales[r * ng + g]);
-      const float sz = s * float(zeros[r * ng + g]);
-      const vfloat vs = splat(s);
-      for (int t = 0; t < TB; ++t) {
-        total[r][t] += vs * acc[r][t];
-        correction[r][t] += sz * xsum[t * ng + g];
-      }
+      const vfloat s = splat(scales[r * ng + g]);
+      for (int t = 0; t < TB; ++t) total[r][t] += s * acc[r][t];
     }
     if (full < G) {
       for (int r = 0; r < R; ++r) {
         float dots[TB];
         int4_group_tail<TB>(xp, K, p + r * ldp, kb, full, G, dots);
-        for (int t = 0; t < TB; ++t) correction[r][t] -= float(scales[r * ng + g]) * dots[t];
+        for (int t = 0; t < TB; ++t) tail_total[r][t] += scales[r * ng + g] * dots[t];
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < TB; ++t) y[t * ldy + r] = hsum(total[r][t]) - correction[r][t];
+    for (int t = 0; t < TB; ++t) y[t * ldy + r] = hsum(total[r][t]) + tail_total[r][t];
 }
 
-template <int R, int TB, typename S>
-static void int4_rows(const float* xp, const float* xsum, int64_t K, int64_t G, const uint8_t* packed,
-                      const S* scales, const S* zeros, float* y, int64_t N, int64_t n0, int64_t n1) {
+template <int R, int TB>
+static void int4_rows(const float* xp, int64_t K, int64_t G, const uint8_t* packed, const float* scales, float* y,
+                      int64_t N, int64_t n0, int64_t n1) {
   const int64_t ng = K / G;
   int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    int4_block<R, TB, S>(xp, xsum, K, G, packed + n * (K / 2), scales + n * ng, zeros + n * ng, y + n, N);
-  for (; n < n1; ++n)
-    int4_block<1, TB, S>(xp, xsum, K, G, packed + n * (K / 2), scales + n * ng, zeros + n * ng, y + n, N);
+  for (; n + R <= n1; n += R) int4_block<R, TB>(xp, K, G, packed + n * (K / 2), scales + (n - n0) * ng, y + n, N);
+  for (; n < n1; ++n) int4_block<1, TB>(xp, K, G, packed + n * (K / 2), scales + (n - n0) * ng, y + n, N);
 }
 
 template <typename S>
 void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K, int64_t G,
                     const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
                     int64_t n1) {
+  constexpr int64_t kTile = 8;
   const int64_t ng = K / G;
+  std::vector<float> scale_f(kTile * ng), scale_zero_f(kTile * ng);
   // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
-  for (int64_t nb = n0; nb < n1; nb += 8) {
-    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
+  for (int64_t nb = n0; nb < n1; nb += kTile) {
+    const int64_t nb1 = nb + kTile < n1 ? nb + kTile : n1;
+    for (int64_t i = 0; i < (nb1 - nb) * ng; ++i) {
+      scale_f[i] = float(scales[nb * ng + i]);
+      scale_zero_f[i] = scale_f[i] * float(zeros[nb * ng + i]);
+    }
     for (int64_t t = 0; t < T; t += 4) {
       const float* xt = xperm + t * K;
-      const float* st = xsum + t * ng;
       float* yt = y + t * N;
       switch (T - t) {
-        case 1: int4_rows<4, 1, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
-        case 2: int4_rows<2, 2, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
-        case 3: int4_rows<1, 3, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
-        default: int4_rows<1, 4, S>(xt, st, K, G, packed, scales, zeros, yt, N, nb, nb1); break;
+        case 1: int4_rows<4, 1>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
+        case 2: int4_rows<2, 2>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
+        case 3: int4_rows<1, 3>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
+        default: int4_rows<1, 4>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
       }
     }
+    // The zero points' term: - sum_g scale_g * zero_g * xsum_g.
+    for (int64_t n = nb; n < nb1; ++n)
+      for (int64_t t = 0; t < T; ++t) y[t * N + n] -= dot(scale_zero_f.data() + (n - nb) * ng, xsum + t * ng, ng);
   }
 }
 

@@ -5,23 +5,33 @@
 
 namespace llama_offload {
 
+constexpr int64_t kLine = 64;  // bytes per cache line: one prefetch each
+
 template <int R, int TB>
 static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, int64_t ldq,
                        const float* scale, float* y, int64_t ldy) {
   vfloat acc[R][TB] = {};
-  const int64_t kv = K - K % kW;
-  for (int64_t k = 0; k < kv; k += kW) {
+  auto step = [&](int64_t k) {
     vfloat xv[TB];
     for (int t = 0; t < TB; ++t) xv[t] = load_f(x + t * ldx + k);
     for (int r = 0; r < R; ++r) {
       const vfloat w = load_i8_as_f(q + r * ldq + k);
       for (int t = 0; t < TB; ++t) acc[r][t] += w * xv[t];
     }
+  };
+  const int64_t kv = K - K % kW;
+  const int64_t kl = K - K % kLine;
+  int64_t k = 0;
+  for (; k < kl; k += kLine) {
+    // The same line of the next block's rows: one block ahead, and each new row's stream starts warm.
+    for (int r = R; r < 2 * R; ++r) __builtin_prefetch(q + r * ldq + k);
+    for (int64_t j = 0; j < kLine; j += kW) step(k + j);
   }
+  for (; k < kv; k += kW) step(k);
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < TB; ++t) {
       float s = hsum(acc[r][t]);
-      for (int64_t k = kv; k < K; ++k) s += float(q[r * ldq + k]) * x[t * ldx + k];
+      for (int64_t kk = kv; kk < K; ++kk) s += float(q[r * ldq + kk]) * x[t * ldx + kk];
       y[t * ldy + r] = s * scale[r];
     }
   }

@@ -9,8 +9,9 @@ namespace llama_offload {
 void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
                     int64_t N, int64_t n0, int64_t n1);
 
-// Activations in the layout the int4 kernel reads: per group, each full chunk of 2*kW values is split into
-// its even-indexed then its odd-indexed values (matching high then low nibbles); xsum[t][g] = sum of group g.
+// Activations in the layout the int4 kernel reads: per group, each full chunk of 2*kW values x becomes
+// (x_even - 16 * x_odd, x_odd), matching (high nibbles, whole bytes); the group's remainder stays as is.
+// xsum[t][g] = sum of group g.
 // x is [T][K]; xperm is [T][K]; xsum is [T][K / G].
 void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, float* xperm, float* xsum);
 

@@ -52,27 +52,36 @@ inline vfloat load_i8_as_f(const int8_t* p) {
 #endif
 }
 
-// kW packed bytes -> their high nibbles (hi) and low nibbles (lo) as floats.
-inline void load_nibbles_as_f(const uint8_t* p, vfloat& hi, vfloat& lo) {
+// kW packed bytes -> their high nibbles (hi) and the whole bytes (byte = 16 * hi + lo) as floats.
+inline void load_hi_and_byte_as_f(const uint8_t* p, vfloat& hi, vfloat& byte) {
 #if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
   const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   hi = (vfloat)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-  lo = (vfloat)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  byte = (vfloat)_mm512_cvtepi32_ps(v);
 #elif LLAMA_OFFLOAD_VEC_WIDTH == 8 && defined(__AVX2__)
   const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   hi = (vfloat)_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
-  lo = (vfloat)_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  byte = (vfloat)_mm256_cvtepi32_ps(v);
 #else
   vint v;
   for (int i = 0; i < kW; ++i) v[i] = p[i];
   hi = __builtin_convertvector(v >> 4, vfloat);
-  lo = __builtin_convertvector(v & 15, vfloat);
+  byte = __builtin_convertvector(v, vfloat);
 #endif
 }
 
 inline float hsum(vfloat v) {
   float s = 0.f;
   for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  vfloat acc = {};
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc += load_f(a + i) * load_f(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
