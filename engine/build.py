@@ -85,18 +85,71 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
             f"tokenizer has {tokenizer.vocab_size} tokens but the model in {model_dir} has "
             f"vocab_size {args.vocab_size}: wrong tokenizer for this model?"
         )
-    device = pick_device(cfg.device)
+    if cfg.use_offload and not torch.cuda.is_available():
+        raise UserError("--use_offload streams weights to a CUDA GPU and none is usable here; drop it to run on the CPU")
+    device = pick_device("cuda" if cfg.use_offload and cfg.device == "auto" else cfg.device)
     dtype = pick_dtype(cfg.dtype, device, args)
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
-    model = load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
+    if cfg.use_offload:
+        model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
+    else:
+        model = _load_resident(cfg, model_dir, args, dtype, device)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
     generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
+
+
+def quant_mode(cfg: RunConfig) -> str | None:
+    """--quant names our formats; --use_8bit means LLM.int8 when resident and our int8 when streamed."""
+    if cfg.quant and cfg.use_8bit:
+        raise UserError("--use_8bit and --quant are alternatives: give one of them")
+    if cfg.use_8bit:
+        return "int8" if cfg.use_offload else "bnb"
+    return cfg.quant
+
+
+def _load_offloaded(
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
+) -> tuple[Transformer, torch.device]:
+    from offload.engine import build_offloaded_model
+    from offload.policy import OffloadConfig, parse_exclusions, parse_size
+
+    config = OffloadConfig(
+        dtype=dtype,
+        device=str(device),
+        exclusions=parse_exclusions(cfg.offload_exclusion) if cfg.offload_exclusion else None,
+        gpu_mem=parse_size(cfg.gpu_mem) if cfg.gpu_mem else None,
+        n_slots=cfg.prefetch,
+        max_seq_len=ctx,
+        prefill_chunk=cfg.prefill_chunk,
+        quant=quant_mode(cfg),
+    )
+    model, offloaded = build_offloaded_model(model_dir, config)
+    return model, offloaded.device
+
+
+def _load_resident(
+    cfg: RunConfig, model_dir: Path, args: ModelArgs, dtype: torch.dtype, device: torch.device
+) -> Transformer:
+    if cfg.offload_exclusion or cfg.gpu_mem:
+        raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
+    mode = quant_mode(cfg)
+    if mode is None:
+        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
+    from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
+
+    # Quantize in host RAM so the GPU never holds the full-size weights.
+    model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size)
+    quantize_linears(model.layers, mode)
+    model.to(device)
+    if device.type == "cuda" and mode == "int4":
+        prepare_linears_for_cuda(model.layers, device)
+    return model
 
 
 def _name(dtype: torch.dtype) -> str:
