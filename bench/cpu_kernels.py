@@ -40,8 +40,9 @@ def copies(nbytes: int) -> int:
     return max(2, math.ceil(ROTATION_BYTES / nbytes))
 
 
-def kernels(w: torch.Tensor) -> list[tuple[str, Kernel, int]]:
-    """(name, kernel, bytes of weights one call reads) for bf16, ours, and torch's own CPU int4 op."""
+def kernels(w: torch.Tensor, tokens: int) -> list[tuple[str, Kernel, int]]:
+    """(name, kernel, bytes of weights one call reads) for bf16, ours, and torch's own CPU int4 op; for
+    several tokens also the alternative for prefill, dequantizing (pure torch) then bf16 F.linear."""
     w8, w4 = quantize_int8(w), quantize_int4(w, 128)
     b16 = [w.clone() for _ in range(copies(w.numel() * 2))]
     i8 = [Int8Weight.from_tensors({n: t.clone() for n, t in w8.tensors().items()}) for _ in range(copies(w8.nbytes()))]
@@ -50,6 +51,12 @@ def kernels(w: torch.Tensor) -> list[tuple[str, Kernel, int]]:
     tg_packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w4.unpack().int(), 2)
     tg_bytes = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
     tg = [(tg_packed.clone(), tg_sz.clone()) for _ in range(copies(tg_bytes))]
+    dequantized: list[tuple[str, Kernel, int]] = [
+        ("int8 dequantize + bf16 F.linear", lambda x, i: F.linear(x, i8[i % len(i8)].dequantize(x.dtype)),
+         w8.nbytes()),
+        ("int4 dequantize + bf16 F.linear", lambda x, i: F.linear(x, i4[i % len(i4)].dequantize(x.dtype)),
+         w4.nbytes()),
+    ]
     return [
         ("bf16 F.linear", lambda x, i: F.linear(x, b16[i % len(b16)]), w.numel() * 2),
         ("int8 (ours)", lambda x, i: int8_matmul(x, i8[i % len(i8)]), w8.nbytes()),
@@ -57,7 +64,7 @@ def kernels(w: torch.Tensor) -> list[tuple[str, Kernel, int]]:
         ("int4 g128 (torch's CPU tinygemm op)",
          lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *tg[i % len(tg)][:1], 128, tg[i % len(tg)][1]),
          tg_bytes),
-    ]
+    ] + (dequantized if tokens > 1 else [])
 
 
 def median_ms(fns: list[Kernel], inputs: list[torch.Tensor], runs: int) -> list[float]:
@@ -90,8 +97,9 @@ def main() -> None:
     print("| out x in | tokens | kernel | median ms | x bf16 | GB/s of weights |")
     print("|---|---|---|---|---|---|")
     for out_f, in_f in SHAPES:
-        ks = kernels(torch.randn(out_f, in_f, dtype=torch.bfloat16))
+        w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
         for tokens in args.tokens:
+            ks = kernels(w, tokens)
             inputs = [torch.randn(tokens, in_f, dtype=torch.bfloat16) for _ in range(8)]
             medians = median_ms([k for _, k, _ in ks], inputs, args.runs)
             for (name, _, nbytes), ms in zip(ks, medians):

@@ -88,7 +88,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         gqa = self.n_heads != self.n_kv_heads
         if seqlen == 1:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            out = self._decode_attention(q, k, v)
         elif k.shape[2] == seqlen:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
@@ -99,6 +99,16 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
         return self.wo(out)
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One query per sequence: two small matmuls, with no backend dispatch, copies of K/V, or host syncs."""
+        bsz, n_rep = q.shape[0], self.n_heads // self.n_kv_heads
+        # Query heads j*n_rep .. (j+1)*n_rep-1 share kv head j.
+        qg = q.reshape(bsz, self.n_kv_heads, n_rep, self.head_dim)
+        scores = (qg @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (batch, n_kv_heads, n_rep, positions)
+        probs = scores.float().softmax(-1).to(v.dtype)
+        out = probs @ v  # (batch, n_kv_heads, n_rep, head_dim)
+        return out.reshape(bsz, self.n_heads, 1, self.head_dim)
 
 
 class FeedForward(nn.Module):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llama.errors import UserError
 from offload.kernels import (
+    Int4CudaWeight,
     Int4Weight,
     Int8Weight,
     cpu_extension,
@@ -135,7 +136,7 @@ def test_cpu_int8_matmul_matches_reference(dtype: torch.dtype, tokens: int, shap
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens", TOKENS)
-@pytest.mark.parametrize("shape", [(67, 384, 128), (67, 384, 32), (67, 120, 40), (3, 8, 8)])
+@pytest.mark.parametrize("shape", [(67, 384, 128), (67, 384, 32), (67, 120, 40), (9, 24, 8)])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_int4_matmul_matches_reference(
     dtype: torch.dtype, tokens: int, shape: tuple[int, int, int], scale_dtype: torch.dtype
@@ -210,6 +211,11 @@ def test_tinygemm_shape_limits() -> None:
     assert not tinygemm_supports(quantize_int4(torch.randn(72, 120), 40))  # group size not 32..256
     with pytest.raises(ValueError, match="tinygemm cannot take"):
         prepare_for_cuda(quantize_int4(torch.randn(67, 384), 128), "cpu")
+    host_copy = Int4CudaWeight(weight_int4pack=torch.zeros(9, 3, 32, 4, dtype=torch.int32),
+                               scales_and_zeros=torch.zeros(3, 72, 2, dtype=torch.bfloat16))
+    assert (host_copy.out_features, host_copy.in_features, host_copy.group_size) == (72, 384, 128)
+    with pytest.raises(ValueError, match="on CUDA only"):
+        int4_matmul(torch.randn(1, 384), host_copy)
 
 
 @pytest.mark.cuda

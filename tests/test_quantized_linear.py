@@ -132,6 +132,8 @@ def test_bnb_mode_wraps_bitsandbytes_int8() -> None:
     quantize_linears(block, "bnb", names=["w1", "w2"], progress=False)
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and block.w1.weight.dtype == torch.int8
     assert rel_err(block(x).detach(), ref) < 0.02
+    quantize_linears(block, "int8", progress=False)  # the plain linears only: not bitsandbytes' subclass
+    assert isinstance(block.w1, bnb.nn.Linear8bitLt) and isinstance(block.attention["wq"], Int8Linear)
 
 
 @pytest.mark.cuda
@@ -159,13 +161,16 @@ def test_cuda_layers_match_cpu(dtype: torch.dtype) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
-def test_cuda_bnb_resident_layers() -> None:
+@pytest.mark.parametrize("quantize_on", ["cuda", "cpu"])
+def test_cuda_bnb_resident_layers(quantize_on: str) -> None:
+    """bitsandbytes layers made on the GPU, or made in host RAM and then moved (the resident loader's path)."""
     bnb = pytest.importorskip("bitsandbytes")
     block = Block().half()
     x = torch.randn(3, 128, dtype=torch.float16)
     ref = block(x).detach()
+    block = block.to(quantize_on)
+    quantize_linears(block, "bnb", progress=False)
     block = block.cuda()
-    quantize_linears(block, "bnb", progress=False)  # quantized on the GPU, where the layers are
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and block.w1.weight.device.type == "cuda"
     assert block.w1.weight.dtype == torch.int8
     assert rel_err(block(x.cuda()).detach().cpu(), ref) < 0.02

@@ -65,7 +65,7 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 weight-only, asymmetric, one scale and zero per group of `group_size` inputs."""
+    """int4 weight-only, asymmetric, one scale and zero per group of min(group_size, in_features) inputs."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -101,12 +101,14 @@ def prepare_linears_for_cuda(module: nn.Module, device: torch.device | str = "cu
 
 def quantize_linears(module: nn.Module, mode: str, names: Iterable[str] | None = None, progress: bool = True,
                      group_size: int = 128) -> nn.Module:
-    """Replace nn.Linear submodules in place: mode 'int8' (Int8Linear), 'int4' (Int4Linear with `group_size`)
-    or 'bnb' (bitsandbytes LLM.int8, threshold 6.0, quantized when moved to CUDA). `names` are qualified
-    submodule names (as in named_modules()); None means every nn.Linear. Returns `module`."""
+    """Replace plain nn.Linear submodules in place, one at a time (the full-size weight of each is freed as it
+    goes), quantized where they are: mode 'int8' (Int8Linear), 'int4' (Int4Linear, groups of
+    min(group_size, in_features)) or 'bnb' (bitsandbytes LLM.int8, threshold 6.0). `names` are qualified
+    submodule names as in named_modules(); None means every plain nn.Linear. Returns `module`."""
     if mode not in QUANT_MODES:
         raise UserError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    linears = {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+    # Exactly nn.Linear: bitsandbytes' layers subclass it and must not be quantized twice.
+    linears = {n: m for n, m in module.named_modules() if type(m) is nn.Linear}
     wanted = list(linears) if names is None else list(names)
     missing = [n for n in wanted if n not in linears]
     if missing:

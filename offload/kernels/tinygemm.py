@@ -73,6 +73,9 @@ def prepare_for_cuda(w: Int4Weight, device: torch.device | str = "cuda") -> Int4
 
 def int4_matmul_tinygemm(x: torch.Tensor, w: Int4CudaWeight) -> torch.Tensor:
     """x [tokens, in] (any float dtype, computed in bfloat16) -> [tokens, out] in x's dtype."""
+    if w.weight_int4pack.device.type != "cuda":
+        raise ValueError("an Int4CudaWeight (tinygemm layout) is multiplied on CUDA only; move its tensors to "
+                         "the GPU, or keep the Int4Weight for CPU compute")
     xb = x.to(torch.bfloat16).contiguous()
     y = torch.ops.aten._weight_int4pack_mm(xb, w.weight_int4pack, w.group_size, w.scales_and_zeros)
     return y.to(x.dtype)

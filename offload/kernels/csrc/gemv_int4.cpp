@@ -69,17 +69,17 @@ static void int4_block(const float* xp, int64_t K, int64_t G, const uint8_t* p, 
     // The same group of the next block's rows: one block ahead, and each new row's stream starts warm.
     for (int r = R; r < 2 * R; ++r) __builtin_prefetch(pg + r * ldp);
     for (int64_t c = 0; c < full; c += kChunk) {
-      vfloat xe[TB], xo[TB];
+      vfloat xh[TB], xb[TB];  // paired with the high nibbles and with the whole bytes
       for (int t = 0; t < TB; ++t) {
-        xe[t] = load_f(xg + t * K + c);
-        xo[t] = load_f(xg + t * K + c + kW);
+        xh[t] = load_f(xg + t * K + c);
+        xb[t] = load_f(xg + t * K + c + kW);
       }
       for (int r = 0; r < R; ++r) {
         vfloat hi, byte;
         load_hi_and_byte_as_f(pg + r * ldp + c / 2, hi, byte);
         for (int t = 0; t < TB; ++t) {
-          acc[r][t] += hi * xe[t];  // two statements: two FMAs, not a mul, an FMA and an add
-          acc[r][t] += byte * xo[t];
+          acc[r][t] += hi * xh[t];  // two statements: two FMAs, not a mul, an FMA and an add
+          acc[r][t] += byte * xb[t];
         }
       }
     }
