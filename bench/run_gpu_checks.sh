@@ -25,6 +25,7 @@ bench() {  # bench NAME COMMAND...: run one benchmark, log to $OUT/NAME.log
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json" --markdown "$OUT/offload_bench.md"
+bench cpu_kernels "$PY" bench/cpu_kernels.py --runs 50
 
 echo
 echo "== summary =="
