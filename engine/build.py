@@ -143,9 +143,13 @@ def _load_resident(
         return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
     from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
 
-    # Quantize in host RAM so the GPU never holds the full-size weights.
     model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size)
-    quantize_linears(model.layers, mode)
+    if mode == "bnb":
+        # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
+        for block in model.layers:
+            quantize_linears(block.to(device), mode, progress=False)
+    else:
+        quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
     model.to(device)
     if device.type == "cuda" and mode == "int4":
         prepare_linears_for_cuda(model.layers, device)

@@ -15,10 +15,11 @@ from llama.sampling import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 
 
-def make_tiny_model_dir(root: Path, ctx: int = 256, name: str = "tiny-llama") -> Path:
+def make_tiny_model_dir(root: Path, ctx: int = 256, name: str = "tiny-llama", **shape: Any) -> Path:
+    """shape: ModelArgs overrides (e.g. ffn_dim=256 so that int4's 128-wide groups divide every layer)."""
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    make_meta_checkpoint(tiny_args(vocab_size=400, max_seq_len=ctx), model_dir)
+    make_meta_checkpoint(tiny_args(vocab_size=400, max_seq_len=ctx, **shape), model_dir)
     train_tiny_sentencepiece(model_dir)
     return model_dir
 

@@ -1,0 +1,56 @@
+"""The whole engine on a GPU, as app.py builds it: resident, quantized and streamed variants of one model."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from tiny_model import GREEDY, make_tiny_model_dir
+
+from engine.build import build_engine
+from engine.config import RunConfig
+from llama.sampling import Sampler
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> RunConfig:
+    model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("cuda-engine"), ffn_dim=256)
+    return RunConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", ctx=256, sampling=GREEDY)
+
+
+def _first_logits_and_tokens(cfg: RunConfig) -> tuple[torch.Tensor, list[int]]:
+    engine = build_engine(cfg)
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog", bos=True)
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([prompt], device=engine.device))[0, -1].float().cpu()
+    tokens = engine.generator.generate(prompt, Sampler(GREEDY), 24, stop_ids=set()).token_ids
+    return logits, tokens
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "overrides, tolerance",
+    [
+        # Streaming is exact up to attention backends (tests/test_offload_cuda.py checks tokens bit for bit).
+        ({"use_offload": True}, 0.01),
+        ({"use_offload": True, "offload_exclusion": "[w1,w2,w3]"}, 0.01),
+        ({"quant": "int8"}, 0.03),
+        ({"quant": "int4"}, 0.2),
+        ({"use_8bit": True, "dtype": "float16"}, 0.03),
+        ({"use_offload": True, "use_8bit": True}, 0.03),
+        ({"use_offload": True, "quant": "int4"}, 0.2),
+    ],
+)
+def test_variants_match_the_resident_model(base, overrides, tolerance):
+    ref_logits, ref_tokens = _first_logits_and_tokens(replace(base, dtype=overrides.get("dtype", base.dtype)))
+    logits, tokens = _first_logits_and_tokens(replace(base, **overrides))
+    assert _rel(logits, ref_logits) <= tolerance
+    assert len(tokens) == 24 and len(ref_tokens) == 24
