@@ -70,7 +70,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype | None = None) -> Int4Weight:
-    """Quantize a float weight [out, in] by min/max per group of min(group_size, in) inputs; scales and zeros
+    """Quantize a float weight [out, in] per group of min(group_size, in) inputs, the range of each group
+    clipped for the least squared error; scales and zeros
     in `scale_dtype` (default: w's dtype)."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_int4 needs a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
@@ -83,9 +84,32 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dty
                         f"{group_size}; choose a group size that divides it")
     scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)
     wg = w.float().reshape(n, k // group_size, group_size)  # (out, groups, group_size)
-    # The range always includes 0, so zero points fall in [0, 15].
-    lo, hi = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+    # The range always includes 0, so zero points fall in [0, 15]. Each group keeps the clipped range
+    # (a fraction of min/max) that reconstructs it best: outliers cost less than coarse steps for the rest.
+    lo0, hi0 = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+    best_err = torch.full(lo0.shape, float("inf"))
+    scales = zeros = torch.empty(0)
+    for clip in CLIP_RATIOS:
+        s, z, q = _quantize_range(wg, lo0 * clip, hi0 * clip, scale_dtype)
+        err = ((q - z.float()[..., None]) * s.float()[..., None] - wg).pow(2).sum(-1)  # (out, groups)
+        if scales.numel() == 0:
+            scales, zeros, best_q, best_err = s, z, q, err
+            continue
+        better = err < best_err
+        scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
+        best_q = torch.where(better[..., None], q, best_q)
+        best_err = torch.minimum(err, best_err)
+    return Int4Weight(packed=pack_int4(best_q.to(torch.uint8).view(n, k)), scales=scales, zeros=zeros)
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+
+
+def _quantize_range(
+    wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales, zeros (out, groups) and levels (out, groups, group_size) for the range [lo, hi] per group."""
     scales = ((hi - lo) / 15.0).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
     zeros = torch.round(-lo / scales.float()).clamp_(0, 15).to(scale_dtype)
     q = torch.round(wg / scales.float()[..., None] + zeros.float()[..., None]).clamp_(0, 15)
-    return Int4Weight(packed=pack_int4(q.to(torch.uint8).view(n, k)), scales=scales, zeros=zeros)
+    return scales, zeros, q
