@@ -118,6 +118,11 @@ def run(cfg: RunConfig) -> None:
     from engine.build import build_engine
     from engine.console import run_console, run_prompt
 
+    if cfg.save_quantized is not None:
+        from engine.quantized_checkpoint import save_quantized_from_config
+
+        print(f"wrote the {cfg.quant} model to {save_quantized_from_config(cfg)}")
+        return
     engine = build_engine(cfg)
     if cfg.ppl is not None:
         from llama.perplexity import run_perplexity

@@ -4,11 +4,17 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
 
 from engine.config import RunConfig
+from engine.quantized_checkpoint import (
+    check_quantized_run,
+    load_quantized_model,
+    read_quantization,
+)
 from llama.chat_format import ChatFormat, detect_chat_format, get_chat_format
 from llama.config import ModelArgs
 from llama.errors import UserError
@@ -80,6 +86,9 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
         raise UserError(f"model directory not found: {model_dir}")
     tokenizer = resolve_tokenizer(cfg)
     args = read_model_args(model_dir, tokenizer.vocab_size)
+    quantization = read_quantization(model_dir)  # None unless written by --save_quantized
+    if quantization is not None:
+        check_quantized_run(model_dir, quantization, quant_mode(cfg), cfg.use_offload)
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model in {model_dir} has "
@@ -96,7 +105,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     if cfg.use_offload:
         model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
     else:
-        model = _load_resident(cfg, model_dir, args, dtype, device)
+        model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
@@ -134,22 +143,31 @@ def _load_offloaded(
 
 
 def _load_resident(
-    cfg: RunConfig, model_dir: Path, args: ModelArgs, dtype: torch.dtype, device: torch.device
+    cfg: RunConfig,
+    model_dir: Path,
+    args: ModelArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: dict[str, Any] | None,
 ) -> Transformer:
     if cfg.offload_exclusion or cfg.gpu_mem:
         raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
-    mode = quant_mode(cfg)
-    if mode is None:
-        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
     from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
 
-    model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size)
-    if mode == "bnb":
-        # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
-        for block in model.layers:
-            quantize_linears(block.to(device), mode, progress=False)
+    mode = quant_mode(cfg)
+    if quantization is not None:
+        mode = quantization["format"]
+        model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
+    elif mode is None:
+        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
     else:
-        quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
+        model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size)
+        if mode == "bnb":
+            # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
+            for block in model.layers:
+                quantize_linears(block.to(device), mode, progress=False)
+        else:
+            quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
     model.to(device)
     if device.type == "cuda" and mode == "int4":
         prepare_linears_for_cuda(model.layers, device)
