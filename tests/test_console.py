@@ -1,6 +1,7 @@
 """The console driven as a user drives it: a subprocess with piped stdin, and the one-shot --prompt mode."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,42 @@ def test_bad_input_gets_one_line_naming_it(model_dir, args, needle):
 def test_prompt_longer_than_context_is_an_error(model_dir):
     r = _app(str(model_dir), "--ctx", "32", "--prompt", "word " * 100, *GREEDY_FLAGS)
     assert r.returncode == 2 and "longer than the context" in r.stderr
+
+
+def test_tokenizer_that_does_not_match_the_model_is_refused(model_dir):
+    bundled_tokenizer = ROOT / "models" / "pytiny" / "tokenizer.model"  # 6144 pieces; the model has 400
+    r = _app(str(model_dir), str(bundled_tokenizer), "--prompt", "hi")
+    assert r.returncode == 2 and "vocab_size 400" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_conversation():
+    """A real SIGINT in the middle of a long reply of the bundled model; then another turn and /exit."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--max_new_tokens", "900", "--seed", "1", "--device", "cpu"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        proc.stdin.write("def parse(text):\n")
+        proc.stdin.flush()
+        seen = ""
+        while len(seen) < 120:  # the prompt marker, then the start of the reply
+            seen += proc.stdout.read(1)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("class Point:\n/exit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[prefill")]
+    assert len(stats) == 2 and "stop: interrupted" in stats[0]
+    first_prefill, second_prefill = (int(s.split()[1]) for s in stats)
+    interrupted_tokens = int(stats[0].split("decode ")[1].split()[0])
+    assert 20 < interrupted_tokens < 900
+    # The second turn reused the cache: only the last reply token and the new message ran, not the dialog.
+    assert second_prefill <= 12 < first_prefill + interrupted_tokens
