@@ -106,7 +106,7 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
     probe = copy.deepcopy(model.layers[0]).to(device="meta", dtype=config.dtype)
     if config.quant:
         # Shapes only; tinygemm's CUDA layout (not made here) takes the same bytes as the portable one.
-        quantize_block(probe, config.quant, torch.device("meta"))
+        quantize_block(probe, config.quant)
     unit_bytes = dict.fromkeys(STREAMABLE, 0)
     other = 0
     for name, t in named_tensors(probe):
@@ -128,13 +128,12 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
     )
 
 
-def quantize_block(block: nn.Module, quant: str, device: torch.device) -> None:
-    """Swap the block's linears for `quant` modules, in the layout `device` multiplies (that layout streams)."""
-    from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
+def quantize_block(block: nn.Module, quant: str) -> None:
+    """Swap the block's linears for `quant` modules. int4 stays in its plain layout, which streams: on the
+    GPU, decode converts it to tinygemm's per call and prefill dequantizes it for cuBLAS (kernels/matmul.py)."""
+    from offload.kernels.linear import quantize_linears
 
     quantize_linears(block, quant, progress=False)
-    if device.type == "cuda":
-        prepare_linears_for_cuda(block, device)  # int4: tinygemm's packing, made once on the GPU
 
 
 class OffloadedModel:
@@ -286,7 +285,7 @@ def _place_block(
         set_tensor(block, name, t.to(device=work or t.device, dtype=config.dtype if t.is_floating_point() else t.dtype))
     tensors.clear()
     if config.quant:
-        quantize_block(block, config.quant, device)
+        quantize_block(block, config.quant)
     units = plan.streamed_units(i)
     streamed = {}
     for name, t in list(named_tensors(block)):

@@ -138,7 +138,7 @@ def test_quantized_streaming_matches_quantized_resident(
     state = random_state(args, seed=8)
     ref_model = resident(args, state, "cuda", dtype)
     for block in ref_model.layers:
-        quantize_block(block, quant, torch.device("cuda", torch.cuda.current_device()))
+        quantize_block(block.cuda(), quant)
     ref = reference(ref_model, args, dtype)
     model, off = offloaded(args, state, gpu_config(dtype=dtype, exclusions=frozenset(), quant=quant))
     closing.append(off)

@@ -2,8 +2,11 @@
 
 CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ahead of dequantize-then-
 matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
-CUDA: int4 through tinygemm once the weight is prepared (tinygemm.py); int8, and int4 weights tinygemm
-cannot take, by dequantizing on the device per call (a transient full-size copy, freed after the call).
+CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain Int4Weight (what streams)
+is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
+and for prefill-sized inputs dequantized in row chunks and multiplied by cuBLAS, since tinygemm is a
+small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
+(a transient copy, freed after the call).
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import torch.nn.functional as F
 from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
-from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm
+from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm, prepare_for_cuda, tinygemm_supports
+
+TINYGEMM_MAX_TOKENS = 16  # above this many rows of x, dequantize-then-cuBLAS beats tinygemm
+DEQUANT_ROWS = 2048  # weight rows dequantized at a time: bounds the transient copy (2048 x in)
 
 
 def int8_matmul_reference(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
@@ -48,10 +54,21 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
     x2 = _tokens(x)
     if isinstance(w, Int4CudaWeight):
         y = int4_matmul_tinygemm(x2, w)
+    elif w.packed.device.type == "cuda" and x2.shape[0] <= TINYGEMM_MAX_TOKENS and tinygemm_supports(w):
+        y = int4_matmul_tinygemm(x2, prepare_for_cuda(w, w.packed.device))
     elif w.packed.device.type == "cuda":
-        y = F.linear(x2, w.dequantize(x.dtype))
+        y = _dequantized_linear(x2, w)
     elif w.packed.device.type == "cpu" and (ext := cpu_extension()) is not None:
         y = ext.int4_matmul(x2, w.packed.contiguous(), w.scales.contiguous(), w.zeros.contiguous())
     else:
         y = int4_matmul_reference(x2, w)
     return y.reshape(*x.shape[:-1], w.out_features)
+
+
+def _dequantized_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype."""
+    parts = []
+    for r in range(0, w.out_features, DEQUANT_ROWS):
+        rows = Int4Weight(w.packed[r : r + DEQUANT_ROWS], w.scales[r : r + DEQUANT_ROWS], w.zeros[r : r + DEQUANT_ROWS])
+        parts.append(F.linear(x, rows.dequantize(x.dtype)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
