@@ -297,6 +297,18 @@ def _place_block(
         store.add_block(i, streamed)
         for name in streamed:
             set_tensor(block, name, store.view(i, name))
+    if config.quant == "int4" and device.type == "cuda":
+        _prepare_resident_int4(block, units, device)
+
+
+def _prepare_resident_int4(block: nn.Module, streamed_units: set[str] | frozenset[str], device: torch.device) -> None:
+    """Resident int4 linears take tinygemm's layout once (decode ~1.4x faster than converting per call);
+    streamed ones keep the plain layout, which also serves prefill through cuBLAS."""
+    from offload.kernels.linear import Int4Linear
+
+    for name, module in block.named_modules():
+        if isinstance(module, Int4Linear) and unit_of(f"{name}.packed") not in streamed_units:
+            module.prepare_for_cuda(device)
 
 
 def _place_top_level(
