@@ -159,9 +159,9 @@ def _load_resident(
         mode = quantization["format"]
         model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
     elif mode is None:
-        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size)
+        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
     else:
-        model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size)
+        model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
         if mode == "bnb":
             # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
             for block in model.layers:

@@ -7,12 +7,14 @@ dropped. Peak memory is about one copy of the weights in the target dtype.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from tqdm import tqdm
 
 from llama.checkpoint import check_weights, iter_checkpoint, read_model_args
 from llama.checkpoint_files import Weight
@@ -25,17 +27,23 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     vocab_size: int | None = None,
+    progress: bool = False,
 ) -> Transformer:
     """The model in model_dir (HF or Meta format), its parameters in dtype on device, in eval mode.
 
     vocab_size: the tokenizer's size, used only where params.json says -1 (else the embedding's).
+    progress: a bar on stderr counting the target bytes placed.
     Parameters do not require grad. Raises UserError for any problem with the files.
     """
     model_dir, device = Path(model_dir), torch.device(device)
     args = read_model_args(model_dir, vocab_size)
     model = empty_model(args)
-    for w in iter_checkpoint(model_dir, args):
-        _assign(model, w.name, _to_target(w, dtype, device))
+    total = sum(math.prod(shape) for shape in args.weight_shapes().values()) * dtype.itemsize
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
+        for w in iter_checkpoint(model_dir, args):
+            t = _to_target(w, dtype, device)
+            _assign(model, w.name, t)
+            bar.update(t.numel() * t.element_size())
     return _finish(model, device)
 
 
