@@ -35,6 +35,7 @@ class ModelArgs:
     max_seq_len: int = 4096  # longest context the KV cache is sized for
     tie_embeddings: bool = False  # output head shares tok_embeddings' weight
     qkv_bias: bool = False  # Qwen2 has biases on wq, wk, wv
+    sliding_window: int | None = None  # Mistral v0.1: a query sees only the last this-many keys
     arch: str = "llama"  # llama | mistral | qwen2 (only changes defaults and chat format detection)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -157,6 +158,7 @@ class ModelArgs:
             max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
+            sliding_window=_sliding_window(cfg, arch),
             arch=arch,
         )
 
@@ -183,7 +185,24 @@ class ModelArgs:
             cfg["attention_bias"] = self.qkv_bias
         if self.rope_scaling is not None:
             cfg["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        if self.arch in ("mistral", "qwen2"):
+            cfg["sliding_window"] = self.sliding_window
+            if self.arch == "qwen2":
+                cfg["use_sliding_window"] = self.sliding_window is not None
+                cfg["max_window_layers"] = 0  # every layer uses the window when it is on
         return cfg
+
+
+def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
+    """Mistral: sliding_window when set. Qwen2: only with use_sliding_window, and only if every layer uses it."""
+    window = cfg.get("sliding_window")
+    if arch == "mistral" or window is None:
+        return window
+    if arch == "qwen2" and cfg.get("use_sliding_window"):
+        if cfg.get("max_window_layers", 0) not in (0,):
+            raise UserError("config.json: Qwen2 with sliding windows on only some layers is not supported")
+        return int(window)
+    return None
 
 
 _ARCHS = {

@@ -63,6 +63,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
         q_dim, kv_dim = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         self.wq = nn.Linear(args.dim, q_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
@@ -87,15 +88,20 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         gqa = self.n_heads != self.n_kv_heads
+        windowed = self.window is not None and k.shape[2] > self.window
         if seqlen == 1:
+            if windowed:
+                k, v = k[:, :, -self.window :], v[:, :, -self.window :]
             out = self._decode_attention(q, k, v)
-        elif k.shape[2] == seqlen:
+        elif k.shape[2] == seqlen and not windowed:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            # Chunked prefill after earlier tokens: query i sees keys up to start_pos + i.
+            # After earlier tokens, or with a window: query i sees keys (start_pos + i - window, start_pos + i].
             key_pos = torch.arange(k.shape[2], device=x.device)
             query_pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
             mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+            if windowed:
+                mask &= key_pos[None, :] > query_pos[:, None] - self.window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
         return self.wo(out)

@@ -23,6 +23,7 @@ CASES = {
     ),
     "llama-wide-heads": tiny_args("llama", n_heads=4, head_dim=32),  # n_heads * head_dim != dim
     "mistral-gqa": tiny_args("mistral", n_kv_heads=2),
+    "mistral-sliding-window": tiny_args("mistral", n_kv_heads=2, sliding_window=8),  # prompt and decode pass it
     "qwen2-bias-gqa-tied": tiny_args("qwen2", n_kv_heads=2, tie_embeddings=True),
     "qwen2-bias-mha-untied": tiny_args("qwen2", n_kv_heads=4, rope_theta=1000000.0),
 }
@@ -114,3 +115,14 @@ def test_hf_and_meta_copies_of_one_model_give_the_same_logits(tmp_path: Path) ->
         reference = hf(input_ids=tokens).logits
         assert rel_err(from_hf(tokens), reference) < 1e-4
         assert rel_err(from_meta(tokens), from_hf(tokens)) < 1e-6
+
+
+@torch.no_grad()
+def test_sliding_window_changes_the_result(tmp_path: Path) -> None:
+    """The window case is not vacuous: attending to every key would disagree with HF."""
+    args = CASES["mistral-sliding-window"]
+    hf = make_hf_model(args, tmp_path, seed=1)
+    unwindowed = Transformer(replace(args, sliding_window=None))
+    unwindowed.load_state_dict(load_model(tmp_path).state_dict())
+    tokens = torch.randint(0, args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(4))
+    assert rel_err(unwindowed(tokens), hf(input_ids=tokens).logits) > 1e-3
