@@ -8,6 +8,7 @@ from typing import Any
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from engine.config import RunConfig
 from engine.quantized_checkpoint import (
@@ -164,7 +165,7 @@ def _load_resident(
         model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
         if mode == "bnb":
             # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
-            for block in model.layers:
+            for block in tqdm(model.layers, desc="quantizing to LLM.int8", unit="block"):
                 quantize_linears(block.to(device), mode, progress=False)
         else:
             quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
