@@ -1,6 +1,7 @@
 """Build a ready-to-generate Engine (model, tokenizer, chat format, generator) from a RunConfig."""
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,8 @@ def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.float16
-    fp32_bytes = sum(_numel(s) for s in args.weight_shapes().values()) * 4
+    fp32_bytes = sum(math.prod(s) for s in args.weight_shapes().values()) * 4
     return torch.float32 if fp32_bytes < 0.5 * psutil.virtual_memory().available else torch.bfloat16
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:

@@ -9,11 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
-from fixtures import make_meta_checkpoint, tiny_args
-from tiny_tokenizer import train_tiny_sentencepiece
+from tiny_model import build_tiny_engine
 
-from engine.build import Engine, build_engine
-from engine.config import RunConfig
+from engine.build import Engine
 from llama.sampling import SamplingParams
 from server.app import create_app
 
@@ -21,14 +19,9 @@ CTX = 256
 SECRET = "s3cret-token"
 
 
-def build_tiny_engine(root: Path, ctx: int = CTX) -> Engine:
-    """A 2-layer, 64-wide random Llama with a tiny SentencePiece tokenizer, greedy by default, on the CPU."""
-    model_dir = root / "tiny-llama"
-    model_dir.mkdir()
-    make_meta_checkpoint(tiny_args(vocab_size=400, max_seq_len=ctx), model_dir)
-    train_tiny_sentencepiece(model_dir)
-    cfg = RunConfig(model_dir=model_dir, device="cpu", ctx=ctx, sampling=SamplingParams(temperature=0.0))
-    return build_engine(cfg)
+def build_server_engine(root: Path, ctx: int = CTX) -> Engine:
+    """The shared tiny engine, with the server's default sampling: greedy, repetition penalty left at its default."""
+    return build_tiny_engine(root, ctx, sampling=SamplingParams(temperature=0.0))
 
 
 @contextmanager

@@ -74,15 +74,19 @@ def test_logits_and_greedy_tokens_match_transformers(name: str, tmp_path: Path) 
     assert rel_err(ours(full), hf(input_ids=full).logits) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "name, feature", [("llama-gqa-llama3rope-tied", "rope_scaling"), ("mistral-sliding-window", "sliding_window")]
+)
 @torch.no_grad()
-def test_llama3_rope_scaling_changes_the_result(tmp_path: Path) -> None:
-    """The rope-scaling case is not vacuous: without the scaling our model would disagree with HF."""
-    args = CASES["llama-gqa-llama3rope-tied"]
+def test_each_special_case_changes_the_result(name: str, feature: str, tmp_path: Path) -> None:
+    """The rope-scaling and sliding-window cases are not vacuous: without the feature our model would
+    disagree with HF."""
+    args = CASES[name]
     hf = make_hf_model(args, tmp_path, seed=1)
-    unscaled = Transformer(replace(args, rope_scaling=None))
-    unscaled.load_state_dict(load_model(tmp_path).state_dict())
+    without = Transformer(replace(args, **{feature: None}))
+    without.load_state_dict(load_model(tmp_path).state_dict())
     tokens = torch.randint(0, args.vocab_size, (1, 48), generator=torch.Generator().manual_seed(4))
-    assert rel_err(unscaled(tokens), hf(input_ids=tokens).logits) > 1e-3
+    assert rel_err(without(tokens), hf(input_ids=tokens).logits) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-llama3rope-tied", "qwen2-bias-gqa-tied", "llama-wide-heads"])
@@ -116,13 +120,3 @@ def test_hf_and_meta_copies_of_one_model_give_the_same_logits(tmp_path: Path) ->
         assert rel_err(from_hf(tokens), reference) < 1e-4
         assert rel_err(from_meta(tokens), from_hf(tokens)) < 1e-6
 
-
-@torch.no_grad()
-def test_sliding_window_changes_the_result(tmp_path: Path) -> None:
-    """The window case is not vacuous: attending to every key would disagree with HF."""
-    args = CASES["mistral-sliding-window"]
-    hf = make_hf_model(args, tmp_path, seed=1)
-    unwindowed = Transformer(replace(args, sliding_window=None))
-    unwindowed.load_state_dict(load_model(tmp_path).state_dict())
-    tokens = torch.randint(0, args.vocab_size, (1, 32), generator=torch.Generator().manual_seed(4))
-    assert rel_err(unwindowed(tokens), hf(input_ids=tokens).logits) > 1e-3

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from server_harness import CTX, SECRET, build_tiny_engine, running_server
+from server_harness import CTX, SECRET, build_server_engine, running_server
 
 from engine.build import Engine
 from llama.generation import Generation
@@ -28,7 +28,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    engine = build_tiny_engine(tmp_path_factory.mktemp("basilisk"))
+    engine = build_server_engine(tmp_path_factory.mktemp("basilisk"))
     tok = engine.tokenizer
     ids = [tok.bos_id, *tok.encode(PROMPT[1:])]
     greedy = engine.generator.generate(ids, Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.0)), 16)

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import CTX, SECRET, build_tiny_engine, running_server
+from server_harness import CTX, SECRET, build_server_engine, running_server
 
 from llama.generation import Generation, Generator
 
@@ -49,7 +49,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    engine = build_tiny_engine(tmp_path_factory.mktemp("load"))
+    engine = build_server_engine(tmp_path_factory.mktemp("load"))
     recorder = RecordingGenerator(engine.generator)
     engine.generator = recorder  # type: ignore[assignment]
     with running_server(engine, SECRET) as url:

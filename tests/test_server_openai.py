@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from server_harness import CTX, SECRET, build_tiny_engine, running_server
+from server_harness import CTX, SECRET, build_server_engine, running_server
 
 from engine.build import Engine
 from llama.chat_format import Message
@@ -36,7 +36,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    engine = build_tiny_engine(tmp_path_factory.mktemp("openai"))
+    engine = build_server_engine(tmp_path_factory.mktemp("openai"))
     tok, fmt = engine.tokenizer, engine.chat_format
     completion = engine.generator.generate(tok.encode(PROMPT, bos=True), Sampler(engine.cfg.sampling), MAX_TOKENS)
     chat = engine.generator.generate(
