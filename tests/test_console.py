@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_model import make_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +65,15 @@ def test_bad_flag_is_one_line_and_exit_2(model_dir):
         (["{model}", "--chat_format", "klingon"], "klingon"),
         (["{model}", "--temperature", "-1"], "--temperature"),
         (["{model}", "--device", "cuda"], "--device"),
+        (["{model}", "--offload_exclusion", "[w1,w2]"], "--offload_exclusion"),
+        (["{model}", "--use_8bit", "--quant", "int4"], "--use_8bit"),
+        (["{model}", "--serve", "localhost:notaport"], "--serve"),
+        (["{model}", "--ppl", "/nonexistent/text.txt"], "/nonexistent/text.txt"),
+        pytest.param(
+            ["{model}", "--use_offload"],
+            "--use_offload",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offloading works where there is a GPU"),
+        ),
     ],
 )
 def test_bad_input_gets_one_line_naming_it(model_dir, args, needle):
