@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--use_8bit", action="store_true", help="8-bit weights (bitsandbytes LLM.int8 when resident)")
     o.add_argument("--quant", choices=("int8", "int4"), help="our own weight-only formats")
     o.add_argument("--save_quantized", type=Path, help="write the quantized model to this directory and exit")
+    sp = p.add_argument_group("speculative decoding (also for every server request)")
+    sp.add_argument("--draft", type=Path, help="draft model directory (same tokenizer), kept resident")
+    sp.add_argument("--draft_quant", choices=("int8", "int4"), help="quantize the draft's blocks")
+    sp.add_argument("--lookup", action="store_true", help="draft from n-grams already in the context")
+    sp.add_argument("--draft_tokens", type=int, help="most tokens verified per target pass (default: chosen)")
     m = p.add_argument_group("modes")
     m.add_argument("--prompt", help="answer this one prompt, print only the reply, exit")
     m.add_argument("--max_new_tokens", type=int, default=512)
@@ -72,6 +77,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         raise UserError("--ctx must be at least 16")
     if ns.prefetch < 1:
         raise UserError("--prefetch must be at least 1")
+    if ns.draft_tokens is not None and ns.draft_tokens < 2:
+        raise UserError("--draft_tokens must be at least 2")
+    if ns.draft_quant and ns.draft is None:
+        raise UserError("--draft_quant needs --draft DIR")
     if ns.serve is not None:
         from server.app import parse_serve_spec
 
@@ -111,6 +120,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ppl=ns.ppl,
         serve=ns.serve,
         shared_secret=ns.shared_secret,
+        draft=ns.draft,
+        draft_quant=ns.draft_quant,
+        lookup=ns.lookup,
+        draft_tokens=ns.draft_tokens,
     )
 
 
@@ -124,6 +137,10 @@ def run(cfg: RunConfig) -> None:
         print(f"wrote the {cfg.quant} model to {save_quantized_from_config(cfg)}")
         return
     engine = build_engine(cfg)
+    if cfg.ppl is None:
+        from engine.speculative import attach_speculation
+
+        attach_speculation(engine)
     if cfg.ppl is not None:
         from llama.perplexity import run_perplexity
 

@@ -35,3 +35,8 @@ class RunConfig:
     ppl: Path | None = None
     serve: str | None = None  # [HOST:]PORT
     shared_secret: str | None = None
+    # speculative decoding (issue 10)
+    draft: Path | None = None  # a draft model directory
+    draft_quant: str | None = None  # None | int8 | int4
+    lookup: bool = False  # prompt-lookup drafting
+    draft_tokens: int | None = None  # most tree tokens verified per pass; None: the planner's cap
