@@ -15,9 +15,10 @@ from llama.speculative.planner import Planner
 MAX_TREE_TOKENS = {"cuda": 256, "cpu": 32}  # the planner's cap without --draft_tokens
 
 
-def attach_speculation(engine: Engine, log: TextIO = sys.stderr) -> None:
+def attach_speculation(engine: Engine, log: TextIO | None = None) -> None:
     """Give engine.generator a Speculator when --draft or --lookup asks for one."""
     cfg = engine.cfg
+    log = log if log is not None else sys.stderr
     if cfg.draft is None and not cfg.lookup:
         return
     draft = DraftModel(build_draft(engine, log).generator) if cfg.draft is not None else None

@@ -112,10 +112,14 @@ class Speculator:
         return out
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
-        """Time a pass of 1 and of PROBE_TOKENS tokens at the current position (their keys are dropped)."""
+        """Time a pass of 1 and of PROBE_TOKENS tokens at the current position, after a warm-up pass of each
+        (their keys are dropped: the cache's committed tokens end before `start`)."""
         n = min(PROBE_TOKENS, gen.max_seq_len - start)
-        for size in (1, n):
+        for size, timed in ((1, False), (n, False), (1, True), (n, True)):
             tree = TokenTree(history[-1])
             tree.add_path(0, [history[-1]] * (size - 1), size)
             positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)
-            self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
+            if timed:
+                self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
+            else:
+                self._tree_pass(gen, tree, start, positions, mask)
