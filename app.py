@@ -81,6 +81,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         raise UserError("--draft_tokens must be at least 2")
     if ns.draft_quant and ns.draft is None:
         raise UserError("--draft_quant needs --draft DIR")
+    if ns.draft is not None and not ns.draft.is_dir():
+        raise UserError(f"--draft: model directory not found: {ns.draft}")
     if ns.serve is not None:
         from server.app import parse_serve_spec
 
