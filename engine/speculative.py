@@ -10,13 +10,13 @@ from llama.errors import UserError
 from llama.speculative.decoder import Speculator
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
-from llama.speculative.planner import Planner
+from llama.speculative.planner import Planner, TreeShape
 
 MAX_TREE_TOKENS = {"cuda": 256, "cpu": 32}  # the planner's cap without --draft_tokens
 
 
-def attach_speculation(engine: Engine, log: TextIO | None = None) -> None:
-    """Give engine.generator a Speculator when --draft or --lookup asks for one."""
+def attach_speculation(engine: Engine, log: TextIO | None = None, shape: TreeShape | None = None) -> None:
+    """Give engine.generator a Speculator when --draft or --lookup asks for one (`shape`: always that one)."""
     cfg = engine.cfg
     log = log if log is not None else sys.stderr
     if cfg.draft is None and not cfg.lookup:
@@ -24,7 +24,7 @@ def attach_speculation(engine: Engine, log: TextIO | None = None) -> None:
     draft = DraftModel(build_draft(engine, log).generator) if cfg.draft is not None else None
     cap = cfg.draft_tokens or MAX_TREE_TOKENS[engine.device.type]
     announce = lambda line: print(line, file=log)  # noqa: E731
-    planner = Planner(cap, draft is not None, announce)
+    planner = Planner(cap, draft is not None, announce, shape)
     lookup = PromptLookup() if cfg.lookup else None
     engine.generator.speculator = Speculator(draft, lookup, planner, announce)
 

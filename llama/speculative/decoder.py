@@ -76,11 +76,12 @@ class Speculator:
 
     def _draft(self, tree: TokenTree, history: list[int], shape: TreeShape, room: int) -> None:
         begin = time.perf_counter()
-        budget = min(shape.budget, room, self.planner.max_tokens)
-        if self.lookup is not None:
-            self.lookup.propose(tree, history, shape.depth, budget)
+        budget = min(shape.budget, room)
         if self.draft is not None:
             self.draft.propose(tree, history, shape.depth, shape.width, budget)
+        if self.lookup is not None:  # after the draft, so that its paths never block the draft's
+            extra = shape.depth * self.lookup.max_paths if self.draft is not None else 0
+            self.lookup.propose(tree, history, shape.depth, min(budget + extra, room, self.planner.max_tokens))
         self.planner.observe_draft(shape.depth, time.perf_counter() - begin)
 
     def _verify(

@@ -3,8 +3,10 @@
 The draft keeps its own KV cache through a Generator (the same prefix reuse as the target's), so each
 round it first catches up on the tokens committed since the last one, then expands the tree level by
 level: every level is one draft forward of the newest nodes with the tree's attention mask, and keeps
-the `width` children with the highest cumulative draft probability among all children of those nodes
-(a beam over the tree, as SpecExec grows its tree from the draft's most probable continuations).
+`width` children: the draft's own greedy chain first, then the children with the highest cumulative
+draft probability among all children of those nodes (a beam over the tree, as SpecExec grows its tree
+from the draft's most probable continuations; keeping the greedy chain, a wider tree never loses what
+a chain of the same depth finds).
 """
 from __future__ import annotations
 
@@ -33,16 +35,17 @@ class DraftModel:
             if room <= 0:
                 return
             logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp[:, None]  # (len(frontier), vocab)
-            best = torch.topk(logp.flatten(), min(room, logp.numel()))
+            # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest.
+            greedy = int(logp[0].argmax())
+            others = [i for i in torch.topk(logp.flatten(), min(room, logp.numel())).indices.tolist() if i != greedy]
+            picks = [greedy] + others[: room - 1]
             lo = len(tree)
-            new_logp = []
-            for score, flat in zip(best.values.tolist(), best.indices.tolist()):
-                if tree.add(frontier[flat // logp.shape[1]], flat % logp.shape[1]) >= lo:
-                    new_logp.append(score)
-            hi = len(tree)  # nodes lo..hi-1 are new; a child already there (from lookup) is not expanded
-            if hi == lo or level == depth - 1:
+            for flat in picks:  # the draft alone grows the tree here, so every pick is a new node
+                tree.add(frontier[flat // logp.shape[1]], flat % logp.shape[1])
+            hi = len(tree)
+            if level == depth - 1:
                 return
-            frontier, frontier_logp = list(range(lo, hi)), torch.tensor(new_logp)
+            frontier, frontier_logp = list(range(lo, hi)), logp.flatten()[picks]
             positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
             tokens = torch.tensor([tree.tokens[lo:hi]], device=gen.device)
             with torch.inference_mode():

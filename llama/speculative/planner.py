@@ -42,8 +42,15 @@ def expected_tokens(depth: int, alpha: float) -> float:
 
 
 class Planner:
-    def __init__(self, max_tokens: int, has_draft_model: bool, announce: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        max_tokens: int,
+        has_draft_model: bool,
+        announce: Callable[[str], None],
+        fixed: TreeShape | None = None,
+    ) -> None:
         self.max_tokens = max_tokens  # --draft_tokens: at most this many tree tokens per pass
+        self.fixed = fixed  # measurements (tools/measure_acceptance.py) and tests use one shape throughout
         self.widths = WIDTHS if has_draft_model else (1,)  # prompt lookup proposes few distinct paths
         self.announce = announce
         self.passes: list[tuple[int, float]] = []  # (tokens in the pass, seconds), most recent last
@@ -54,7 +61,7 @@ class Planner:
         self._announced = False
 
     def needs_probe(self) -> bool:
-        return len({n for n, _ in self.passes}) < 2
+        return self.fixed is None and len({n for n, _ in self.passes}) < 2
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         self.passes = (self.passes + [(tokens, seconds)])[-64:]
@@ -86,6 +93,8 @@ class Planner:
 
     def choose(self) -> TreeShape | None:
         """The best shape now, or None for plain decoding."""
+        if self.fixed is not None:
+            return self.fixed
         plain = 1.0 / self.pass_seconds(1)
         best, best_rate = None, plain * MIN_GAIN
         for width in self.widths:
