@@ -21,6 +21,7 @@ PRIOR_ALPHA = 0.6
 DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 WIDTHS = (1, 2, 4, 8, 16, 32)
 DECAY = 0.98  # older rounds count less, so the plan follows the conversation
+REPLAN_EVERY = 8  # rounds (or plain steps) between plans
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,16 @@ class Planner:
         self.hits: dict[int, float] = defaultdict(float)  # width -> levels accepted (decayed)
         self.trials: dict[int, float] = defaultdict(float)  # width -> levels tried (decayed)
         self._announced = False
+        self._fit: tuple[float, float] | None = None  # (a, b) of t(n), refitted after new passes
+        self._plan: TreeShape | None = None
+        self._rounds_left = 0  # rounds before the plan is made again
 
     def needs_probe(self) -> bool:
         return self.fixed is None and len({n for n, _ in self.passes}) < 2
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         self.passes = (self.passes + [(tokens, seconds)])[-64:]
+        self._fit = None
 
     def observe_draft(self, steps: int, seconds: float) -> None:
         if steps:
@@ -84,17 +89,28 @@ class Planner:
 
     def pass_seconds(self, tokens: int) -> float:
         """t(n) = a + b * n, least squares over the timed passes (b >= 0)."""
-        ns = [n for n, _ in self.passes]
-        ts = [t for _, t in self.passes]
-        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
-        var = sum((n - mean_n) ** 2 for n in ns)
-        slope = max(sum((n - mean_n) * (t - mean_t) for n, t in self.passes) / var, 0.0) if var else 0.0
-        return max(mean_t + slope * (tokens - mean_n), 1e-9)
+        if self._fit is None:
+            ns = [n for n, _ in self.passes]
+            mean_n, mean_t = sum(ns) / len(ns), sum(t for _, t in self.passes) / len(ns)
+            var = sum((n - mean_n) ** 2 for n in ns)
+            cov = sum((n - mean_n) * (t - mean_t) for n, t in self.passes)
+            slope = max(cov / var, 0.0) if var else 0.0
+            self._fit = (mean_t - slope * mean_n, slope)
+        a, b = self._fit
+        return max(a + b * tokens, 1e-9)
 
     def choose(self) -> TreeShape | None:
-        """The best shape now, or None for plain decoding."""
+        """The shape to use now, or None for plain decoding; worked out anew every REPLAN_EVERY rounds."""
         if self.fixed is not None:
             return self.fixed
+        if self._rounds_left > 0:
+            self._rounds_left -= 1
+            return self._plan
+        self._rounds_left = REPLAN_EVERY - 1
+        self._plan = self._best()
+        return self._plan
+
+    def _best(self) -> TreeShape | None:
         plain = 1.0 / self.pass_seconds(1)
         best, best_rate = None, plain * MIN_GAIN
         for width in self.widths:
