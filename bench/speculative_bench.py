@@ -2,7 +2,7 @@
 
     python bench/speculative_bench.py --json out.json --markdown out.md [--modes stream_fp16,stream_int4,resident,cpu]
 
-1. Pass time: the inflated twin (bench/inflated_twin.py: Llama-2-7B block shape, 12.95 GB of fp16 blocks),
+1. Pass time: the inflated twin (tools/inflate_model.py: Llama-2-7B block shape, 12.95 GB of fp16 blocks),
    streamed in fp16 and int4, one forward of a token tree of n tokens (random parents) after a context
    of --context tokens, for n in 1, 4, 16, 64, 256, 1024; median of --repeats passes. Goal: t(256) <= 1.15 t(1).
 2. Decode: the twin of models/pytiny with models/pytiny-draft as its draft (plus prompt lookup), greedy, for
@@ -21,13 +21,13 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.inflated_twin import inflated_weights, twin_args
 from engine.build import build_engine
 from engine.config import BUNDLED_MODEL, RunConfig
 from llama.generation import Generator
@@ -43,6 +43,7 @@ from llama.speculative.tree import TokenTree, tree_attention
 from llama.tokenizer import load_tokenizer
 from offload.engine import apply_offload, probe_link_gbps
 from offload.policy import STREAMABLE, OffloadConfig
+from tools.inflate_model import inflate
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 PASS_SIZES = (1, 4, 16, 64, 256, 1024)
@@ -52,23 +53,20 @@ DRAFT = BUNDLED_MODEL.parent / "pytiny-draft"
 def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
     """(model, its offload state or None, dtype) of the twin in `mode`."""
     small = load_model(BUNDLED_MODEL, torch.float32, "cpu")
-    args = twin_args(small.args, ns.dim, ns.layers, ns.ffn)
-    args = type(args)(**{**args.__dict__, "max_seq_len": ns.ctx})
     quant = "int4" if mode == "stream_int4" else None
     dtype = torch.bfloat16 if mode in ("stream_int4", "cpu") else torch.float16
-    weights = inflated_weights(small.state_dict(), small.args, args, device if mode != "cpu" else torch.device("cpu"), dtype)
+    state, args = inflate(small.state_dict(), small.args, ns.dim, ns.layers, ns.ffn, dtype)
+    args = replace(args, max_seq_len=ns.ctx)
+    with torch.device("meta"):
+        model = Transformer(args)
     if mode == "cpu":
-        with torch.device("meta"):
-            model = Transformer(args)
-        model.load_state_dict(dict(weights), strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
         return model.eval(), None, dtype
     exclusions = frozenset(STREAMABLE) if mode == "resident" else frozenset()
     config = OffloadConfig(dtype=dtype, device=str(device), exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
                            prefill_chunk=512, quant=quant)
-    with torch.device("meta"):
-        model = Transformer(args)
-    return model, apply_offload(model, weights, config), dtype
+    return model, apply_offload(model, iter(state.items()), config), dtype
 
 
 def random_tree(n: int, vocab: int, gen: torch.Generator) -> TokenTree:
