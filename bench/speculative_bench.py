@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.build import build_engine
 from engine.config import BUNDLED_MODEL, RunConfig
+from engine.flag_values import parse_device
 from llama.generation import Generator
 from llama.kv_cache import KVCache
 from llama.loader import load_model
@@ -43,6 +44,7 @@ from llama.speculative.tree import TokenTree, tree_attention
 from llama.tokenizer import load_tokenizer
 from offload.engine import apply_offload, probe_link_gbps
 from offload.policy import STREAMABLE, OffloadConfig
+from offload.quant_mode import QuantMode
 from tools.inflate_model import inflate
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
@@ -53,7 +55,7 @@ DRAFT = BUNDLED_MODEL.parent / "pytiny-draft"
 def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
     """(model, its offload state or None, dtype) of the twin in `mode`."""
     small = load_model(BUNDLED_MODEL, torch.float32, "cpu")
-    quant = "int4" if mode == "stream_int4" else None
+    quant = QuantMode.INT4 if mode == "stream_int4" else None
     dtype = torch.bfloat16 if mode in ("stream_int4", "cpu") else torch.float16
     state, args = inflate(small.state_dict(), small.args, ns.dim, ns.layers, ns.ffn, dtype)
     args = replace(args, max_seq_len=ns.ctx)
@@ -64,7 +66,7 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
         model.set_max_seq_len(ns.ctx)
         return model.eval(), None, dtype
     exclusions = frozenset(STREAMABLE) if mode == "resident" else frozenset()
-    config = OffloadConfig(dtype=dtype, device=str(device), exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
                            prefill_chunk=512, quant=quant)
     return model, apply_offload(model, iter(state.items()), config), dtype
 
@@ -145,7 +147,7 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
     tokenizer = load_tokenizer(BUNDLED_MODEL)
     gen = Generator(model, tokenizer, target_device, ns.ctx, dtype, 512)
     draft_dtype = "float32" if target_device.type == "cpu" else "float16"
-    draft = build_engine(RunConfig(model_dir=ns.draft, device=str(target_device), dtype=draft_dtype, ctx=ns.ctx,
+    draft = build_engine(RunConfig(model_dir=ns.draft, device=parse_device(str(target_device)), dtype=draft_dtype, ctx=ns.ctx,
                                    chat_format="raw"))
     for name, prompts in workloads(tokenizer, ns).items():
         gen.speculator = None

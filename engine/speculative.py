@@ -6,6 +6,7 @@ from typing import TextIO
 
 from engine.build import Engine, build_engine
 from engine.config import RunConfig
+from engine.flag_values import parse_device
 from llama.errors import UserError
 from llama.speculative.decoder import Speculator
 from llama.speculative.draft import DraftModel
@@ -34,7 +35,7 @@ def build_draft(engine: Engine, log: TextIO) -> Engine:
     cfg = engine.cfg
     draft_cfg = RunConfig(
         model_dir=cfg.draft,
-        device=str(engine.device),
+        device=parse_device(str(engine.device)),
         dtype=cfg.dtype,
         ctx=engine.ctx,
         prefill_chunk=cfg.prefill_chunk,

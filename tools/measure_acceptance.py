@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.build import build_engine
 from engine.config import BUNDLED_MODEL, RunConfig
+from engine.flag_values import parse_device
 from engine.speculative import attach_speculation
 from llama.sampling import Sampler, SamplingParams
 from llama.speculative.planner import TreeShape
@@ -57,7 +58,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
-    base = RunConfig(model_dir=args.model, device=args.device, dtype="float32", ctx=1024, sampling=GREEDY)
+    base = RunConfig(model_dir=args.model, device=parse_device(args.device), dtype="float32", ctx=1024, sampling=GREEDY)
     engine = build_engine(base)
     windows = prompts(args.heldout, engine.tokenizer, args.prompts, args.prompt_tokens)
     plain = run(engine, windows, args.new_tokens)
