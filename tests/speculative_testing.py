@@ -15,5 +15,6 @@ def speculating(engine: Engine, shape: TreeShape | None = None, **cfg) -> Engine
     return engine
 
 
-def force_shape(engine: Engine, shape: TreeShape) -> None:
+def force_shape(engine: Engine, shape: TreeShape | None) -> None:
+    """Every round uses `shape` from now on (None: the planner chooses again)."""
     engine.generator.speculator.planner.fixed = shape

@@ -114,7 +114,7 @@ class Speculator:
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
         """Time a pass of 1 and of PROBE_TOKENS tokens at the current position, after a warm-up pass of each
-        (their keys are dropped: the cache's committed tokens end before `start`)."""
+        (their keys are dropped: the cache's committed tokens end before `start`), then a draft step."""
         n = min(PROBE_TOKENS, gen.max_seq_len - start)
         for size, timed in ((1, False), (n, False), (1, True), (n, True)):
             tree = TokenTree(history[-1])
@@ -124,3 +124,6 @@ class Speculator:
                 self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
             else:
                 self._tree_pass(gen, tree, start, positions, mask)
+        for _ in range(2):  # the draft's step time too (the second one timed on its own)
+            self.planner.draft_step, self.planner.draft_steps = 0.0, 0
+            self._draft(TokenTree(history[-1]), history, TreeShape(2, 1), gen.max_seq_len - start)
