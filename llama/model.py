@@ -195,6 +195,7 @@ class Transformer(nn.Module):
             cos = self.rope_cos[start_pos : start_pos + seqlen].to(h.device)
             sin = self.rope_sin[start_pos : start_pos + seqlen].to(h.device)
         else:
+            positions = positions.to(self.rope_cos.device)
             cos, sin = self.rope_cos[positions].to(h.device), self.rope_sin[positions].to(h.device)
             mask = mask.to(h.device)
         for block in self.layers:

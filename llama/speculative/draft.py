@@ -34,7 +34,7 @@ class DraftModel:
             room = min(width, budget - len(tree))
             if room <= 0:
                 return
-            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp[:, None]  # (len(frontier), vocab)
+            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp.to(logits.device)[:, None]  # (frontier, vocab)
             # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest.
             greedy = int(logp[0].argmax())
             others = [i for i in torch.topk(logp.flatten(), min(room, logp.numel())).indices.tolist() if i != greedy]
