@@ -98,21 +98,24 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
+    chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if cfg.use_offload:
-        model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
+        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
-    generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK)
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
 
 
 def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
-) -> tuple[Transformer, torch.device]:
-    from offload.engine import build_offloaded_model
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, log
+) -> tuple[Transformer, torch.device, int]:
+    """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
+    whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
+    from engine.llama_offload import build_offloaded_model
     from offload.policy import OffloadConfig
 
     config = OffloadConfig(
@@ -126,7 +129,11 @@ def _load_offloaded(
         quant=cfg.quant,
     )
     model, offloaded = build_offloaded_model(model_dir, config)
-    return model, offloaded.device
+    if cfg.prefill_chunk is not None:
+        return model, offloaded.device, cfg.prefill_chunk
+    chunk = offloaded.plan.prefill_chunk(ctx)
+    print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
+    return model, offloaded.device, chunk
 
 
 def _load_resident(

@@ -6,9 +6,9 @@ import gc
 import psutil
 import torch
 
+from engine.llama_offload import offload_transformer
 from llama.config import ModelArgs
 from llama.model import Transformer
-from offload.engine import apply_offload
 from offload.host import ALIGN, HostStore, lay_out, merge_runs
 from offload.policy import OffloadConfig
 
@@ -67,7 +67,7 @@ def test_filling_from_a_reader_keeps_one_copy_in_ram() -> None:
         model = Transformer(args)
     gc.collect()
     before = psutil.Process().memory_info().rss
-    offloaded = apply_offload(
+    offloaded = offload_transformer(
         model, reader(), OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), exclusions=frozenset(), verbose=False)
     )
     gc.collect()

@@ -4,21 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama.config import ModelArgs
 from engine.flag_values import parse_exclusions, parse_size
+from engine.llama_offload import activation_bytes, unit_of
+from engine.llama_units import BLOCK_LINEARS
 from engine.offload_messages import flag_message
+from llama.config import ModelArgs
 from llama.errors import UserError
 from offload.errors import BudgetTooSmall
-from offload.policy import (
-    STREAMABLE,
-    Footprint,
-    OffloadConfig,
-    Plan,
-    activation_bytes,
-    format_bytes,
-    plan_placement,
-    unit_of,
-)
+from offload.policy import Footprint, OffloadConfig, Plan, format_bytes, plan_placement
 
 GiB, MiB = 2**30, 2**20
 
@@ -58,7 +51,7 @@ def test_unknown_exclusion_lists_valid_names() -> None:
         parse_exclusions("[w1,w4]")
     msg = str(e.value)
     assert "'w4'" in msg and "--offload_exclusion" in msg
-    assert all(n in msg for n in STREAMABLE)
+    assert all(n in msg for n in BLOCK_LINEARS)
 
 
 @pytest.mark.parametrize(
