@@ -170,7 +170,7 @@ def apply_offload(
     plan = plan_placement(footprint, budget, config.n_slots, config.exclusions, budget_given=given)
     if config.verbose:
         print(plan.describe(link), file=sys.stderr)
-    store = HostStore(pin=config.pin and device.type == "cuda")
+    store = HostStore(pin=config.pin and device.type == "cuda", fill=config.fill)
     start = time.perf_counter()
     with torch.no_grad():
         _load(layout, weights, config, plan, store, device, release or (lambda name: None))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from offload.errors import BudgetTooSmall
+from offload.host import FillMethod, format_bytes
 from offload.layout import Part
 from offload.quant_mode import QuantMode
 
@@ -23,13 +24,6 @@ DEFAULT_MARGIN_BYTES = 512 * 2**20
 DEFAULT_MARGIN_FRACTION = 0.02
 # cuBLAS workspaces and the allocator's rounding, beyond the tensors the activation estimate counts.
 WORKSPACE_BYTES = 64 * 2**20
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -48,6 +42,7 @@ class OffloadConfig:
     prefill_chunk: int = 2048  # longest forward the activation estimate must hold
     quant: QuantMode | None = None  # INT8 | INT4: linears held, streamed and multiplied in that format
     pin: bool = True  # False: pageable home buffers (for machines that cannot lock memory)
+    fill: FillMethod = FillMethod()  # how home buffers are filled and locked (bench/load_bench.py compares)
     sequential: bool = False  # reference schedule: copy each block right before it runs, no overlap
     verbose: bool = True
 

@@ -148,6 +148,20 @@ def test_predicted_tokens_per_second() -> None:
     assert plan_placement(llama7b_footprint(), None, 2).predicted_tps(54.0) is None
 
 
+def test_prefill_chunk_takes_what_the_budget_leaves() -> None:
+    per_token = 180 * 2**10
+    fp = llama7b_footprint()
+    fp = Footprint(**{**fp.__dict__, "prefill_tokens": 512, "activation_bytes_per_token": per_token})
+    tight = plan_placement(fp, Plan(fp, frozenset(), 0, False, 2, None).gpu_bytes + 100 * per_token, 2,
+                           frozenset(), budget_given=True)
+    assert tight.prefill_chunk(8192) >= 512 + 100
+    assert tight.budget - tight.gpu_bytes < (tight.prefill_chunk(8192) - 512 + 1) * per_token  # the largest
+    assert tight.prefill_chunk(300) == 300  # never more than asked
+    roomy = plan_placement(fp, 40 * GiB, 2, frozenset(), budget_given=True)
+    assert roomy.prefill_chunk(8192) == 8192
+    assert plan_placement(fp, None, 2, frozenset()).prefill_chunk(4096) == 4096  # no budget: no limit
+
+
 def test_ring_never_larger_than_streamed_blocks() -> None:
     fp = llama7b_footprint()
     plan = Plan(fp, frozenset(), 31, True, 4, None)  # one streamed block, four slots asked
