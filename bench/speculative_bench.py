@@ -11,7 +11,7 @@
    speculation (the planner choosing) give the same tokens (checked); reported: decode tok/s of each,
    tokens per target pass, and the multiple of the link limit (link GB/s / GB streamed per pass, measured
    in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (bf16, all threads).
-`--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths.
+`--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths (streaming with synchronous copies).
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.build import build_engine
 from engine.config import BUNDLED_MODEL, RunConfig
 from engine.flag_values import parse_device
+from engine.llama_offload import offload_transformer
+from engine.llama_units import BLOCK_LINEARS
 from llama.generation import Generator
 from llama.kv_cache import KVCache
 from llama.loader import load_model
@@ -42,8 +44,8 @@ from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner
 from llama.speculative.tree import TokenTree, tree_attention
 from llama.tokenizer import load_tokenizer
-from offload.engine import apply_offload, probe_link_gbps
-from offload.policy import STREAMABLE, OffloadConfig
+from offload.link import probe_link_gbps
+from offload.policy import OffloadConfig
 from offload.quant_mode import QuantMode
 from tools.inflate_model import inflate
 
@@ -65,10 +67,15 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
         return model.eval(), None, dtype
-    exclusions = frozenset(STREAMABLE) if mode == "resident" else frozenset()
+    exclusions = frozenset(BLOCK_LINEARS) if mode == "resident" else frozenset()
     config = OffloadConfig(dtype=dtype, device=device, exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
-                           prefill_chunk=512, quant=quant)
-    return model, apply_offload(model, iter(state.items()), config), dtype
+                           prefill_chunk=512, quant=quant, pin=device.type == "cuda")
+    return model, offload_transformer(model, iter(state.items()), config), dtype
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def random_tree(n: int, vocab: int, gen: torch.Generator) -> TokenTree:
@@ -209,8 +216,6 @@ def main() -> None:
     print(f"link {link} GB/s" if link else "no link (CPU dry run)", flush=True)
     rows = []
     for mode in ns.modes.split(","):
-        if device.type == "cpu" and mode != "cpu":
-            continue
         print(f"== {mode}", flush=True)
         rows.append(run_mode(mode, ns, device, link))
         if device.type == "cuda":
