@@ -10,9 +10,10 @@ from speculative_testing import speculating
 from tiny_model import GREEDY, make_tiny_model_dir
 
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from llama.sampling import Sampler
 from llama.speculative.planner import TreeShape
+from offload.quant_mode import QuantMode
 
 pytestmark = [
     pytest.mark.cuda,
@@ -23,12 +24,12 @@ MODES = [
     {},
     {"dtype": "float16"},
     {"use_offload": True},
-    {"use_offload": True, "offload_exclusion": "[w1,w2,w3]"},
-    {"quant": "int8"},
-    {"quant": "int4"},
-    {"use_8bit": True, "dtype": "float16"},
-    {"use_offload": True, "use_8bit": True},
-    {"use_offload": True, "quant": "int4"},
+    {"use_offload": True, "offload_exclusion": frozenset({"w1", "w2", "w3"})},
+    {"quant": QuantMode.INT8},
+    {"quant": QuantMode.INT4},
+    {"quant": QuantMode.BNB, "dtype": "float16"},  # --use_8bit, resident
+    {"use_offload": True, "quant": QuantMode.INT8},  # --use_8bit --use_offload
+    {"use_offload": True, "quant": QuantMode.INT4},
 ]
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 
@@ -36,7 +37,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> RunConfig:
     model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("cuda-spec"), ffn_dim=256)
-    return RunConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", ctx=256, sampling=GREEDY)
+    return RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
 
 
 def _tokens(engine) -> list[int]:
@@ -45,7 +46,7 @@ def _tokens(engine) -> list[int]:
     return engine.generator.generate(prompt, Sampler(GREEDY), 48, stop_ids=set()).token_ids
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()) or "resident")
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={getattr(v, 'value', v)}" for k, v in m.items()) or "resident")
 @pytest.mark.parametrize("source", ["draft", "lookup"])
 def test_greedy_speculation_equals_plain_greedy(base, mode, source):
     cfg = replace(base, **mode)
