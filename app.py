@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ppl", type=Path, help="print the perplexity of this text file and exit")
     m.add_argument("--serve", metavar="[HOST:]PORT", help="serve the HTTP API instead of the console")
     m.add_argument("--shared_secret", help="required Authorization for every HTTP request")
+    m.add_argument("--allowed_hosts", default="", help="comma-separated Host names the server answers to besides "
+                   "localhost and its address ('*': any); without --shared_secret others are refused")
+    m.add_argument("--max_body", metavar="SIZE", help="largest HTTP request body, e.g. 16MiB "
+                   f"(default {RunConfig.max_body // 2**20}MiB)")
     return p
 
 
@@ -76,6 +80,13 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         from server.app import parse_serve_spec
 
         parse_serve_spec(ns.serve)  # a bad spec fails before the model loads
+    max_body = RunConfig.max_body
+    if ns.max_body is not None:
+        from offload.policy import parse_size
+
+        max_body = parse_size(ns.max_body, "--max_body")
+        if max_body < 1:
+            raise UserError("--max_body must be at least 1 byte")
     sampling = SamplingParams(
         temperature=ns.temperature,
         top_k=ns.top_k,
@@ -111,6 +122,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ppl=ns.ppl,
         serve=ns.serve,
         shared_secret=ns.shared_secret,
+        allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",") if h.strip()),
+        max_body=max_body,
     )
 
 

@@ -35,3 +35,5 @@ class RunConfig:
     ppl: Path | None = None
     serve: str | None = None  # [HOST:]PORT
     shared_secret: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names the server answers to besides localhost and its address
+    max_body: int = 8 * 2**20  # bytes: the server refuses larger request bodies (413)

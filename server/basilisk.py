@@ -21,17 +21,19 @@ The reply is {text, tokens}: the new text (cut before a stop string) and the new
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
-from starlette.responses import PlainTextResponse
+from pydantic import AliasChoices, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from llama.sampling import Sampler
 from llama.tokenizer import StreamDecoder, Tokenizer
 from server.errors import ApiError
+from server.fields import Factor, RequestModel, TokenSpan, ZeroOrFactor, text_fields
 from server.queue import Job
 from server.sampling_extras import (
     DecayingRepetitionPenalty,
@@ -44,41 +46,46 @@ from server.state import ServerState, State
 
 STX, ETX = "\x02", "\x03"
 DEFAULT_MAX_NEW_TOKENS = 256
+MAX_TOKENIZE_TOKENS = 1 << 17  # 131072, the longest context of the models served; fragments cost ~20 us each
 PRIVATE_SETTINGS = {"model_dir", "tokenizer", "save_quantized", "ppl", "shared_secret"}  # never shown by /config
 
 router = APIRouter(prefix="/basilisk")
 
 
-class BasiliskRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class BasiliskRequest(RequestModel):
+    model_config = ConfigDict(extra="ignore")
 
 
 class TokenizeRequest(BasiliskRequest):
     prompt: str
     special_convert: bool = False
 
+    _text = text_fields("prompt")
+
 
 class InferRequest(BasiliskRequest):
     prompt: str
-    temperature: float | None = Field(None, ge=0)
+    temperature: ZeroOrFactor | None = None
     top_k: int | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     min_p: float | None = Field(None, ge=0, le=1)
     min_length: int = Field(4, ge=0)
     max_new_tokens: int | None = Field(None, ge=1)
     stopping_strings: list[str] = ["\n"]
-    repetition_penalty: float | None = Field(
-        None, gt=0, validation_alias=AliasChoices("repetition_penalty", "token_repetition_penalty_max")
+    repetition_penalty: Factor | None = Field(
+        None, validation_alias=AliasChoices("repetition_penalty", "token_repetition_penalty_max")
     )
-    repetition_penalty_sustain: int | None = Field(
+    repetition_penalty_sustain: TokenSpan | None = Field(
         None, ge=-1, validation_alias=AliasChoices("repetition_penalty_sustain", "token_repetition_penalty_sustain")
     )
-    repetition_penalty_decay: int = Field(
+    repetition_penalty_decay: TokenSpan = Field(
         0, ge=0, validation_alias=AliasChoices("repetition_penalty_decay", "token_repetition_penalty_decay")
     )
     positional_repeat_inhibit: list[list[int]] = []
-    positional_repetition_penalty: float = Field(1.2, ge=0)
+    positional_repetition_penalty: ZeroOrFactor = 1.2
     special_convert: bool = False
+
+    _text = text_fields("prompt", "stopping_strings")
 
 
 def encode_prompt(text: str, tokenizer: Tokenizer, special_convert: bool) -> list[int]:
@@ -141,26 +148,37 @@ async def config(state: State) -> dict[str, Any]:
 
 
 @router.post("/tokenize")
-async def tokenize(req: TokenizeRequest, state: State) -> dict[str, Any]:
+async def tokenize(req: TokenizeRequest, state: State) -> Response:
+    return await run_in_threadpool(tokenize_reply, req, state)
+
+
+def tokenize_reply(req: TokenizeRequest, state: ServerState) -> Response:
+    """The /tokenize answer, rendered here (off the event loop): fragments cost a decode per token."""
     tokenizer = state.engine.tokenizer
     ids = encode_prompt(req.prompt, tokenizer, req.special_convert)
-    return {"tokens": ids, "fragments": fragments(ids, tokenizer)}
+    if len(ids) > MAX_TOKENIZE_TOKENS:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens; this server tokenizes at most {MAX_TOKENIZE_TOKENS} "
+                            "per request", param="prompt")
+    return JSONResponse({"tokens": ids, "fragments": fragments(ids, tokenizer)})
 
 
 @router.post("/infer")
 async def infer(req: InferRequest, request: Request, state: State) -> dict[str, Any]:
-    tokenizer = state.engine.tokenizer
-    ids = encode_prompt(req.prompt, tokenizer, req.special_convert)
+    job = await run_in_threadpool(infer_job, req, state)
+    async for _ in state.queue.stream(job, request.is_disconnected):
+        pass
+    return {"text": job.result.text, "tokens": job.result.token_ids}
+
+
+def infer_job(req: InferRequest, state: ServerState) -> Job:
+    ids = encode_prompt(req.prompt, state.engine.tokenizer, req.special_convert)
     state.check_prompt(len(ids), "prompt")
     if req.max_new_tokens is None:
         max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, state.room(len(ids)))
     else:
         state.check_max_tokens(len(ids), req.max_new_tokens, "max_new_tokens")
         max_new_tokens = req.max_new_tokens
-    job = Job(ids, infer_sampler(req, state, len(ids)), max_new_tokens, stop_strings=req.stopping_strings)
-    async for _ in state.queue.stream(job, request.is_disconnected):
-        pass
-    return {"text": job.result.text, "tokens": job.result.token_ids}
+    return Job(ids, infer_sampler(req, state, len(ids)), max_new_tokens, stop_strings=req.stopping_strings)
 
 
 def infer_sampler(req: InferRequest, state: ServerState, prompt_len: int) -> Sampler:
@@ -169,7 +187,7 @@ def infer_sampler(req: InferRequest, state: ServerState, prompt_len: int) -> Sam
     overrides = {
         name: value for name in ("temperature", "top_k", "top_p", "min_p") if (value := getattr(req, name)) is not None
     }
-    params = replace(base, **overrides, repetition_penalty=1.0)  # the decaying penalty below replaces it
+    params = state.sampling(**overrides, repetition_penalty=1.0)  # the decaying penalty below replaces it
     penalty = base.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
     sustain = base.repetition_window if req.repetition_penalty_sustain is None else req.repetition_penalty_sustain
     processors: list[LogitsProcessor] = []

@@ -149,7 +149,7 @@ def one_request(http: httpx.Client, kind: str, rng: random.Random) -> tuple[str,
         return kind, r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert kind == "unauthorized"
     r = http.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
-    return kind, r.status_code == 403
+    return kind, r.status_code == 401
 
 
 KINDS = ("completion", "chat", "completion_stream", "chat_stream", "infer", "tokenize", "invalid", "unauthorized")

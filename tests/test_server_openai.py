@@ -245,15 +245,21 @@ def test_wrong_method_is_405(served: Served) -> None:
 # -- auth ---------------------------------------------------------------------------------------------
 
 
-def test_auth_wrong_key_is_403_and_missing_key_401(served: Served) -> None:
-    with pytest.raises(openai.PermissionDeniedError):
+def test_auth_missing_or_wrong_key_is_401_with_openais_error_body(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError):
         served.client(key="wrong").models.list()
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.AuthenticationError):
         served.client(key=SECRET + "x").completions.create(model="m", prompt=PROMPT, max_tokens=1)
-    no_key = httpx.post(served.url + "/v1/completions", json={"prompt": PROMPT})
-    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
-    raw = httpx.get(served.url + "/v1/models", headers={"Authorization": SECRET})  # basilisk style, no Bearer
-    assert raw.status_code == 403 and raw.json()["error"]["message"] == "incorrect API key"
-    # a request without a key is refused before its body is even read
-    malformed = httpx.post(served.url + "/v1/completions", content=b"{", headers={"Authorization": "Bearer x"})
-    assert malformed.status_code == 403
+    url = served.url + "/v1/completions"
+    refused = {
+        "missing": httpx.post(url, json={"prompt": PROMPT}),
+        "wrong": httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": "Bearer x"}),
+        "basilisk style, no Bearer": httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": SECRET}),
+        "wrong, body malformed": httpx.post(url, content=b"{", headers={"Authorization": "Bearer x"}),  # not read
+    }
+    for case, response in refused.items():
+        assert response.status_code == 401, case
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key", case
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] is None, case
+    assert refused["wrong"].json()["error"]["message"] == "incorrect API key"
