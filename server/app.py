@@ -10,9 +10,10 @@ the event loop only moves bytes, so a large request never delays the others' ans
 """
 from __future__ import annotations
 
-import re
 import signal
+import socket
 import sys
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,9 +26,9 @@ from server.body_limit import BodyLimit
 from server.errors import install_error_handlers
 from server.host_check import HostCheck
 from server.queue import EngineQueue
+from server.serve_spec import DEFAULT_HOST, parse_serve_spec
 from server.state import ServerState
 
-DEFAULT_HOST = "127.0.0.1"
 SHUTDOWN_GRACE_S = 10  # after SIGTERM, how long responses may take to finish before they are cut off
 
 
@@ -52,25 +53,13 @@ class EngineServer(uvicorn.Server):
     """uvicorn's server, which on shutdown first stops the engine's queue: the running generation ends at its
     next token and waiting requests get a 503, so in-flight responses finish and the process can exit."""
 
-    def __init__(self, app: FastAPI, **config: object) -> None:
-        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **config))  # type: ignore
+    def __init__(self, app: FastAPI, **config: Any) -> None:
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **config))
         self.queue: EngineQueue = app.state.server.queue
 
-    async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.queue.close()
         await super().shutdown(sockets)
-
-
-def parse_serve_spec(spec: str) -> tuple[str, int]:
-    """'[HOST:]PORT' -> (host, port); the host defaults to 127.0.0.1, an IPv6 host goes in brackets."""
-    match = re.fullmatch(r"(?:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):)?(\d+)", spec.strip())
-    if match is None:
-        raise UserError(f"--serve: expected [HOST:]PORT (like 8000 or 0.0.0.0:8000), got {spec!r}")
-    host, port = match.group(1), int(match.group(2))
-    if not 1 <= port <= 65535:
-        raise UserError(f"--serve: port {port} is outside 1..65535")
-    host = (host or DEFAULT_HOST).strip("[]")
-    return host, port
 
 
 def serve(engine: Engine, spec: str, shared_secret: str | None = None) -> None:
