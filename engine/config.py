@@ -55,4 +55,4 @@ class RunConfig:
     serve: str | None = None  # [HOST:]PORT, checked by server.serve_spec
     shared_secret: str | None = None
     allowed_hosts: tuple[str, ...] = ()  # Host names the server answers to besides localhost and its address
-    max_body: int = 8 * 2**20  # bytes: the server refuses larger request bodies (413)
+    max_body: int = 2 * 2**20  # bytes: larger request bodies get a 413 (a full 128k-token context fits)

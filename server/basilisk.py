@@ -5,16 +5,20 @@ BOS and EOS ids in place (STX is dropped for models without a BOS), and with `sp
 strings <s> and </s> are read as STX and ETX first. Each stretch of text between them is encoded on its
 own, as chat formats encode turns.
 
-/infer fields and their meaning here (unset sampling fields take the server's command-line settings):
-  temperature, top_k, top_p, min_p      as in llama.sampling
+/tokenize answers {tokens, fragments} for a prompt of at most MAX_TOKENIZE_TOKENS tokens.
+
+/infer fields and their meaning here (unset sampling fields take the server's command-line settings; the
+ranges that keep logits finite are in server.fields):
+  temperature, top_k, top_p, min_p      as in llama.sampling; temperature 0 (greedy) or within [1e-6, 1e6]
   min_length (4)                        no stop token and no newline token before this many new tokens
   max_new_tokens (256, capped to the room left; an explicit value that does not fit is a 400)
   stopping_strings (["\\n"])            the reply ends before the first one it produces
   repetition_penalty, repetition_penalty_sustain, repetition_penalty_decay
                                         (also read as token_repetition_penalty_max/_sustain/_decay):
                                         see sampling_extras.DecayingRepetitionPenalty; defaults: the server's
-                                        --repetition_penalty over its --repetition_window, decay 0
-  positional_repeat_inhibit ([]), positional_repetition_penalty (1.2; 0 turns it off)
+                                        --repetition_penalty over its --repetition_window, decay 0; the
+                                        penalty within [1e-6, 1e6], sustain and decay at most 2^20 tokens
+  positional_repeat_inhibit ([]), positional_repetition_penalty (1.2; 0 turns it off, else within [1e-6, 1e6])
                                         see sampling_extras.PositionalRepetitionPenalty
 The reply is {text, tokens}: the new text (cut before a stop string) and the new token ids.
 """

@@ -3,8 +3,8 @@ where sampling stays finite.
 
 JSON lets a string carry a lone UTF-16 surrogate ("\\ud800"), which no tokenizer can encode. Logits are
 float32 (largest 3.4e38): a temperature T divides them and a repetition penalty p divides or multiplies
-them, so both are kept within [1e-6, 1e6]. Even together they scale a logit by at most 1e12, which
-leaves real logits (|x| < 1e4) far from overflowing.
+them, so both are kept within [1e-6, 1e6]. Even stacked (basilisk's two penalties, then T) they scale a
+logit by at most 1e18, which leaves real logits (|x| < 1e4) far from overflowing.
 """
 from __future__ import annotations
 
