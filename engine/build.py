@@ -1,17 +1,16 @@
 """Build a ready-to-generate Engine (model, tokenizer, chat format, generator) from a RunConfig."""
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm import tqdm
 
-from engine.config import RESIDENT_PREFILL_CHUNK, DeviceSpec, RunConfig
+from engine.choices import pick_device, pick_dtype, resolve_tokenizer
+from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
     check_quantized_run,
@@ -24,11 +23,8 @@ from llama.errors import UserError
 from llama.generation import Generator
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer, load_tokenizer
+from llama.tokenizer import Tokenizer
 from offload.quant_mode import QuantMode
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Engine:
@@ -44,30 +40,6 @@ class Engine:
     @property
     def ctx(self) -> int:
         return self.generator.max_seq_len
-
-
-def pick_device(spec: DeviceSpec, use_offload: bool = False) -> torch.device:
-    """The torch device for --device; auto is cuda when available (always cuda when streaming)."""
-    if spec.kind == "auto":
-        return torch.device("cuda" if use_offload or torch.cuda.is_available() else "cpu")
-    if spec.kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no usable CUDA GPU here; run with --device cpu")
-    return torch.device(spec.kind, spec.index)
-
-
-def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
-    """auto: float16 on a GPU; float32 on the CPU when it fits comfortably in RAM, else bfloat16."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.float16
-    fp32_bytes = sum(math.prod(s) for s in args.weight_shapes().values()) * 4
-    return torch.float32 if fp32_bytes < 0.5 * psutil.virtual_memory().available else torch.bfloat16
-
-
-def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:
-    path = cfg.tokenizer if cfg.tokenizer is not None else cfg.model_dir
-    return load_tokenizer(Path(path))
 
 
 def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
@@ -98,21 +70,24 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
+    chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if cfg.use_offload:
-        model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
+        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
-    generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK)
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
 
 
 def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
-) -> tuple[Transformer, torch.device]:
-    from offload.engine import build_offloaded_model
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, log
+) -> tuple[Transformer, torch.device, int]:
+    """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
+    whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
+    from engine.llama_offload import build_offloaded_model
     from offload.policy import OffloadConfig
 
     config = OffloadConfig(
@@ -126,7 +101,11 @@ def _load_offloaded(
         quant=cfg.quant,
     )
     model, offloaded = build_offloaded_model(model_dir, config)
-    return model, offloaded.device
+    if cfg.prefill_chunk is not None:
+        return model, offloaded.device, cfg.prefill_chunk
+    chunk = offloaded.plan.prefill_chunk(ctx)
+    print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
+    return model, offloaded.device, chunk
 
 
 def _load_resident(
