@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ppl", type=Path, help="print the perplexity of this text file and exit")
     m.add_argument("--serve", metavar="[HOST:]PORT", help="serve the HTTP API instead of the console")
     m.add_argument("--shared_secret", help="required Authorization for every HTTP request")
+    m.add_argument("--allowed_hosts", default="", help="comma-separated Host names the server answers to besides "
+                   "localhost and its address ('*': any); without --shared_secret others are refused")
+    m.add_argument("--max_body", metavar="SIZE", help="largest HTTP request body, e.g. 16MiB "
+                   f"(default {RunConfig.max_body // 2**20}MiB)")
     return p
 
 
@@ -87,6 +91,9 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         raise UserError(f"--draft: model directory not found: {ns.draft}")
     if ns.serve is not None:
         parse_serve_spec(ns.serve)
+    max_body = RunConfig.max_body if ns.max_body is None else parse_size(ns.max_body, "--max_body")
+    if max_body < 1:
+        raise UserError("--max_body must be at least 1 byte")
     if ns.chat_format is not None and ns.chat_format not in CHAT_FORMATS:
         raise UserError(f"--chat_format: unknown format {ns.chat_format!r} (valid: {', '.join(sorted(CHAT_FORMATS))})")
     if ns.ppl is not None and not ns.ppl.is_file():
@@ -137,6 +144,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         draft_quant=parse_quant(ns.draft_quant, False, False),
         lookup=ns.lookup,
         draft_tokens=ns.draft_tokens,
+        allowed_hosts=tuple(h.strip() for h in ns.allowed_hosts.split(",") if h.strip()),
+        max_body=max_body,
     )
 
 

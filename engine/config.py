@@ -59,3 +59,5 @@ class RunConfig:
     draft_quant: QuantMode | None = None  # INT8 or INT4: the draft's blocks in that format
     lookup: bool = False  # prompt-lookup drafting
     draft_tokens: int | None = None  # most tree tokens verified per pass; None: the planner's cap
+    allowed_hosts: tuple[str, ...] = ()  # Host names the server answers to besides localhost and its address
+    max_body: int = 2 * 2**20  # bytes: larger request bodies get a 413 (a full 128k-token context fits)

@@ -1,8 +1,9 @@
 """Shared-secret check for every request, done before routing or body parsing.
 
 basilisk (and every path outside /v1): the raw `Authorization` header must equal the secret, else 403.
-OpenAI (/v1): `Authorization: Bearer <secret>`; no header at all is 401, a wrong one 403. Comparisons
-use hmac.compare_digest, whose time does not depend on where the strings differ.
+OpenAI (/v1): `Authorization: Bearer <secret>`; a missing or wrong key is a 401 with OpenAI's error body,
+as OpenAI answers. GET /health needs no secret: it tells only that the server is up. Comparisons use
+hmac.compare_digest, whose time does not depend on where the strings differ.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hmac
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import OPENAI_PREFIX, ApiError, error_response
+from server.health import HEALTH_PATH
 
 
 def openai_key_matches(header: bytes, secret: bytes) -> bool:
@@ -38,11 +40,13 @@ class SharedSecretAuth:
     def _check(self, scope: Scope) -> ApiError | None:
         header = next((value for name, value in scope["headers"] if name == b"authorization"), None)
         path = scope["path"]
+        if path == HEALTH_PATH:
+            return None
         if path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/"):
             if header is None:
                 return ApiError(401, "missing API key: send 'Authorization: Bearer <secret>'", code="invalid_api_key")
             if not openai_key_matches(header, self.secret):
-                return ApiError(403, "incorrect API key", code="invalid_api_key")
+                return ApiError(401, "incorrect API key", code="invalid_api_key")
             return None
         if header is None or not hmac.compare_digest(header, self.secret):
             return ApiError(403, "unauthorized")

@@ -47,11 +47,15 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and ("[" in part or part in BUILTIN_TAGS or part[:1].isupper())
 
 
+def _body_loc(error: Any) -> list[Any]:
+    return [part for part in error.get("loc", ()) if part != "body"]
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     """One clear 400 from pydantic's list of problems with a request body (the first one is reported)."""
     errors = exc.errors() or [{"type": "", "loc": (), "msg": "invalid request"}]
     first = errors[0]
-    loc = [part for part in first.get("loc", ()) if part != "body"]
+    loc = _body_loc(first)
     if first["type"] == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})")
     if not loc:
@@ -59,14 +63,18 @@ def validation_error(exc: RequestValidationError) -> ApiError:
             return ApiError(400, "the request body is missing: send a JSON object")
         return ApiError(400, f"the request body must be a JSON object ({first['msg']})")
     tag_at = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
-    field = ".".join(str(part) for part in loc[:tag_at])
+    if tag_at is not None:  # every member of a union failed
+        members = [e for e in errors if _body_loc(e)[:tag_at] == loc[:tag_at] and len(_body_loc(e)) > tag_at]
+        # a member whose type fits but whose value breaks a rule says more than the list of types
+        broken = next((e for e in members if not e["type"].endswith("_type")), None)
+        if broken is None:
+            field = ".".join(str(part) for part in loc[:tag_at])
+            expected = ", ".join(dict.fromkeys(str(_body_loc(e)[tag_at]) for e in members))
+            return ApiError(400, f"invalid value for '{field}': expected one of {expected}", param=field)
+        first, loc = broken, [part for part in _body_loc(broken) if not _is_union_tag(part)]
+    field = ".".join(str(part) for part in loc)
     if first["type"] == "missing":
         return ApiError(400, f"missing required field '{field}'", param=field)
-    if tag_at is not None:  # every member of a union failed: say which types would do
-        member_locs = [[part for part in e["loc"] if part != "body"] for e in errors]
-        tags = [str(m[tag_at]) for m in member_locs if m[:tag_at] == loc[:tag_at] and len(m) > tag_at]
-        expected = ", ".join(dict.fromkeys(tags))
-        return ApiError(400, f"invalid value for '{field}': expected one of {expected}", param=field)
     return ApiError(400, f"invalid value for '{field}': {first['msg']}", param=field)
 
 

@@ -5,15 +5,16 @@ of the server's; server.openai_replies runs them and shapes the response.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from llama.chat_format import ROLES, Message
 from llama.errors import UserError
 from llama.sampling import Sampler
 from server.errors import ApiError
+from server.fields import SEED_LIMIT
 from server.openai_replies import ChatReply, CompletionReply, respond
 from server.openai_schema import (
     MAX_CHOICES,
@@ -60,14 +61,11 @@ async def get_model(model_id: str, state: State) -> dict[str, Any]:
 
 
 def make_request_sampler(req: GenerationRequest, state: ServerState, prompt_len: int, choice: int) -> Sampler:
-    """The sampler of one choice. Unset fields keep the server's settings; a seed gives choice i seed + i."""
-    base = state.engine.cfg.sampling
+    """The sampler of one choice. Unset fields keep the server's settings; a seed gives choice i seed + i
+    (modulo 2**64, the seeds' range)."""
     overrides = {name: value for name in SAMPLING_FIELDS if (value := getattr(req, name)) is not None}
-    seed = req.seed if req.seed is not None else base.seed
-    try:
-        params = replace(base, **overrides, seed=None if seed is None else seed + choice)
-    except UserError as e:
-        raise ApiError(400, str(e).replace("--", "", 1)) from None
+    seed = req.seed if req.seed is not None else state.engine.cfg.sampling.seed
+    params = state.sampling(**overrides, seed=None if seed is None else (seed + choice) % SEED_LIMIT)
     processors: list[LogitsProcessor] = []
     if req.logit_bias:
         processors.append(LogitBias(parse_logit_bias(req.logit_bias, state.engine.tokenizer.vocab_size)))
@@ -79,7 +77,7 @@ def make_request_sampler(req: GenerationRequest, state: ServerState, prompt_len:
 def parse_logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
     parsed: dict[int, float] = {}
     for key, value in bias.items():
-        if not key.isdigit() or int(key) >= vocab_size:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:  # not '²', which int() refuses
             raise ApiError(400, f"logit_bias key {key!r} is not a token id below {vocab_size}", param="logit_bias")
         if not -100 <= value <= 100:
             raise ApiError(400, f"logit_bias value {value} for {key} is outside [-100, 100]", param="logit_bias")
@@ -142,6 +140,11 @@ def chat_messages(messages: list[ChatMessage]) -> list[Message]:
 @router.post("/completions")
 async def completions(req: CompletionRequest, request: Request, state: State) -> Any:
     req.reject_unsupported()
+    reply = await run_in_threadpool(completion_reply, req, state)
+    return await respond(state, reply, request, req.stream, req.include_usage())
+
+
+def completion_reply(req: CompletionRequest, state: ServerState) -> CompletionReply:
     prompts = encode_prompts(req.prompt, state)
     if len(prompts) * req.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts times n={req.n} is more than {MAX_CHOICES} choices per request",
@@ -151,13 +154,17 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
             choose_max_tokens(req, state, len(ids), COMPLETION_DEFAULT_MAX_TOKENS), stop_strings=req.stop_strings())
         for ids in prompts for j in range(req.n)
     ]
-    reply = CompletionReply(state.model_name, prompts, jobs)
-    return await respond(state, reply, request, req.stream, req.include_usage())
+    return CompletionReply(state.model_name, prompts, jobs)
 
 
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Any:
     req.reject_unsupported()
+    reply = await run_in_threadpool(chat_reply, req, state)
+    return await respond(state, reply, request, req.stream, req.include_usage())
+
+
+def chat_reply(req: ChatCompletionRequest, state: ServerState) -> ChatReply:
     engine = state.engine
     try:
         ids = engine.chat_format.encode_dialog(chat_messages(req.messages))
@@ -170,5 +177,4 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
         Job(ids, make_request_sampler(req, state, len(ids), j), max_tokens, stop_ids, req.stop_strings())
         for j in range(req.n)
     ]
-    reply = ChatReply(state.model_name, [ids], jobs)
-    return await respond(state, reply, request, req.stream, req.include_usage())
+    return ChatReply(state.model_name, [ids], jobs)

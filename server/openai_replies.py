@@ -2,8 +2,9 @@
 
 A request's choices run one after another through the engine queue. With `stream: true` the reply is
 `data: {chunk}` per text piece, a last chunk with the finish_reason per choice, a usage chunk when
-`stream_options.include_usage` is set, then `data: [DONE]`. An error after the stream has started is sent
-as a `data: {"error": ...}` event, which OpenAI's clients raise.
+`stream_options.include_usage` is set, then `data: [DONE]`. An error after the stream has started (a
+failed generation, or the server shutting down) is sent as a `data: {"error": ...}` event, which OpenAI's
+clients raise.
 """
 from __future__ import annotations
 
@@ -121,7 +122,9 @@ async def stream_events(
         if with_usage:
             yield sse(reply.envelope(reply.chunk_object_name, [], usage=reply.usage()))
         yield "data: [DONE]\n\n"
-    except Exception as e:  # noqa: BLE001 (headers are sent: report any failure in-band, as OpenAI does)
+    except ApiError as e:  # the headers are sent: report it in-band, as OpenAI does
+        yield sse(openai_error_body(e))
+    except Exception as e:  # noqa: BLE001 (the same for any failure)
         yield sse(openai_error_body(ApiError(500, f"generation failed: {type(e).__name__}: {e}")))
 
 

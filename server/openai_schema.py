@@ -7,16 +7,17 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from server.errors import ApiError
+from server.fields import Factor, RequestModel, Seed, ZeroOrFactor, text_fields
 
 MAX_CHOICES = 64  # choices (prompts times n) per request: each one is a full generation
 MAX_STOP_STRINGS = 16
 
 
-class StrictModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
+class StrictModel(RequestModel):
+    model_config = ConfigDict(extra="allow")
 
     # field name -> values that mean "not used"; anything else is refused
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -38,23 +39,25 @@ class GenerationRequest(StrictModel):
 
     model: str | None = None  # any name is accepted: this server has one model, named in the response
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: ZeroOrFactor | None = Field(None, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
+    repetition_penalty: Factor | None = None
     mirostat: Literal[0, 1, 2] | None = None
     mirostat_tau: float | None = Field(None, gt=0)
     mirostat_eta: float | None = Field(None, gt=0)
+
+    _text = text_fields("stop")
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -68,6 +71,8 @@ class GenerationRequest(StrictModel):
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
 
+    _prompt_text = text_fields("prompt")
+
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {
         "logprobs": (None, False, 0),
         "echo": (None, False),
@@ -80,11 +85,15 @@ class ContentPart(StrictModel):
     type: str
     text: str | None = None
 
+    _text = text_fields("text")
+
 
 class ChatMessage(StrictModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    _text = text_fields("content")
 
 
 class ChatCompletionRequest(GenerationRequest):

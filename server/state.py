@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Annotated
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from engine.build import Engine
+from llama.errors import UserError
+from llama.sampling import SamplingParams
 from server.errors import ApiError
 from server.queue import EngineQueue
 
@@ -22,6 +24,13 @@ class ServerState:
     @property
     def ctx(self) -> int:
         return self.engine.ctx
+
+    def sampling(self, **changes: Any) -> SamplingParams:
+        """The server's sampling settings with a request's changes; one that SamplingParams refuses is a 400."""
+        try:
+            return replace(self.engine.cfg.sampling, **changes)
+        except UserError as e:
+            raise ApiError(400, str(e).replace("--", "", 1)) from None
 
     def check_prompt(self, n_prompt: int, param: str) -> None:
         """A prompt must leave room for at least one new token."""

@@ -1,6 +1,7 @@
 """The basilisk-compatible endpoints over HTTP against a real server with a shared secret."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,13 @@ def test_tokenize_maps_stx_etx_and_special_convert(served: Served) -> None:
     assert "".join(plain["fragments"]) == tok.decode(plain["tokens"])
 
 
+def test_tokenize_refuses_a_lone_surrogate(served: Served) -> None:
+    with served.http() as http:
+        response = http.post("/tokenize", content=json.dumps({"prompt": "ok \ud800"}).encode(),
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "surrogate (\\ud800) at character 3" in response.text
+
+
 def test_infer_is_the_engines_greedy_reply(served: Served) -> None:
     with served.http() as http:
         reply = http.post("/infer", json=plain_infer()).json()
@@ -135,6 +143,16 @@ def test_embed_is_not_implemented(served: Served) -> None:
         ({"prompt": "the quick brown fox " * CTX}, "context"),
         ({"prompt": "x", "max_new_tokens": CTX}, "max_new_tokens"),
         ({"prompt": ""}, "empty"),
+        (json.dumps({"prompt": "a\udc00"}).encode(), "lone UTF-16 surrogate (\\udc00) at character 1"),
+        (json.dumps({"prompt": "x", "stopping_strings": ["\ud800"]}).encode(), "'stopping_strings'"),
+        ({"prompt": "x", "temperature": 1e300}, "'temperature': must be 0 or within"),
+        ({"prompt": "x", "temperature": 1e-40}, "'temperature': must be 0 or within"),
+        ({"prompt": "x", "token_repetition_penalty_max": 1e300}, "'token_repetition_penalty_max'"),
+        ({"prompt": "x", "positional_repeat_inhibit": [[1]], "positional_repetition_penalty": 1e300},
+         "'positional_repetition_penalty'"),
+        ({"prompt": "x", "token_repetition_penalty_sustain": 10**30}, "'token_repetition_penalty_sustain'"),
+        ({"prompt": "x", "token_repetition_penalty_decay": 10**30}, "'token_repetition_penalty_decay'"),
+        (b'{"prompt": "x", "repetition_penalty": Infinity}', "finite"),
     ],
 )
 def test_infer_bad_requests_are_400_with_a_message(served: Served, body, words) -> None:
@@ -152,3 +170,8 @@ def test_shared_secret_is_required_verbatim(served: Served) -> None:
         with served.http(secret) as http:
             for response in (http.get("/ping"), http.get("/config"), http.post("/infer", json=plain_infer())):
                 assert response.status_code == 403 and response.text == "unauthorized"
+
+
+def test_with_a_shared_secret_any_host_is_served(served: Served) -> None:
+    with served.http() as http:
+        assert http.get("/ping", headers={"Host": "evil.example"}).text == "pong"

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from server_harness import CTX, SECRET, build_server_engine, running_server
+from server_harness import CTX, SECRET, build_server_engine, running_server, wait_until
 
 from llama.generation import Generation, Generator
 
@@ -22,11 +22,14 @@ BASILISK_AUTH = {"Authorization": SECRET}
 
 
 class RecordingGenerator:
-    """Wraps the engine's Generator: records each request's prompt and result, and can slow it down."""
+    """Wraps the engine's Generator: records each request's prompt and result, can slow it down, and can
+    hold a generation at its start until `go` is set."""
 
     def __init__(self, inner: Generator) -> None:
         self.inner = inner
         self.delay = 0.0  # seconds of sleep after each streamed piece
+        self.go = threading.Event()
+        self.go.set()
         self.runs: list[tuple[list[int], Generation]] = []
         self._lock = threading.Lock()
 
@@ -36,6 +39,7 @@ class RecordingGenerator:
     def stream(self, prompt: list[int], *args: Any, result: Generation, **kwargs: Any) -> Iterator[str]:
         with self._lock:
             self.runs.append((prompt, result))
+        assert self.go.wait(timeout=60), "the test never let the generation go"
         for piece in self.inner.stream(prompt, *args, result=result, **kwargs):
             time.sleep(self.delay)
             yield piece
@@ -96,20 +100,30 @@ def test_client_timing_out_on_a_plain_request_frees_the_engine(slow: Served) -> 
     assert abandoned.stop_reason == "interrupted" and abandoned.new_tokens < CTX // 2
 
 
-def test_queued_requests_are_served_in_arrival_order(slow: Served) -> None:
-    def send(i: int) -> int:
-        time.sleep(0.15 * i)  # 0 holds the engine for ~0.8 s; 1..5 arrive while it runs
-        body = {"prompt": f"request {i}", "max_tokens": 40 if i == 0 else 3, "logit_bias": {"2": -100}}
-        response = httpx.post(slow.url + "/v1/completions", json=body, headers=OPENAI_AUTH, timeout=30)
-        assert response.status_code == 200
-        return i
+def test_queued_requests_are_served_in_arrival_order(served: Served) -> None:
+    served.recorder.runs.clear()
+    served.recorder.go.clear()  # request 0 holds the engine until all the others wait in line
 
-    with ThreadPoolExecutor(6) as pool:
-        list(pool.map(send, range(6)))
-    with httpx.Client(base_url=slow.url, headers=BASILISK_AUTH) as http:
-        expected = [http.post("/basilisk/tokenize", json={"prompt": f"\x02request {i}"}).json()["tokens"]
-                    for i in range(6)]
-    assert [prompt for prompt, _ in slow.recorder.runs] == expected
+    def send(i: int) -> httpx.Response:
+        body = {"prompt": f"request {i}", "max_tokens": 3}
+        return httpx.post(served.url + "/v1/completions", json=body, headers=OPENAI_AUTH, timeout=60)
+
+    with ThreadPoolExecutor(6) as pool, httpx.Client(base_url=served.url) as http:
+        try:
+            sent = [pool.submit(send, 0)]
+            wait_until(lambda: len(served.recorder.runs) == 1, "request 0 holds the engine")
+            for i in range(1, 6):  # each one is sent once the one before it waits in line
+                sent.append(pool.submit(send, i))
+                wait_until(lambda: http.get("/health").json()["queued"] == i, f"request {i} waits its turn")
+        finally:
+            served.recorder.go.set()
+        assert all(f.result().status_code == 200 for f in sent)
+    tokenizer = served.recorder.inner.tokenizer
+    assert [prompt for prompt, _ in served.recorder.runs] == [tokenizer.encode(f"request {i}", bos=True) for i in range(6)]
+
+
+def test_health_answers_without_the_secret(served: Served) -> None:
+    assert httpx.get(served.url + "/health").json() == {"status": "ok", "queued": 0}
 
 
 # -- load -------------------------------------------------------------------------------------------------
@@ -149,7 +163,7 @@ def one_request(http: httpx.Client, kind: str, rng: random.Random) -> tuple[str,
         return kind, r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert kind == "unauthorized"
     r = http.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
-    return kind, r.status_code == 403
+    return kind, r.status_code == 401
 
 
 KINDS = ("completion", "chat", "completion_stream", "chat_stream", "infer", "tokenize", "invalid", "unauthorized")

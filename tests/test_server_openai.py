@@ -185,6 +185,12 @@ def test_chat_sse_wire_format(served: Served) -> None:
 TOO_LONG = "the quick brown fox " * CTX
 
 
+def raw(body: dict) -> bytes:
+    """`body` as JSON bytes, with non-ASCII escaped: a lone surrogate travels as \\udXXX, as JSON allows."""
+    return json.dumps(body).encode()
+
+
+
 @pytest.mark.parametrize(
     "path, body, status, param, code, words",
     [
@@ -203,7 +209,20 @@ TOO_LONG = "the quick brown fox " * CTX
         ("/v1/completions", {"prompt": [CTX * 10]}, 400, "prompt", None, "vocabulary"),
         ("/v1/completions", {"prompt": PROMPT, "logprobs": 3}, 400, "logprobs", None, "not supported"),
         ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"x": 1}}, 400, "logit_bias", None, "token id"),
+        ("/v1/completions", raw({"prompt": "a\ud800b"}), 400, "prompt", None, "lone UTF-16 surrogate (\\ud800)"),
+        ("/v1/completions", raw({"prompt": ["ok", "\udfff"]}), 400, "prompt", None, "surrogate"),
+        ("/v1/completions", raw({"prompt": PROMPT, "stop": ["\udc00"]}), 400, "stop", None, "surrogate"),
+        ("/v1/completions", {"prompt": PROMPT, "seed": 2**64}, 400, "seed", None, "less than"),
+        ("/v1/completions", {"prompt": PROMPT, "temperature": 1e-40}, 400, "temperature", None, "within [1e-06"),
+        ("/v1/completions", {"prompt": PROMPT, "repetition_penalty": 1e300}, 400, "repetition_penalty", None,
+         "less than or equal"),
+        ("/v1/completions", raw({"prompt": PROMPT, "temperature": float("inf")}), 400, "temperature", None, "finite"),
+        ("/v1/completions", {"prompt": PROMPT, "logit_bias": {"\u00b2": 1}}, 400, "logit_bias", None, "token id"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", None, "at least 1"),
+        ("/v1/chat/completions", raw({"messages": [{"role": "user", "content": "\ud800"}]}), 400,
+         "messages.0.content", None, "surrogate"),
+        ("/v1/chat/completions", raw({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}),
+         400, "messages.0.content.0.text", None, "surrogate"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": TOO_LONG}]}, 400, "messages",
          "context_length_exceeded", "context"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
@@ -245,15 +264,21 @@ def test_wrong_method_is_405(served: Served) -> None:
 # -- auth ---------------------------------------------------------------------------------------------
 
 
-def test_auth_wrong_key_is_403_and_missing_key_401(served: Served) -> None:
-    with pytest.raises(openai.PermissionDeniedError):
+def test_auth_missing_or_wrong_key_is_401_with_openais_error_body(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError):
         served.client(key="wrong").models.list()
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.AuthenticationError):
         served.client(key=SECRET + "x").completions.create(model="m", prompt=PROMPT, max_tokens=1)
-    no_key = httpx.post(served.url + "/v1/completions", json={"prompt": PROMPT})
-    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
-    raw = httpx.get(served.url + "/v1/models", headers={"Authorization": SECRET})  # basilisk style, no Bearer
-    assert raw.status_code == 403 and raw.json()["error"]["message"] == "incorrect API key"
-    # a request without a key is refused before its body is even read
-    malformed = httpx.post(served.url + "/v1/completions", content=b"{", headers={"Authorization": "Bearer x"})
-    assert malformed.status_code == 403
+    url = served.url + "/v1/completions"
+    refused = {
+        "missing": httpx.post(url, json={"prompt": PROMPT}),
+        "wrong": httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": "Bearer x"}),
+        "basilisk style, no Bearer": httpx.post(url, json={"prompt": PROMPT}, headers={"Authorization": SECRET}),
+        "wrong, body malformed": httpx.post(url, content=b"{", headers={"Authorization": "Bearer x"}),  # not read
+    }
+    for case, response in refused.items():
+        assert response.status_code == 401, case
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key", case
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] is None, case
+    assert refused["wrong"].json()["error"]["message"] == "incorrect API key"
