@@ -25,7 +25,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (Meta or HF)")
+    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (Meta or HF), or a .gguf file")
     p.add_argument("tokenizer", nargs="?", type=Path, help="tokenizer file or directory (default: inside MODEL_DIR)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")

@@ -17,12 +17,16 @@ from engine.quantized_checkpoint import (
     load_quantized_model,
     read_quantization,
 )
-from llama.chat_format import ChatFormat, detect_chat_format, get_chat_format
+from engine.gguf_model import GGUFModel, open_gguf_model
+from llama.chat_format import ChatFormat
+from llama.chat_template import choose_chat_format, find_chat_template
+from llama.checkpoint_gguf import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
+from llama.gguf_tokenizer import GGUFTokenizer
 from llama.tokenizer import Tokenizer, load_tokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,18 +74,22 @@ def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
     return torch.float32 if fp32_bytes < 0.5 * psutil.virtual_memory().available else torch.bfloat16
 
 
-def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:
+def resolve_tokenizer(cfg: RunConfig, gguf: GGUFModel | None = None) -> Tokenizer:
+    """The tokenizer argument's, else the GGUF metadata's, else the one in the model directory."""
+    if cfg.tokenizer is None and gguf is not None:
+        return GGUFTokenizer(gguf.meta, gguf.path)
     path = cfg.tokenizer if cfg.tokenizer is not None else cfg.model_dir
     return load_tokenizer(Path(path))
 
 
 def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     model_dir = Path(cfg.model_dir)
-    if not model_dir.is_dir():
+    gguf = open_gguf_model(model_dir) if is_gguf(model_dir) else None
+    if gguf is None and not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
-    tokenizer = resolve_tokenizer(cfg)
-    args = read_model_args(model_dir, tokenizer.vocab_size)
-    quantization = read_quantization(model_dir)  # None unless written by --save_quantized
+    tokenizer = resolve_tokenizer(cfg, gguf)
+    args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
+    quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
     if quantization is not None:
         check_quantized_run(model_dir, quantization, quant_mode(cfg), cfg.use_offload)
     if tokenizer.vocab_size > args.vocab_size:
@@ -97,13 +105,18 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
-    if cfg.use_offload:
+    if gguf is not None:
+        model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
+    elif cfg.use_offload:
         model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
-    fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
+    template = find_chat_template(model_dir)
+    if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
+        template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
+    fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
     generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
 
@@ -117,13 +130,25 @@ def quant_mode(cfg: RunConfig) -> str | None:
     return cfg.quant
 
 
-def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
+def _load_gguf(
+    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
 ) -> tuple[Transformer, torch.device]:
-    from offload.engine import build_offloaded_model
+    from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
+
+    quant = quant_mode(cfg)
+    if quant == "bnb":
+        raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
+    if cfg.use_offload:
+        return load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx))
+    if cfg.offload_exclusion or cfg.gpu_mem:
+        raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
+    return load_gguf_resident(gguf, quant, dtype, device), device
+
+
+def _offload_config(cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int):
     from offload.policy import OffloadConfig, parse_exclusions, parse_size
 
-    config = OffloadConfig(
+    return OffloadConfig(
         dtype=dtype,
         device=str(device),
         exclusions=parse_exclusions(cfg.offload_exclusion) if cfg.offload_exclusion else None,
@@ -133,7 +158,14 @@ def _load_offloaded(
         prefill_chunk=cfg.prefill_chunk,
         quant=quant_mode(cfg),
     )
-    model, offloaded = build_offloaded_model(model_dir, config)
+
+
+def _load_offloaded(
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
+) -> tuple[Transformer, torch.device]:
+    from offload.engine import build_offloaded_model
+
+    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx))
     return model, offloaded.device
 
 

@@ -23,8 +23,9 @@ from offload.policy import OffloadConfig
 
 
 def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, device: torch.device,
-                       log: TextIO = sys.stderr) -> Transformer:
+                       log: TextIO | None = None) -> Transformer:
     """The whole model on `device`: floats in dtype, quantized linears in their formats."""
+    log = log or sys.stderr
     modes = linear_modes(model, quant, log)
     net = empty_model(model.args)
     quantized_shell(model, modes, net)
@@ -46,8 +47,9 @@ def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, 
 
 
 def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConfig,
-                        log: TextIO = sys.stderr) -> tuple[Transformer, torch.device]:
+                        log: TextIO | None = None) -> tuple[Transformer, torch.device]:
     """Blocks streamed from pinned RAM as the plan says; quantized ones in their own formats."""
+    log = log or sys.stderr
     from offload.engine import apply_offload
 
     modes = linear_modes(model, quant, log)

@@ -92,16 +92,16 @@ def linear_mode(type_name: str, quant: str | None) -> str | None:
     return quant or ("int4" if source_bits(type_name) < 5 else "int8")
 
 
-def linear_modes(model: GGUFModel, quant: str | None, log: TextIO = sys.stderr) -> dict[str, str | None]:
+def linear_modes(model: GGUFModel, quant: str | None, log: TextIO | None = None) -> dict[str, str | None]:
     """Block linear module name (canonical, e.g. layers.0.attention.wq) -> its format; one line per
     ggml type that is dequantized and quantized again."""
-    modes, told = {}, set()
+    modes, told, log = {}, set(), log or sys.stderr
     for name, t in model.tensors.items():
         if not (name.startswith("layers.") and name.endswith(".weight") and len(t.shape) == 2):
             continue
         mode = linear_mode(t.type_name, quant)
         modes[name.removesuffix(".weight")] = mode
-        if mode is not None and NATIVE.get(t.type_name) != mode and t.type_name not in FLOAT_TYPES | told:
+        if mode is not None and NATIVE.get(t.type_name) != mode and t.type_name not in {*FLOAT_TYPES, *told}:
             told.add(t.type_name)
             print(f"note: {t.type_name} weights are dequantized and stored as {mode} (--quant int8|int4 to choose)",
                   file=log)

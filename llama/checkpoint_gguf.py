@@ -128,8 +128,8 @@ def read_gguf_args(meta: dict[str, Any], source: Path, tensor_names: set[str]) -
         head_dim=int(field("attention.key_length", field("rope.dimension_count", dim // n_heads))),
         vocab_size=int(vocab) if vocab else -1,  # -1: the embedding's rows (set by the caller)
         ffn_dim=int(field("feed_forward_length")),
-        norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field("rope.freq_base", 10000.0)),
+        norm_eps=_f32(field("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(field("rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(meta, arch, source, "rope_freqs.weight" in tensor_names),
         max_seq_len=int(field("context_length", 4096)),
         tie_embeddings="output.weight" not in tensor_names,
@@ -137,6 +137,11 @@ def read_gguf_args(meta: dict[str, Any], source: Path, tensor_names: set[str]) -
         sliding_window=int(window) if window else None,
         arch=arch,
     )
+
+
+def _f32(x: float) -> float:
+    """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+    return float(f"{x:.7g}")
 
 
 def _rope_scaling(meta: dict[str, Any], arch: str, source: Path, has_factors: bool) -> Llama3RopeScaling | None:

@@ -1,0 +1,159 @@
+"""GGUF files written with gguf's writer from tiny random Llama and Qwen2 models, read back through our engine."""
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import random_state, tiny_args
+from gguf_writer import byte_level_metadata, dequantized_state, sentencepiece_metadata, write_gguf
+from tiny_model import GREEDY
+from tiny_tokenizer import train_tiny_sentencepiece, write_tiny_hf_tokenizer
+
+import app
+from engine.build import build_engine
+from engine.config import RunConfig
+from engine.gguf_model import open_gguf_model
+from llama.chat_template import JinjaChatFormat
+from llama.errors import UserError
+from llama.gguf_tokenizer import GGUFTokenizer
+from llama.loader import model_from_state
+from offload.kernels.int4_format import Int4Weight
+from offload.kernels.int8_format import Int8Weight
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXTS = ["Hello world", "  two  spaces\nnew line\n\n\ttab", "Café crème 日本語 😀 naïve", "x = 1234567890;"]
+
+
+def _args(arch: str):
+    # ffn 256 and dim 64: every inner dimension splits into 32-wide GGUF blocks.
+    return tiny_args(arch, vocab_size=400, ffn_dim=256, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gguf-tok")
+    return {"llama": sentencepiece_metadata(train_tiny_sentencepiece(root)),
+            "qwen2": byte_level_metadata(write_tiny_hf_tokenizer(root), eos="<|im_end|>")}
+
+
+def _write(tmp_path: Path, arch: str, kind: str, tokenizers: dict, **kw) -> tuple[Path, dict]:
+    args = _args(arch)
+    state = random_state(args, seed=3)
+    folder = tmp_path / f"{arch}-{kind}"
+    folder.mkdir()
+    path = write_gguf(folder / "model.gguf", args, state, tokenizers[arch], {"linear": kind}, **kw)
+    return path, state
+
+
+def _cfg(path: Path, **kw) -> RunConfig:
+    return replace(RunConfig(model_dir=path, device="cpu", dtype="float32", ctx=64, sampling=GREEDY), **kw)
+
+
+def _logits(model, seed: int = 1) -> torch.Tensor:
+    tokens = torch.randint(0, 400, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_f32_gguf_gives_the_source_models_logits(tmp_path, tokenizers, arch):
+    path, state = _write(tmp_path, arch, "F32", tokenizers)
+    engine = build_engine(_cfg(path))
+    assert engine.args == _args(arch)
+    torch.testing.assert_close(_logits(engine.model), _logits(model_from_state(_args(arch), state)),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind, fmt", [("Q8_0", Int8Weight), ("Q4_0", Int4Weight), ("Q4_1", Int4Weight)])
+def test_block_quants_stream_as_our_formats_with_ggufs_own_values(tmp_path, tokenizers, arch, kind, fmt):
+    path, _ = _write(tmp_path, arch, kind, tokenizers)
+    model = build_engine(_cfg(path)).model
+    wq = model.layers[0].attention.wq
+    assert wq.format_type is fmt and wq.weight_format().group_size == 32
+    reference = model_from_state(_args(arch), dequantized_state(path, _args(arch)))
+    for name, w in reference.state_dict().items():
+        if name.endswith("attention.wq.weight"):
+            layer = model.get_submodule(name.removesuffix(".weight"))
+            assert torch.allclose(layer.weight_format().dequantize(), w, atol=1e-6, rtol=1e-5), name
+    torch.testing.assert_close(_logits(model), _logits(reference), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0"])
+def test_greedy_tokens_equal_transformers_reading_the_same_gguf(tmp_path, tokenizers, kind):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to read GGUF
+    path, _ = _write(tmp_path, "llama", kind, tokenizers)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    engine = build_engine(_cfg(path))
+    prompt = torch.tensor([[1, 20, 300, 7, 99]])
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)[0, 5:].tolist()
+        ids = prompt
+        for _ in range(12):
+            ids = torch.cat([ids, engine.model(ids)[:, -1:].argmax(-1)], dim=1)
+    assert ids[0, 5:].tolist() == theirs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_from_metadata_gives_transformers_ids(tmp_path, tokenizers, arch):
+    transformers = pytest.importorskip("transformers")
+    path, _ = _write(tmp_path, arch, "F32", tokenizers, chat_template=CHATML)
+    theirs = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = open_gguf_model(path)
+    ours = GGUFTokenizer(model.meta, model.path)
+    for text in TEXTS:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == theirs.decode(ours.encode(text))
+    assert ours.bos_id == (1 if arch == "llama" else None) and ours.eos_id == theirs.eos_token_id
+    if arch == "qwen2":  # special tokens in rendered template text become their ids, as transformers does
+        fmt = JinjaChatFormat(ours, CHATML, "test", {})
+        text = "<|im_start|>user\nHi there<|im_end|>\n"
+        assert fmt.encode_text(text) == theirs.encode(text, add_special_tokens=False)
+
+
+def test_chat_template_comes_from_the_metadata_and_a_tokenizer_argument_overrides(tmp_path, tokenizers):
+    path, _ = _write(tmp_path, "qwen2", "Q8_0", tokenizers, chat_template=CHATML)
+    engine = build_engine(_cfg(path))
+    assert isinstance(engine.chat_format, JinjaChatFormat)
+    assert engine.chat_format.stop_ids >= {engine.tokenizer.special_ids["<|im_end|>"]}
+    other = tmp_path / "tok"
+    other.mkdir()
+    build = build_engine(_cfg(path, tokenizer=write_tiny_hf_tokenizer(other)))
+    assert not isinstance(build.tokenizer, GGUFTokenizer) and build.chat_format.name == "chatml"
+
+
+def test_gguf_in_a_directory_and_split_files(tmp_path, tokenizers):
+    path, state = _write(tmp_path, "llama", "F32", tokenizers)
+    by_dir = build_engine(_cfg(path.parent)).model
+    torch.testing.assert_close(_logits(by_dir), _logits(model_from_state(_args("llama"), state)))
+    split = path.parent / "model-00001-of-00002.gguf"
+    shutil.move(path, split)
+    with pytest.raises(UserError, match="model-00002-of-00002.gguf is missing"):
+        build_engine(_cfg(split))
+
+
+def test_bad_gguf_is_one_line_naming_the_file(tmp_path, tokenizers, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    assert app.main([str(bad), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(bad) in err and "\n" not in err
+    args = _args("llama")
+    state = {n: t for n, t in random_state(args).items() if n != "layers.1.feed_forward.w2.weight"}
+    folder = tmp_path / "missing"
+    folder.mkdir()
+    path = write_gguf(folder / "m.gguf", args, state, tokenizers["llama"])
+    with pytest.raises(UserError, match="missing tensor 'layers.1.feed_forward.w2.weight'"):
+        build_engine(_cfg(path))
+
+
+def test_requested_quant_requantizes_and_says_so(tmp_path, tokenizers, capsys):
+    path, _ = _write(tmp_path, "llama", "Q8_0", tokenizers)
+    model = build_engine(_cfg(path, quant="int4")).model
+    assert model.layers[0].feed_forward.w2.format_type is Int4Weight
+    assert "Q8_0 weights are dequantized and stored as int4" in capsys.readouterr().err
