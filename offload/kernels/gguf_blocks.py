@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from offload.kernels.int4_format import Int4Weight, pack_int4
+from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 
 BLOCK = 32
@@ -31,11 +31,20 @@ def _fp16(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return blocks[..., start : start + 2].contiguous().view(torch.float16).squeeze(-1)
 
 
-def _nibbles(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The 32 4-bit values of every block, in natural order: uint8 (out, groups * 32)."""
-    qs = blocks[..., start:]  # (out, groups, 16)
-    q = torch.cat([qs & 15, qs >> 4], dim=-1)  # (out, groups, 32): low nibbles are values 0..15
-    return q.reshape(blocks.shape[0], -1)
+def _repack_nibbles(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Our packed bytes for the 32 4-bit values of every block: uint8 (out, groups * 16).
+
+    In a block's 16 bytes, byte i holds value i (low nibble) and value i + 16 (high). Our byte j holds values
+    2j (high) and 2j + 1 (low). With e, o the even and odd bytes of the block, our bytes 0..7 are
+    (e << 4) | (o & 15) (values 0..15) and bytes 8..15 are (e & 0xF0) | (o >> 4) (values 16..31).
+    """
+    out, groups = blocks.shape[:2]
+    pairs = blocks[..., start:].contiguous().view(out, groups, 8, 2)  # (out, groups, 8, [even, odd])
+    e, o = pairs[..., 0], pairs[..., 1]
+    packed = torch.empty(out, groups, 2, 8, dtype=torch.uint8, device=blocks.device)
+    torch.bitwise_or(e << 4, o & 15, out=packed[:, :, 0])
+    torch.bitwise_or(e & 0xF0, o >> 4, out=packed[:, :, 1])
+    return packed.view(out, groups * 16)
 
 
 def q8_0_to_int8(raw: torch.Tensor, out: int, inp: int) -> Int8Weight:
@@ -47,7 +56,7 @@ def q8_0_to_int8(raw: torch.Tensor, out: int, inp: int) -> Int8Weight:
 def q4_0_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
     blocks = _blocks(raw, out, inp, "Q4_0")
     scales = _fp16(blocks, 0)
-    return Int4Weight(packed=pack_int4(_nibbles(blocks, 2)), scales=scales, zeros=torch.full_like(scales, 8.0))
+    return Int4Weight(packed=_repack_nibbles(blocks, 2), scales=scales, zeros=torch.full_like(scales, 8.0))
 
 
 def q4_1_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
@@ -56,7 +65,7 @@ def q4_1_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
     flat = d == 0
     scales = torch.where(flat, -m / 8, d)
     zeros = torch.where(flat, torch.full_like(d, 8.0), -m / torch.where(flat, 1.0, d))
-    return Int4Weight(packed=pack_int4(_nibbles(blocks, 4)), scales=scales, zeros=zeros)
+    return Int4Weight(packed=_repack_nibbles(blocks, 4), scales=scales, zeros=zeros)
 
 
 CONVERTERS = {"Q8_0": q8_0_to_int8, "Q4_0": q4_0_to_int4, "Q4_1": q4_1_to_int4}
