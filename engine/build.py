@@ -139,7 +139,8 @@ def _load_gguf(
     if quant == "bnb":
         raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
     if cfg.use_offload:
-        return load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx))
+        model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx))
+        return model, offloaded.device
     if cfg.offload_exclusion or cfg.gpu_mem:
         raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
     return load_gguf_resident(gguf, quant, dtype, device), device

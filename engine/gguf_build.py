@@ -18,6 +18,7 @@ from tqdm import tqdm
 from engine.gguf_model import GGUFModel, iter_gguf_weights, linear_modes, quantized_shell, weight_bytes
 from llama.loader import empty_model
 from llama.model import Transformer
+from offload.engine import OffloadedModel, apply_offload
 from offload.kernels.linear import prepare_linears_for_cuda
 from offload.policy import OffloadConfig
 
@@ -47,11 +48,9 @@ def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, 
 
 
 def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConfig,
-                        log: TextIO | None = None) -> tuple[Transformer, torch.device]:
+                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel]:
     """Blocks streamed from pinned RAM as the plan says; quantized ones in their own formats."""
     log = log or sys.stderr
-    from offload.engine import apply_offload
-
     modes = linear_modes(model, quant, log)
     with torch.device("meta"):
         net = Transformer(model.args)
@@ -59,4 +58,4 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
     # The weights arrive already in their formats: the offload engine only places them.
     offloaded = apply_offload(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))
     print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model.path.name})", file=log)
-    return net, offloaded.device
+    return net, offloaded
