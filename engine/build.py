@@ -21,6 +21,7 @@ from engine.gguf_model import GGUFModel, open_gguf_model
 from llama.chat_format import ChatFormat
 from llama.chat_template import choose_chat_format, find_chat_template
 from llama.checkpoint_gguf import is_gguf
+from llama.checkpoint_gptq import GPTQConfig, read_gptq_config
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
@@ -90,6 +91,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     tokenizer = resolve_tokenizer(cfg, gguf)
     args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
     quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
+    gptq = None if gguf else read_gptq_config(model_dir)
     if quantization is not None:
         check_quantized_run(model_dir, quantization, quant_mode(cfg), cfg.use_offload)
     if tokenizer.vocab_size > args.vocab_size:
@@ -107,6 +109,8 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
     if gguf is not None:
         model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
+    elif gptq is not None:
+        model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
     elif cfg.use_offload:
         model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
     else:
@@ -144,6 +148,18 @@ def _load_gguf(
     if cfg.offload_exclusion or cfg.gpu_mem:
         raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
     return load_gguf_resident(gguf, quant, dtype, device), device
+
+
+def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
+               device: torch.device) -> Transformer:
+    from engine.gptq_model import load_gptq_resident
+
+    if cfg.use_offload:
+        raise UserError(f"{model_dir} is {gptq.method.upper()}: it runs resident or on the CPU; streaming it "
+                        "is not supported yet")
+    if quant_mode(cfg) not in (None, "int4"):
+        raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
+    return load_gptq_resident(model_dir, args, gptq, dtype, device)
 
 
 def _offload_config(cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int):

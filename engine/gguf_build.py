@@ -34,13 +34,18 @@ def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, 
     with tqdm(total=weight_bytes(model), unit="B", unit_scale=True, desc=f"reading {model.path.name}",
               file=log) as bar:
         state = dict(iter_gguf_weights(model, modes, dtype, bar.update))
-    if model.args.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    net.load_state_dict(state, strict=True, assign=True)
-    if model.args.tie_embeddings:
-        net.output.weight = net.tok_embeddings.weight
     print(f"read {weight_bytes(model) / 1e9:.2f} GB from {model.path.name} in {time.perf_counter() - start:.1f} s",
           file=log)
+    return fill_resident(net, state, device)
+
+
+def fill_resident(net: Transformer, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    """A meta-device model (its quantized linears already swapped in) filled from `state` (strict), on device."""
+    if net.args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    net.load_state_dict(state, strict=True, assign=True)
+    if net.args.tie_embeddings:
+        net.output.weight = net.tok_embeddings.weight
     net.requires_grad_(False).to(device)
     if device.type == "cuda":
         prepare_linears_for_cuda(net.layers, device)
