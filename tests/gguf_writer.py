@@ -22,6 +22,21 @@ NAMES = {
 }
 
 
+# Byte offsets of each K-quant block's fp16 scales (d, and dmin where there is one), from ggml's block structs.
+KQUANT_SCALES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_kquant(shape: tuple[int, int], kind: str, seed: int) -> np.ndarray:
+    """Random K-quant blocks (gguf cannot quantize to these) with small finite scales: uint8 [rows, bytes]."""
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    data = np.random.default_rng(seed).integers(0, 256, size=(shape[0], shape[1] // block, nbytes), dtype=np.uint8)
+    for offset, value in zip(KQUANT_SCALES[kind], (2e-3, 1e-3)):
+        data[..., offset : offset + 2] = np.array([value], dtype=np.float16).view(np.uint8)
+    return data.reshape(shape[0], -1)
+
+
 def gguf_name(name: str) -> str:
     module, _, leaf = name.rpartition(".")
     if module in NAMES:
@@ -98,7 +113,9 @@ def write_gguf(path: Path, args: ModelArgs, state: dict[str, torch.Tensor], toke
         kind = types.get(name) or types.get("linear" if is_linear else "other") or "F32"
         qtype = gguf.GGMLQuantizationType[kind]
         data = t.float().numpy() if kind != "F16" else t.half().numpy()
-        if kind not in ("F32", "F16"):
+        if kind in KQUANT_SCALES:
+            data = random_kquant(tuple(t.shape), kind, seed=len(name))
+        elif kind not in ("F32", "F16"):
             data = gguf.quants.quantize(t.float().numpy(), qtype)
         w.add_tensor(gguf_name(name), np.ascontiguousarray(data), raw_dtype=qtype if kind not in ("F32", "F16") else None)
     w.write_header_to_file()

@@ -157,3 +157,22 @@ def test_requested_quant_requantizes_and_says_so(tmp_path, tokenizers, capsys):
     model = build_engine(_cfg(path, quant="int4")).model
     assert model.layers[0].feed_forward.w2.format_type is Int4Weight
     assert "Q8_0 weights are dequantized and stored as int4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, mode, tolerance", [
+    ("Q2_K", "int4", 0.1), ("Q3_K", "int4", 0.1), ("Q4_K", "int4", 0.1), ("Q5_K", "int8", 0.01), ("Q6_K", "int8", 0.01),
+])
+def test_k_quants_are_dequantized_by_gguf_and_stored_in_the_default_format(tmp_path, tokenizers, capsys, kind, mode,
+                                                                          tolerance):
+    # K-quant blocks hold 256 values: every inner dimension is a multiple of 256. tolerance: the relative
+    # (Frobenius) error of re-quantizing to int8 (per row) or int4 (groups of 128).
+    args = tiny_args(vocab_size=400, dim=256, ffn_dim=512, max_seq_len=128)
+    path = write_gguf(tmp_path / "k.gguf", args, random_state(args), tokenizers["llama"], {"linear": kind})
+    model = build_engine(_cfg(path)).model
+    assert f"{kind} weights are dequantized and stored as {mode}" in capsys.readouterr().err
+    reference = dequantized_state(path, args)
+    for name in ("layers.0.attention.wq", "layers.1.feed_forward.w2"):
+        layer = model.get_submodule(name)
+        assert layer.format_type is (Int8Weight if mode == "int8" else Int4Weight)
+        w, ref = layer.weight_format().dequantize(), reference[f"{name}.weight"]
+        assert float((w - ref).norm() / ref.norm()) < tolerance
