@@ -121,7 +121,7 @@ def run(cfg: RunConfig) -> None:
     if cfg.save_quantized is not None:
         from engine.quantized_checkpoint import save_quantized_from_config
 
-        print(f"wrote the {cfg.quant} model to {save_quantized_from_config(cfg)}")
+        print(f"wrote the quantized model to {save_quantized_from_config(cfg)}")
         return
     engine = build_engine(cfg)
     if cfg.ppl is not None:

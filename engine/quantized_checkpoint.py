@@ -71,6 +71,10 @@ def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path
     """--save_quantized: load cfg.model_dir on the CPU, quantize it to cfg.quant, save it; returns the directory."""
     from engine.build import pick_dtype, resolve_tokenizer
 
+    from engine.save_converted import is_converted_source, save_converted
+
+    if is_converted_source(Path(cfg.model_dir)):
+        return save_converted(cfg, log)  # GGUF, GPTQ, AWQ: written in the formats they are read into
     if cfg.quant not in SAVED_FORMATS:
         raise UserError(f"--save_quantized needs --quant {' or --quant '.join(SAVED_FORMATS)} (the format to write)")
     out_dir, model_dir = Path(cfg.save_quantized), Path(cfg.model_dir)

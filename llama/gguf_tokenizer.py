@@ -93,3 +93,7 @@ class GGUFTokenizer(HFTokenizer):
         self.eos_id = int(eos)
         eot = meta.get("tokenizer.ggml.eot_token_id")
         self.stop_ids = {self.eos_id} | ({int(eot)} if eot is not None else set())
+
+    def backend_json(self) -> str:
+        """The tokenizer as a tokenizer.json (what --save_quantized writes beside a converted GGUF)."""
+        return self._tok.to_str()

@@ -176,3 +176,15 @@ def test_k_quants_are_dequantized_by_gguf_and_stored_in_the_default_format(tmp_p
         assert layer.format_type is (Int8Weight if mode == "int8" else Int4Weight)
         w, ref = layer.weight_format().dequantize(), reference[f"{name}.weight"]
         assert float((w - ref).norm() / ref.norm()) < tolerance
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_save_quantized_writes_what_was_read(tmp_path, tokenizers, kind):
+    path, _ = _write(tmp_path, "qwen2", kind, tokenizers, chat_template=CHATML)
+    out = tmp_path / "saved"
+    assert app.main([str(path), "--save_quantized", str(out), "--device", "cpu"]) == 0
+    direct, saved = build_engine(_cfg(path)), build_engine(_cfg(out))
+    assert saved.model.layers[0].attention.wq.weight_format().group_size == 32
+    assert torch.equal(_logits(saved.model), _logits(direct.model))
+    assert all(saved.tokenizer.encode(t) == direct.tokenizer.encode(t) for t in TEXTS)
+    assert saved.chat_format.render([]) == direct.chat_format.render([])  # the template came along

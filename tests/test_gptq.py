@@ -136,3 +136,14 @@ def test_unsupported_variants_are_one_line_naming_them(tmp_path, capsys, extra, 
     assert app.main([str(model_dir), "--prompt", "hi", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "config.json" in err and "\n" not in err
+
+
+def test_save_quantized_writes_what_was_read(tmp_path):
+    model_dir, _ = write_checkpoint(tmp_path, "qwen2", "awq")
+    out = tmp_path / "saved"
+    assert app.main([str(model_dir), "--save_quantized", str(out), "--device", "cpu", "--dtype", "float32"]) == 0
+    tokens = torch.randint(0, 400, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(build_engine(_cfg(out)).model(tokens), build_engine(_cfg(model_dir)).model(tokens))
+    act_order, _ = write_checkpoint(tmp_path, "llama", "gptq", 32, desc_act=True)
+    assert app.main([str(act_order), "--save_quantized", str(tmp_path / "no"), "--device", "cpu"]) == 2
