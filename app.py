@@ -10,9 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import BUNDLED_MODEL, RunConfig
+from engine.config import BUNDLED_MODEL, SAVED_MODES, RunConfig
+from engine.flag_values import parse_device, parse_dtype, parse_exclusions, parse_quant, parse_size
+from llama.chat_format import CHAT_FORMATS
+from llama.checkpoint_kind import is_prequantized
 from llama.errors import UserError
-from llama.sampling import SamplingParams
+from llama.sampling_params import SamplingParams
+from server.serve_spec import parse_serve_spec
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -25,14 +29,16 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (Meta or HF), or a .gguf file")
+    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL,
+                   help="checkpoint directory (Meta, HF, GPTQ/AWQ) or a .gguf file")
     p.add_argument("tokenizer", nargs="?", type=Path, help="tokenizer file or directory (default: inside MODEL_DIR)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--f16", action="store_true", help="same as --dtype float16")
     g.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
-    g.add_argument("--prefill_chunk", type=int, default=512, help="tokens per prefill step")
+    g.add_argument("--prefill_chunk", type=int, help="prompt tokens per forward (default: 512, or with "
+                   "--use_offload the largest chunk the GPU budget holds)")
     g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
     g.add_argument("--system", help="system prompt")
     s = p.add_argument_group("sampling (order: repetition penalty, temperature, top-k, top-p, min-p)")
@@ -66,16 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    if ns.max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be at least 1")
-    if ns.ctx is not None and ns.ctx < 16:
-        raise UserError("--ctx must be at least 16")
-    if ns.prefetch < 1:
-        raise UserError("--prefetch must be at least 1")
+    """Every flag checked and typed once, before anything slow (no torch is imported here)."""
+    for flag, value, least in (("--max_new_tokens", ns.max_new_tokens, 1), ("--ctx", ns.ctx, 16),
+                               ("--prefetch", ns.prefetch, 1), ("--prefill_chunk", ns.prefill_chunk, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}")
     if ns.serve is not None:
-        from server.app import parse_serve_spec
-
-        parse_serve_spec(ns.serve)  # a bad spec fails before the model loads
+        parse_serve_spec(ns.serve)
+    if ns.chat_format is not None and ns.chat_format not in CHAT_FORMATS:
+        raise UserError(f"--chat_format: unknown format {ns.chat_format!r} (valid: {', '.join(sorted(CHAT_FORMATS))})")
+    if ns.ppl is not None and not ns.ppl.is_file():
+        raise UserError(f"--ppl: no such file: {ns.ppl}")
+    exclusions = parse_exclusions(ns.offload_exclusion) if ns.offload_exclusion else None
+    gpu_mem = parse_size(ns.gpu_mem) if ns.gpu_mem else None
+    if (exclusions is not None or gpu_mem is not None) and not ns.use_offload:
+        raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
+    quant = parse_quant(ns.quant, ns.use_8bit, ns.use_offload)
+    if ns.save_quantized is not None and quant not in SAVED_MODES and not is_prequantized(ns.model_dir):
+        raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
+                        "(the format to write)")
     sampling = SamplingParams(
         temperature=ns.temperature,
         top_k=ns.top_k,
@@ -91,19 +106,18 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model_dir=ns.model_dir,
         tokenizer=ns.tokenizer,
-        device=ns.device,
-        dtype="float16" if ns.f16 else ns.dtype,
+        device=parse_device(ns.device),
+        dtype="float16" if ns.f16 else parse_dtype(ns.dtype),
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
         chat_format=ns.chat_format,
         system=ns.system,
         sampling=sampling,
         use_offload=ns.use_offload,
-        offload_exclusion=ns.offload_exclusion,
+        offload_exclusion=exclusions,
         prefetch=ns.prefetch,
-        gpu_mem=ns.gpu_mem,
-        use_8bit=ns.use_8bit,
-        quant=ns.quant,
+        gpu_mem=gpu_mem,
+        quant=quant,
         save_quantized=ns.save_quantized,
         prompt=ns.prompt,
         max_new_tokens=ns.max_new_tokens,

@@ -22,7 +22,7 @@ from engine.gguf_build import load_gguf_resident
 from engine.gguf_model import FLOAT_TYPES, GGUFModel, open_gguf_model
 from engine.gptq_model import load_gptq_resident
 from engine.quantized_checkpoint import SAVED_FORMATS, check_output_dir, save_quantized
-from llama.checkpoint_gguf import is_gguf
+from llama.checkpoint_kind import is_gguf
 from llama.checkpoint_gptq import read_gptq_config
 from llama.checkpoint_hf import read_hf_args
 from llama.errors import UserError
@@ -31,11 +31,6 @@ from offload.kernels.linear import QuantizedLinear
 from offload.kernels.permuted_linear import PermutedInt4Linear
 
 CPU = torch.device("cpu")
-
-
-def is_converted_source(model_dir: Path) -> bool:
-    """A GGUF, or a GPTQ/AWQ directory: sources --save_quantized writes as read."""
-    return is_gguf(model_dir) or (Path(model_dir).is_dir() and read_gptq_config(model_dir) is not None)
 
 
 def save_converted(cfg: RunConfig, log: TextIO | None = None) -> Path:
@@ -49,7 +44,7 @@ def save_converted(cfg: RunConfig, log: TextIO | None = None) -> Path:
             gguf = open_gguf_model(model_dir)
             args = gguf.args
             dtype = _float_dtype(gguf) if cfg.dtype == "auto" else pick_dtype(cfg.dtype, CPU, args)
-            model = load_gguf_resident(gguf, cfg.quant, dtype, CPU, log)
+            model = load_gguf_resident(gguf, cfg.quant.value if cfg.quant else None, dtype, CPU, log)
             tokenizer_source = cfg.tokenizer or write_gguf_tokenizer(gguf, Path(tmp))
         else:
             args = read_hf_args(model_dir)

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from llama.checkpoint_hf import hf_to_meta_rows, rope_heads
+from llama.checkpoint_kind import GGUF_SUFFIX as SUFFIX
 from llama.config import Llama3RopeScaling, ModelArgs
 from llama.errors import UserError
 
-SUFFIX = ".gguf"
 ARCHS = ("llama", "qwen2")
 _SPLIT = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.gguf")
 _TOP_LEVEL = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
@@ -57,14 +57,6 @@ class GGUFTensor:
     @property
     def type_name(self) -> str:
         return self.ggml_type.name
-
-
-def is_gguf(path: Path | str) -> bool:
-    """A .gguf file, or a directory holding .gguf files (and no config.json of another format)."""
-    path = Path(path)
-    if path.is_file():
-        return path.suffix == SUFFIX
-    return path.is_dir() and any(path.glob(f"*{SUFFIX}")) and not (path / "config.json").is_file()
 
 
 def gguf_files(path: Path | str) -> list[Path]:

@@ -14,7 +14,7 @@ from tiny_model import GREEDY, make_tiny_model_dir
 from tiny_tokenizer import write_tiny_hf_tokenizer
 
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from llama.chat import ChatSession
 from llama.chat_format import Message
 from llama.chat_template import JinjaChatFormat, find_chat_template, token_strings
@@ -122,7 +122,7 @@ def test_template_sources_and_the_console_cache(tmp_path):
     assert find_chat_template(model_dir) == (MISTRAL, str(model_dir / "tokenizer_config.json"))
     (model_dir / "chat_template.jinja").write_text(MISTRAL)
     assert find_chat_template(model_dir)[1].endswith("chat_template.jinja")
-    cfg = RunConfig(model_dir=model_dir, device="cpu", dtype="float32", ctx=256, sampling=GREEDY)
+    cfg = RunConfig(model_dir=model_dir, device=DeviceSpec("cpu"), dtype="float32", ctx=256, sampling=GREEDY)
     engine = build_engine(cfg)
     assert isinstance(engine.chat_format, JinjaChatFormat)
     assert token_strings(model_dir, engine.tokenizer) == {"bos_token": "<s>", "eos_token": "</s>"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy
 from fixtures import random_state, tiny_args
 from gguf_writer import byte_level_metadata, dequantized_state, sentencepiece_metadata, write_gguf
 from tiny_model import GREEDY
@@ -14,7 +15,7 @@ from tiny_tokenizer import train_tiny_sentencepiece, write_tiny_hf_tokenizer
 
 import app
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from engine.gguf_model import open_gguf_model
 from llama.chat_template import JinjaChatFormat
 from llama.errors import UserError
@@ -22,6 +23,7 @@ from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import model_from_state
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
+from offload.quant_mode import QuantMode
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -50,7 +52,8 @@ def _write(tmp_path: Path, arch: str, kind: str, tokenizers: dict, **kw) -> tupl
 
 
 def _cfg(path: Path, **kw) -> RunConfig:
-    return replace(RunConfig(model_dir=path, device="cpu", dtype="float32", ctx=64, sampling=GREEDY), **kw)
+    cfg = RunConfig(model_dir=path, device=DeviceSpec("cpu"), dtype="float32", ctx=64, sampling=GREEDY)
+    return replace(cfg, **kw)
 
 
 def _logits(model, seed: int = 1) -> torch.Tensor:
@@ -90,13 +93,10 @@ def test_greedy_tokens_equal_transformers_reading_the_same_gguf(tmp_path, tokeni
     path, _ = _write(tmp_path, "llama", kind, tokenizers)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     engine = build_engine(_cfg(path))
-    prompt = torch.tensor([[1, 20, 300, 7, 99]])
+    prompt = [1, 20, 300, 7, 99]
     with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False)[0, 5:].tolist()
-        ids = prompt
-        for _ in range(12):
-            ids = torch.cat([ids, engine.model(ids)[:, -1:].argmax(-1)], dim=1)
-    assert ids[0, 5:].tolist() == theirs
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, 5:].tolist()
+    assert greedy(engine.model, prompt, 12)[0] == theirs
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -154,7 +154,7 @@ def test_bad_gguf_is_one_line_naming_the_file(tmp_path, tokenizers, capsys):
 
 def test_requested_quant_requantizes_and_says_so(tmp_path, tokenizers, capsys):
     path, _ = _write(tmp_path, "llama", "Q8_0", tokenizers)
-    model = build_engine(_cfg(path, quant="int4")).model
+    model = build_engine(_cfg(path, quant=QuantMode.INT4)).model
     assert model.layers[0].feed_forward.w2.format_type is Int4Weight
     assert "Q8_0 weights are dequantized and stored as int4" in capsys.readouterr().err
 

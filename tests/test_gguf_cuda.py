@@ -11,13 +11,10 @@ from tiny_model import GREEDY
 from tiny_tokenizer import train_tiny_sentencepiece
 
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from offload.kernels.linear import QuantizedLinear
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(scope="module", params=["Q4_0", "Q8_0", "Q4_1"])
@@ -36,12 +33,12 @@ def _logits(cfg: RunConfig) -> tuple[torch.Tensor, object]:
     return logits, engine
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_offload": True, "offload_exclusion": "[]"}],
+@pytest.mark.parametrize("overrides", [{}, {"use_offload": True, "offload_exclusion": frozenset()}],
                          ids=["resident", "streamed"])
 def test_gpu_runs_match_the_cpu_reference(gguf_file, overrides):
-    cpu = RunConfig(model_dir=gguf_file, device="cpu", dtype="float32", ctx=256, sampling=GREEDY)
+    cpu = RunConfig(model_dir=gguf_file, device=DeviceSpec("cpu"), dtype="float32", ctx=256, sampling=GREEDY)
     reference, _ = _logits(cpu)
-    logits, engine = _logits(replace(cpu, device="cuda", dtype="bfloat16", **overrides))
+    logits, engine = _logits(replace(cpu, device=DeviceSpec("cuda"), dtype="bfloat16", **overrides))
     assert float((logits - reference).norm() / reference.norm()) < 0.02  # bf16 compute, same quantized values
     wq = engine.model.layers[0].attention.wq
     assert isinstance(wq, QuantizedLinear)

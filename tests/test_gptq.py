@@ -18,7 +18,7 @@ from tiny_tokenizer import train_tiny_sentencepiece
 
 import app
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from llama.checkpoint_hf import hf_name, hf_to_meta_rows, meta_to_hf_rows, rope_heads
 from llama.loader import model_from_state
 from offload.kernels.gptq_convert import AWQ_ORDER
@@ -105,7 +105,8 @@ def write_checkpoint(root: Path, arch: str, method: str, group: int = 32, desc_a
 
 
 def _cfg(model_dir: Path, **kw) -> RunConfig:
-    return replace(RunConfig(model_dir=model_dir, device="cpu", dtype="float32", ctx=64, sampling=GREEDY), **kw)
+    cfg = RunConfig(model_dir=model_dir, device=DeviceSpec("cpu"), dtype="float32", ctx=64, sampling=GREEDY)
+    return replace(cfg, **kw)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -4,7 +4,7 @@ w[n, k] ~= (q[n, k] - zeros[n, g]) * scales[n, g] with g = k // group_size and q
 Two values per byte: q[n, 2j] in the high nibble of packed[n, j] and q[n, 2j + 1] in the low nibble
 (the byte order torch's `_convert_weight_to_int4pack` expects on CUDA).
 A layer narrower than the group size is one group (tiny test models); otherwise in_features must be a
-multiple of the group size and quantize_int4 raises a UserError if not (no padding, so a format's shapes are
+multiple of the group size and quantize_int4 raises a FormatError if not (no padding, so a format's shapes are
 always the layer's shapes).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama.errors import UserError
+from offload.errors import FormatError
 from offload.kernels.bundle import TensorBundle
 from offload.kernels.int8_format import FLOAT_DTYPES
 
@@ -78,9 +78,9 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dty
     n, k = w.shape
     group_size = min(group_size, k)
     if group_size < 2 or group_size % 2:
-        raise UserError(f"int4 group size must be an even number >= 2, got {group_size}")
+        raise FormatError(f"int4 group size must be an even number >= 2, got {group_size}")
     if k % group_size:
-        raise UserError(f"int4: in_features {k} of a [{n}, {k}] weight is not a multiple of the group size "
+        raise FormatError(f"int4: in_features {k} of a [{n}, {k}] weight is not a multiple of the group size "
                         f"{group_size}; choose a group size that divides it")
     scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)
     wg = w.float().reshape(n, k // group_size, group_size)  # (out, groups, group_size)
