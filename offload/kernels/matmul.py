@@ -6,7 +6,8 @@ CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain I
 is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
 and for prefill-sized inputs dequantized in row chunks and multiplied by cuBLAS, since tinygemm is a
 small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
-(a transient copy, freed after the call).
+(a transient copy, freed after the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
+CPU kernel (ours takes one scale per row): on the CPU it is dequantized DEQUANT_ROWS rows at a time.
 """
 from __future__ import annotations
 
