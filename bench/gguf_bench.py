@@ -99,7 +99,7 @@ def main() -> None:
 
     device = torch.device(ns.device)
     dtype = torch.bfloat16  # tinygemm (int4 decode) is bf16-only
-    config = OffloadConfig(dtype=dtype, device=ns.device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
                            prefill_chunk=ns.prompt)
     start = time.perf_counter()
     model = open_gguf_model(path)

@@ -1,6 +1,7 @@
 """GGUF files written with gguf's writer from tiny random Llama and Qwen2 models, read back through our engine."""
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -188,3 +189,22 @@ def test_save_quantized_writes_what_was_read(tmp_path, tokenizers, kind):
     assert torch.equal(_logits(saved.model), _logits(direct.model))
     assert all(saved.tokenizer.encode(t) == direct.tokenizer.encode(t) for t in TEXTS)
     assert saved.chat_format.render([]) == direct.chat_format.render([])  # the template came along
+
+
+@pytest.mark.parametrize("kind, bits", [("Q8_0", 8), ("Q4_0", 4)])
+def test_streamed_blocks_stay_in_their_bit_width(tmp_path, tokenizers, kind, bits):
+    # The offload machinery on the CPU (synchronous copies): the same path --use_offload takes on a GPU.
+    from engine.gguf_build import load_gguf_offloaded
+    from offload.policy import OffloadConfig
+
+    path, _ = _write(tmp_path, "llama", kind, tokenizers)
+    config = OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), exclusions=frozenset(), max_seq_len=64,
+                           prefill_chunk=64, verbose=False)
+    net, offloaded = load_gguf_offloaded(open_gguf_model(path), None, config)
+    block_weights = sum(math.prod(s) for n, s in _args("llama").block_weight_shapes().items() if "norm" not in n)
+    per_block = offloaded.streamed_bytes / _args("llama").n_layers
+    # bits per weight, plus at most one more for the fp16 scales (and zeros) of 32 weights, plus each of the
+    # block's tensors (up to 3 per linear) aligned to 512 bytes in its home buffer.
+    assert block_weights * bits / 8 < per_block <= block_weights * (bits + 1) / 8 + 21 * 512
+    torch.testing.assert_close(_logits(net), _logits(build_engine(_cfg(path)).model), atol=1e-5, rtol=1e-5)
+    offloaded.close()
