@@ -20,6 +20,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from llama.checkpoint import check_weights
 from llama.checkpoint_gguf import GGUFTensor, gguf_files, iter_gguf_tensors, metadata, open_gguf, read_gguf_args
 from llama.config import ModelArgs
 from llama.errors import UserError
@@ -65,15 +66,7 @@ def open_gguf_model(path: Path | str) -> GGUFModel:
         if t.name in tensors:
             raise UserError(f"{t.file}: tensor {t.name!r} appears a second time")
         tensors[t.name] = t
-    expected = args.weight_shapes()
-    for name, t in tensors.items():
-        if expected.get(name) != t.shape:
-            what = "unexpected tensor" if name not in expected else f"tensor of shape {t.shape}, the metadata asks for"
-            raise UserError(f"{t.file}: {what} {name!r}{'' if name not in expected else f' {expected[name]}'}")
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        raise UserError(f"{files[0]}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if
-                                                                         len(missing) > 1 else ""))
+    check_weights({n: t.shape for n, t in tensors.items()}, args, files[0])  # shapes, unexpected, missing
     return GGUFModel(files[0], meta, args, tensors)
 
 
@@ -144,7 +137,8 @@ def quantized_shell(model: GGUFModel, modes: dict[str, str | None], base: nn.Mod
 
 
 def iter_gguf_weights(
-    model: GGUFModel, modes: dict[str, str | None], dtype: torch.dtype, read: Callable[[int], object] = lambda nbytes: None
+    model: GGUFModel, modes: dict[str, str | None], dtype: torch.dtype,
+    read: Callable[[int], object] = lambda nbytes: None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the model as quantized_shell laid it out: a quantized linear's
     format tensors under `{module}.{field}`, every float in `dtype` (the formats' own dtypes are kept).

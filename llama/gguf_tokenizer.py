@@ -77,7 +77,8 @@ def build_backend(meta: dict[str, Any], source: Path) -> Any:
 class GGUFTokenizer(HFTokenizer):
     """An HF-style tokenizer built from a GGUF's metadata instead of a tokenizer.json."""
 
-    def __init__(self, meta: dict[str, Any], source: Path) -> None:  # noqa: super().__init__ reads a file
+    def __init__(self, meta: dict[str, Any], source: Path) -> None:
+        # Not HFTokenizer.__init__, which reads tokenizer.json and its config files; the rest is shared.
         self._tok = build_backend(meta, source)
         self._tok.encode_special_tokens = True
         self.vocab_size = len(meta["tokenizer.ggml.tokens"])

@@ -101,6 +101,14 @@ def write_gguf(path: Path, args: ModelArgs, state: dict[str, torch.Tensor], toke
             w.add_string(full, value)
         else:
             w.add_uint32(full, value)
+    if args.rope_scaling is not None:  # Llama 3.1 files: the divisors of each RoPE frequency, as a tensor
+        from dataclasses import replace
+
+        from llama.model import rope_frequencies
+
+        factors = rope_frequencies(replace(args, rope_scaling=None)) / rope_frequencies(args)
+        w.add_float32(f"{a}.rope.scaling.factor", args.rope_scaling.factor)
+        w.add_tensor("rope_freqs.weight", factors.numpy())
     if chat_template is not None:
         w.add_string("tokenizer.chat_template", chat_template)
     for name, t in state.items():
@@ -117,7 +125,8 @@ def write_gguf(path: Path, args: ModelArgs, state: dict[str, torch.Tensor], toke
             data = random_kquant(tuple(t.shape), kind, seed=len(name))
         elif kind not in ("F32", "F16"):
             data = gguf.quants.quantize(t.float().numpy(), qtype)
-        w.add_tensor(gguf_name(name), np.ascontiguousarray(data), raw_dtype=qtype if kind not in ("F32", "F16") else None)
+        raw_dtype = None if kind in ("F32", "F16") else qtype
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(data), raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

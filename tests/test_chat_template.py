@@ -61,7 +61,8 @@ TOKENS = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}  # both in th
 TEMPLATES = {"llama3": LLAMA3, "qwen2": QWEN2, "mistral": MISTRAL, "tools": TOOLS}
 ONE_TURN = [Message("user", "Hello there, café?")]
 WITH_SYSTEM = [Message("system", "You are brief."), Message("user", "Hi")]
-MULTI_TURN = [Message("user", "Hi"), Message("assistant", " Hello! How can I help?"), Message("user", "Tell me\na joke")]
+MULTI_TURN = [Message("user", "Hi"), Message("assistant", " Hello! How can I help?"),
+              Message("user", "Tell me\na joke")]
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def test_bad_gguf_is_one_line_naming_the_file(tmp_path, tokenizers, capsys):
     folder = tmp_path / "missing"
     folder.mkdir()
     path = write_gguf(folder / "m.gguf", args, state, tokenizers["llama"])
-    with pytest.raises(UserError, match="missing tensor 'layers.1.feed_forward.w2.weight'"):
+    with pytest.raises(UserError, match="missing weight 'layers.1.feed_forward.w2.weight'"):
         build_engine(_cfg(path))
 
 
@@ -208,3 +208,14 @@ def test_streamed_blocks_stay_in_their_bit_width(tmp_path, tokenizers, kind, bit
     assert block_weights * bits / 8 < per_block <= block_weights * (bits + 1) / 8 + 21 * 512
     torch.testing.assert_close(_logits(net), _logits(build_engine(_cfg(path)).model), atol=1e-5, rtol=1e-5)
     offloaded.close()
+
+
+def test_rope_scaling_and_sliding_window_come_from_the_file(tmp_path, tokenizers):
+    from llama.config import Llama3RopeScaling
+
+    args = replace(_args("llama"), rope_scaling=Llama3RopeScaling(factor=4.0), sliding_window=8)
+    state = random_state(args, seed=4)
+    path = write_gguf(tmp_path / "rope.gguf", args, state, tokenizers["llama"])
+    engine = build_engine(_cfg(path))
+    assert engine.args.rope_scaling == args.rope_scaling and engine.args.sliding_window == 8
+    torch.testing.assert_close(_logits(engine.model), _logits(model_from_state(args, state)), atol=1e-5, rtol=1e-5)
