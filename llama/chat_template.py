@@ -23,7 +23,7 @@ from typing import Any
 
 from llama.chat_format import ChatFormat, Message, _check_role, detect_chat_format, get_chat_format
 from llama.errors import UserError
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import HFTokenizer, Tokenizer
 
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -89,7 +89,10 @@ class JinjaChatFormat(ChatFormat):
             raise UserError(f"{self.source}: the chat template failed to render ({e})") from None
 
     def encode_text(self, text: str) -> list[int]:
-        """Ids of rendered text: special tokens' strings become their ids, the rest is encoded as text."""
+        """Ids of rendered text: special tokens' strings become their ids, the rest is encoded as text
+        (by the tokenizers library itself for tokenizer.json and GGUF tokenizers)."""
+        if isinstance(self.tokenizer, HFTokenizer):
+            return self.tokenizer.encode_rendered(text)
         ids, start = [], 0
         for m in self._specials.finditer(text) if self._specials else ():
             if m.start() > start:

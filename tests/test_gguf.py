@@ -111,10 +111,12 @@ def test_tokenizer_from_metadata_gives_transformers_ids(tmp_path, tokenizers, ar
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode(text)) == theirs.decode(ours.encode(text))
     assert ours.bos_id == (1 if arch == "llama" else None) and ours.eos_id == theirs.eos_token_id
-    if arch == "qwen2":  # special tokens in rendered template text become their ids, as transformers does
-        fmt = JinjaChatFormat(ours, CHATML, "test", {})
-        text = "<|im_start|>user\nHi there<|im_end|>\n"
-        assert fmt.encode_text(text) == theirs.encode(text, add_special_tokens=False)
+    # Special tokens in rendered template text become their ids, with the text around them split as transformers
+    # splits it (for SentencePiece vocabularies: no `▁` after a special token).
+    fmt = JinjaChatFormat(ours, CHATML, "test", {})
+    text = ("<|im_start|>user\nHi there<|im_end|>\n" if arch == "qwen2" else
+            "<s>[INST] hello there [/INST] Hi</s>[INST] more [/INST]")
+    assert fmt.encode_text(text) == theirs.encode(text, add_special_tokens=False)
 
 
 def test_chat_template_comes_from_the_metadata_and_a_tokenizer_argument_overrides(tmp_path, tokenizers):
