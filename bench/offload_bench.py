@@ -28,22 +28,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.llama_offload import offload_transformer
+from engine.llama_units import BLOCK_LINEARS
 from llama.config import ModelArgs
 from llama.kv_cache import KVCache
 from llama.model import Transformer
-from offload.engine import OffloadedModel, apply_offload, probe_link_gbps
-from offload.policy import STREAMABLE, OffloadConfig, plan_placement
+from offload.link import probe_link_gbps
+from offload.placement import OffloadedModel
+from offload.policy import OffloadConfig, plan_placement
+from offload.quant_mode import QuantMode
 
 GiB = 2**30
 ALL_MODES = ("resident", "off_all", "off_ff", "off_att", "int8", "int4", "int4_resident", "accelerate")
 EXCLUSIONS = {
-    "resident": frozenset(STREAMABLE),
+    "resident": frozenset(BLOCK_LINEARS),
     "off_all": frozenset(),
     "off_ff": frozenset({"w1", "w2", "w3"}),
     "off_att": frozenset({"wq", "wk", "wv", "wo"}),
     "int8": frozenset(),
     "int4": frozenset(),
-    "int4_resident": frozenset(STREAMABLE),
+    "int4_resident": frozenset(BLOCK_LINEARS),
 }
 
 
@@ -154,21 +158,22 @@ def decode_count(streamed_bytes: int, link: float | None, seconds: float, room: 
 
 
 def offload_modes(
-    modes: list[str], quant: str | None, args: ModelArgs, ns: argparse.Namespace, device: torch.device,
+    modes: list[str], quant: QuantMode | None, args: ModelArgs, ns: argparse.Namespace, device: torch.device,
     link: float | None,
 ) -> list[Row]:
     """Load the synthetic model once (streamed, in `quant` or fp16) and run each mode by re-planning."""
-    dtype = torch.bfloat16 if quant == "int4" else torch.float16  # torch's int4 GEMM is bf16-only
+    dtype = torch.bfloat16 if quant is QuantMode.INT4 else torch.float16  # torch's int4 GEMM is bf16-only
     cache = KVCache(args, ns.ctx, dtype, device)
     config = OffloadConfig(
-        dtype=dtype, device=str(device), exclusions=frozenset(), n_slots=ns.slots, max_seq_len=ns.ctx,
+        dtype=dtype, device=device, exclusions=frozenset(), n_slots=ns.slots, max_seq_len=ns.ctx,
         prefill_chunk=ns.prompt, quant=quant,
     )
     with torch.device("meta"):
         model = Transformer(args)
     start = time.perf_counter()
-    off = apply_offload(model, synthetic_weights(args, device), config)
-    print(f"[{quant or 'fp16'}] store {off.store.nbytes / 1e9:.2f} GB, pinned={off.store.pinned}, "
+    off = offload_transformer(model, synthetic_weights(args, device), config)
+    label = quant.value if quant else "fp16"
+    print(f"[{label}] store {off.store.nbytes / 1e9:.2f} GB, pinned={off.store.pinned}, "
           f"loaded in {time.perf_counter() - start:.1f} s", flush=True)
     rows = []
     for mode in modes:
@@ -319,13 +324,10 @@ def main() -> None:
     fp16_modes = [m for m in ("resident", "off_all", "off_ff", "off_att") if m in modes]
     int8_modes = [m for m in ("int8",) if m in modes]
     int4_modes = [m for m in ("int4", "int4_resident") if m in modes]
-    have_kernels = _have_quantize()
     if fp16_modes:
         rows += offload_modes(fp16_modes, None, args, ns, device, link)
-    for quant, qmodes in (("int8", int8_modes), ("int4", int4_modes)):
-        if qmodes and not have_kernels:
-            print(f"[{quant}] skipped: offload.kernels has no quantize_linears yet", flush=True)
-        elif qmodes:
+    for quant, qmodes in ((QuantMode.INT8, int8_modes), (QuantMode.INT4, int4_modes)):
+        if qmodes:
             rows += offload_modes(qmodes, quant, args, ns, device, link)
     if "accelerate" in modes and device.type == "cuda":
         torch.cuda.empty_cache()
@@ -350,14 +352,6 @@ def main() -> None:
         ns.json.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=1))
     if ns.markdown:
         ns.markdown.write_text(md + "\n")
-
-
-def _have_quantize() -> bool:
-    try:
-        from offload.kernels import quantize_linears  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

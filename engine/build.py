@@ -1,39 +1,35 @@
 """Build a ready-to-generate Engine (model, tokenizer, chat format, generator) from a RunConfig."""
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from tqdm import tqdm
 
-from engine.config import RESIDENT_PREFILL_CHUNK, DeviceSpec, RunConfig
+from engine.choices import pick_device, pick_dtype, resolve_tokenizer
+from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
+from engine.gguf_model import GGUFModel, open_gguf_model
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
     check_quantized_run,
     load_quantized_model,
     read_quantization,
 )
-from engine.gguf_model import GGUFModel, open_gguf_model
 from llama.chat_format import ChatFormat
 from llama.chat_template import choose_chat_format, find_chat_template
-from llama.checkpoint_kind import is_gguf
 from llama.checkpoint_gptq import GPTQConfig, read_gptq_config
+from llama.checkpoint_kind import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
-from llama.loader import load_model, read_model_args
 from llama.gguf_tokenizer import GGUFTokenizer
+from llama.loader import load_model, read_model_args
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer, load_tokenizer
+from llama.tokenizer import Tokenizer
 from offload.quant_mode import QuantMode
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Engine:
@@ -51,33 +47,6 @@ class Engine:
         return self.generator.max_seq_len
 
 
-def pick_device(spec: DeviceSpec, use_offload: bool = False) -> torch.device:
-    """The torch device for --device; auto is cuda when available (always cuda when streaming)."""
-    if spec.kind == "auto":
-        return torch.device("cuda" if use_offload or torch.cuda.is_available() else "cpu")
-    if spec.kind == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no usable CUDA GPU here; run with --device cpu")
-    return torch.device(spec.kind, spec.index)
-
-
-def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
-    """auto: float16 on a GPU; float32 on the CPU when it fits comfortably in RAM, else bfloat16."""
-    if name != "auto":
-        return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.float16
-    fp32_bytes = sum(math.prod(s) for s in args.weight_shapes().values()) * 4
-    return torch.float32 if fp32_bytes < 0.5 * psutil.virtual_memory().available else torch.bfloat16
-
-
-def resolve_tokenizer(cfg: RunConfig, gguf: GGUFModel | None = None) -> Tokenizer:
-    """The tokenizer argument's, else the GGUF metadata's, else the one in the model directory."""
-    if cfg.tokenizer is None and gguf is not None:
-        return GGUFTokenizer(gguf.meta, gguf.path)
-    path = cfg.tokenizer if cfg.tokenizer is not None else cfg.model_dir
-    return load_tokenizer(Path(path))
-
-
 def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     """Load, quantize and place the model cfg describes; every failure the user can fix is a UserError."""
     with flag_messages():
@@ -89,7 +58,8 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     gguf = open_gguf_model(model_dir) if is_gguf(model_dir) else None
     if gguf is None and not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
-    tokenizer = resolve_tokenizer(cfg, gguf)
+    # A tokenizer argument overrides the one a GGUF's metadata describes.
+    tokenizer = GGUFTokenizer(gguf.meta, gguf.path) if gguf and cfg.tokenizer is None else resolve_tokenizer(cfg)
     args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
     quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
     gptq = None if gguf else read_gptq_config(model_dir)
@@ -108,12 +78,13 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
+    chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if gguf is not None:
         model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
     elif gptq is not None:
         model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
     elif cfg.use_offload:
-        model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
+        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
@@ -122,7 +93,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
     fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
-    generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK)
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
 
 
@@ -130,14 +101,18 @@ def _load_gguf(
     cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
 ) -> tuple[Transformer, torch.device]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
+    from offload.policy import OffloadConfig
 
     if cfg.quant is QuantMode.BNB:
         raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
     quant = cfg.quant.value if cfg.quant is not None else None
-    if cfg.use_offload:
-        model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx))
-        return model, offloaded.device
-    return load_gguf_resident(gguf, quant, dtype, device), device
+    if not cfg.use_offload:
+        return load_gguf_resident(gguf, quant, dtype, device), device
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=cfg.offload_exclusion, gpu_mem=cfg.gpu_mem,
+                           n_slots=cfg.prefetch, max_seq_len=ctx, prefill_chunk=cfg.prefill_chunk or
+                           RESIDENT_PREFILL_CHUNK)
+    model, offloaded = load_gguf_offloaded(gguf, quant, config)
+    return model, offloaded.device
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
@@ -152,10 +127,15 @@ def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfi
     return load_gptq_resident(model_dir, args, gptq, dtype, device)
 
 
-def _offload_config(cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int):
+def _load_offloaded(
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, log
+) -> tuple[Transformer, torch.device, int]:
+    """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
+    whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
+    from engine.llama_offload import build_offloaded_model
     from offload.policy import OffloadConfig
 
-    return OffloadConfig(
+    config = OffloadConfig(
         dtype=dtype,
         device=device,
         exclusions=cfg.offload_exclusion,
@@ -165,15 +145,12 @@ def _offload_config(cfg: RunConfig, dtype: torch.dtype, device: torch.device, ct
         prefill_chunk=cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK,
         quant=cfg.quant,
     )
-
-
-def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
-) -> tuple[Transformer, torch.device]:
-    from offload.engine import build_offloaded_model
-
-    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx))
-    return model, offloaded.device
+    model, offloaded = build_offloaded_model(model_dir, config)
+    if cfg.prefill_chunk is not None:
+        return model, offloaded.device, cfg.prefill_chunk
+    chunk = offloaded.plan.prefill_chunk(ctx)
+    print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
+    return model, offloaded.device, chunk
 
 
 def _load_resident(

@@ -2,7 +2,7 @@
 
 Both paths build the model on the meta device, swap in the quantized linears the file's types call for
 (engine/gguf_model.py), then fill it from the file one tensor at a time: resident through
-load_state_dict(assign=True, strict), streamed through the offload engine's apply_offload, which stores
+load_state_dict(assign=True, strict), streamed through the offload engine (engine/llama_offload.offload_transformer), which stores
 quantized blocks as they come (8 or 4 bits in pinned RAM and over the link).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tqdm import tqdm
 from engine.gguf_model import GGUFModel, iter_gguf_weights, linear_modes, quantized_shell, weight_bytes
 from llama.loader import empty_model
 from llama.model import Transformer
-from offload.engine import OffloadedModel, apply_offload
+from engine.llama_offload import offload_transformer
+from offload.placement import OffloadedModel
 from offload.kernels.linear import prepare_linears_for_cuda
 from offload.policy import OffloadConfig
 
@@ -61,6 +62,6 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
         net = Transformer(model.args)
     quantized_shell(model, modes, net)
     # The weights arrive already in their formats: the offload engine only places them.
-    offloaded = apply_offload(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))
+    offloaded = offload_transformer(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))
     print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model.path.name})", file=log)
     return net, offloaded

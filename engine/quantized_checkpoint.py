@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from engine.choices import pick_dtype, resolve_tokenizer
 from engine.config import RunConfig
 from engine.offload_messages import flag_messages
 from llama.checkpoint import iter_weights, read_model_args
@@ -71,7 +72,6 @@ def save_quantized(
 
 def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path:
     """--save_quantized: load cfg.model_dir on the CPU, quantize it to cfg.quant, save it; returns the directory."""
-    from engine.build import pick_dtype, resolve_tokenizer
     from engine.save_converted import save_converted
     from llama.checkpoint_kind import is_prequantized
 

@@ -34,7 +34,7 @@ CPU = torch.device("cpu")
 
 
 def save_converted(cfg: RunConfig, log: TextIO | None = None) -> Path:
-    from engine.build import pick_dtype
+    from engine.choices import pick_dtype
 
     log = log or sys.stderr
     out_dir, model_dir = Path(cfg.save_quantized), Path(cfg.model_dir)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -37,7 +37,6 @@ class ModelArgs:
     qkv_bias: bool = False  # Qwen2 has biases on wq, wk, wv
     sliding_window: int | None = None  # Mistral v0.1: a query sees only the last this-many keys
     arch: str = "llama"  # llama | mistral | qwen2 (only changes defaults and chat format detection)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -76,10 +75,6 @@ class ModelArgs:
         if not self.tie_embeddings:
             shapes["output.weight"] = (self.vocab_size, self.dim)
         return shapes
-
-    def block_bytes(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return sum(math.prod(s) for s in self.block_weight_shapes().values()) * elem
 
     def kv_cache_bytes(self, seq_len: int, dtype: torch.dtype, batch: int = 1) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

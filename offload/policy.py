@@ -1,9 +1,10 @@
-"""What goes where: the exclusion list, the offload configuration and the VRAM budget planner.
+"""What goes where: the offload configuration, a model's footprint and the VRAM budget planner.
 
-A block's weights are split into "units", the seven linears the exclusion flag names (wq, wk, wv, wo,
-w1, w2, w3). A unit is either resident on the GPU or streamed from pinned host RAM through a ring of
-device slots. The rest of a block (its norms) is small and always resident. The planner picks the
-placement that streams the fewest bytes per forward pass within a GPU memory budget.
+A block's weights are split into "units" (for Llama the seven linears the exclusion flag names; the
+adapter that describes a model says which). A unit is either resident on the GPU or streamed from
+pinned host RAM through a ring of device slots. The rest of a block (its norms) is small and always
+resident. The planner picks the placement that streams the fewest bytes per forward pass within a GPU
+memory budget; a plain resident run is the plan that keeps every unit resident.
 """
 from __future__ import annotations
 
@@ -13,39 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama.config import ModelArgs
 from offload.errors import BudgetTooSmall
+from offload.host import FillMethod, format_bytes
+from offload.layout import Part
 from offload.quant_mode import QuantMode
-
-STREAMABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-UNIT_PATHS = {
-    "wq": "attention.wq",
-    "wk": "attention.wk",
-    "wv": "attention.wv",
-    "wo": "attention.wo",
-    "w1": "feed_forward.w1",
-    "w2": "feed_forward.w2",
-    "w3": "feed_forward.w3",
-}
-_PATH_UNITS = {path: unit for unit, path in UNIT_PATHS.items()}
 
 # Left free on the GPU when no --gpu_mem is given: allocator slack and other processes' growth.
 DEFAULT_MARGIN_BYTES = 512 * 2**20
 DEFAULT_MARGIN_FRACTION = 0.02
 # cuBLAS workspaces and the allocator's rounding, beyond the tensors the activation estimate counts.
 WORKSPACE_BYTES = 64 * 2**20
-
-
-def format_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def unit_of(tensor_name: str) -> str | None:
-    """The unit a block-relative tensor name belongs to (`attention.wq.weight` -> `wq`), or None (norms)."""
-    return _PATH_UNITS.get(tensor_name.rpartition(".")[0])
 
 
 @dataclass(frozen=True)
@@ -64,6 +42,7 @@ class OffloadConfig:
     prefill_chunk: int = 2048  # longest forward the activation estimate must hold
     quant: QuantMode | None = None  # INT8 | INT4: linears held, streamed and multiplied in that format
     pin: bool = True  # False: pageable home buffers (for machines that cannot lock memory)
+    fill: FillMethod = FillMethod()  # how home buffers are filled and locked (bench/load_bench.py compares)
     sequential: bool = False  # reference schedule: copy each block right before it runs, no overlap
     verbose: bool = True
 
@@ -74,7 +53,7 @@ class OffloadConfig:
 
 @dataclass(frozen=True)
 class Footprint:
-    """GPU bytes a model needs, per part, for one dtype/format. Blocks are alike (Llama)."""
+    """GPU bytes a model needs, per part, for one dtype/format. Blocks are alike."""
 
     n_blocks: int
     unit_bytes: Mapping[str, int]  # one block's streamable units, bytes each (as laid out in a slot)
@@ -82,19 +61,13 @@ class Footprint:
     head_bytes: int  # output head
     fixed_bytes: int  # final norm, RoPE tables: always on the GPU
     kv_cache_bytes: int
-    activation_bytes: int
+    activation_bytes: int  # one forward of `prefill_tokens` positions
+    prefill_tokens: int = 1
+    activation_bytes_per_token: int = 0  # what each further position of a forward adds
 
     @property
     def block_bytes(self) -> int:
         return sum(self.unit_bytes.values()) + self.block_other_bytes
-
-
-def activation_bytes(args: ModelArgs, tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
-    """Peak transient GPU bytes of one forward of `tokens` positions (last-position logits only)."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    per_token = 4 * args.dim * elem + 3 * q * 4 + 2 * kv * 4 + 3 * args.ffn_dim * elem  # RoPE works in float32
-    return batch * tokens * per_token + batch * args.vocab_size * (elem + 4) + WORKSPACE_BYTES
 
 
 @dataclass(frozen=True)
@@ -109,25 +82,38 @@ class Plan:
     budget: int | None
     literal: bool = field(default=False, compare=False)  # exclusions taken as given, not optimized
 
+    @property
+    def units(self) -> tuple[str, ...]:
+        return tuple(self.footprint.unit_bytes)
+
     def streamed_units(self, block: int) -> frozenset[str]:
         if block >= self.n_streamed_blocks:
             return frozenset()
-        return frozenset(STREAMABLE) - self.resident_units
+        return frozenset(self.units) - self.resident_units
+
+    def on_gpu(self, part: Part) -> bool:
+        """Whether a top-level part lives on the GPU (the embedding never does: only its rows cross)."""
+        return {Part.EMBEDDING: False, Part.HEAD: self.head_on_gpu, Part.FIXED: True}[part]
 
     @property
     def n_streamed_blocks(self) -> int:
-        if self.resident_units >= frozenset(STREAMABLE):
+        if self.resident_units >= frozenset(self.units):
             return 0
         return self.footprint.n_blocks - self.n_resident_blocks
 
-    @property
-    def streamed_blocks(self) -> list[int]:
-        return list(range(self.n_streamed_blocks))
+    def prefill_chunk(self, longest: int) -> int:
+        """The most prompt tokens one forward may take: the largest chunk (at most `longest`) whose activations
+        fit what the plan leaves of the budget, and never fewer than the footprint was planned with."""
+        fp = self.footprint
+        if self.budget is None or not fp.activation_bytes_per_token:
+            return longest
+        extra = max(0, self.budget - self.gpu_bytes) // fp.activation_bytes_per_token
+        return min(longest, fp.prefill_tokens + extra)
 
     @property
     def slot_bytes(self) -> int:
         fp = self.footprint
-        return sum(fp.unit_bytes[u] for u in STREAMABLE if u not in self.resident_units)
+        return sum(b for u, b in fp.unit_bytes.items() if u not in self.resident_units)
 
     @property
     def ring_bytes(self) -> int:
@@ -165,7 +151,7 @@ class Plan:
         n_stream = self.n_streamed_blocks
         lines = [f"offload plan ({'as given' if self.literal else 'planned'}; GPU budget {budget}):"]
         if n_stream:
-            units = ",".join(u for u in STREAMABLE if u in self.resident_units) or "none"
+            units = ",".join(u for u in self.units if u in self.resident_units) or "none"
             lines.append(
                 f"  streamed: {n_stream} of {fp.n_blocks} blocks through {min(self.n_slots, n_stream)} slots of "
                 f"{format_bytes(self.slot_bytes)}; resident in those blocks: {units}"
@@ -207,7 +193,7 @@ def plan_placement(
     """
     literal = exclusions is not None and not budget_given
     forced = exclusions or frozenset()
-    free = [u for u in STREAMABLE if u not in forced]
+    free = [u for u in footprint.unit_bytes if u not in forced]
     if literal:
         unit_sets = [forced]
         block_counts: Iterable[int] = [0]

@@ -6,17 +6,18 @@ import torch
 from llama.config import ModelArgs
 from llama.loader import model_from_state
 from llama.model import Transformer
-from offload.engine import OffloadedModel, apply_offload
+from engine.llama_offload import offload_transformer
+from offload.placement import OffloadedModel
 from offload.policy import OffloadConfig
 
 PROMPT = [1, 17, 42, 99, 7, 3, 250, 31]
 
 
 def offloaded(args: ModelArgs, state: dict[str, torch.Tensor], config: OffloadConfig) -> tuple[Transformer, OffloadedModel]:
-    """A meta-built model filled from `state` through apply_offload."""
+    """A meta-built model filled from `state` through offload's placement path."""
     with torch.device("meta"):
         model = Transformer(args)
-    return model, apply_offload(model, iter(state.items()), config)
+    return model, offload_transformer(model, iter(state.items()), config)
 
 
 def resident(args: ModelArgs, state: dict[str, torch.Tensor], device: str, dtype: torch.dtype) -> Transformer:

@@ -17,7 +17,8 @@ from offload_testing import PROMPT, offloaded, resident
 
 from llama.config import ModelArgs
 from llama.model import Transformer
-from offload.engine import OffloadedModel, build_offloaded_model
+from engine.llama_offload import build_offloaded_model
+from offload.placement import OffloadedModel
 from offload.policy import OffloadConfig, plan_placement
 from offload.quant_mode import QuantMode
 
@@ -133,7 +134,7 @@ def test_build_from_checkpoint_on_gpu(tmp_path: Path, closing: list[OffloadedMod
 def test_quantized_streaming_matches_quantized_resident(
     quant: str, dtype: torch.dtype, closing: list[OffloadedModel]
 ) -> None:
-    from offload.engine import quantize_block
+    from offload.placement import quantize_block
 
     args = tiny_args(n_layers=4, dim=256, n_heads=4, ffn_dim=512)
     state = random_state(args, seed=8)

@@ -14,10 +14,11 @@ from conftest import greedy
 from fixtures import make_meta_checkpoint, random_state, tiny_args
 from offload_testing import PROMPT, offloaded, resident
 
+from engine.llama_offload import build_offloaded_model
 from engine.offload_messages import flag_message
 from llama.kv_cache import KVCache
 from offload.errors import NoGpu, WeightMismatch
-from offload.engine import HostEmbedding, build_offloaded_model
+from offload.placement import HostEmbedding
 from offload.policy import OffloadConfig, plan_placement
 from offload.quant_mode import QuantMode
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 import gc
 
 import psutil
+import pytest
 import torch
 
+from engine.llama_offload import offload_transformer
 from llama.config import ModelArgs
 from llama.model import Transformer
-from offload.engine import apply_offload
-from offload.host import ALIGN, HostStore, lay_out, merge_runs
+from offload import host
+from offload.host import ALIGN, FillMethod, HostStore, lay_out, merge_runs
 from offload.policy import OffloadConfig
 
 
@@ -37,6 +39,20 @@ def test_layout_is_aligned_and_views_round_trip() -> None:
     assert store.blocks == [3] and not store.pinned
     store.close()
     assert store.blocks == []
+
+
+@pytest.mark.parametrize("fill", [FillMethod(threads=4), FillMethod(pin_after_fill=True, threads=3)])
+def test_threaded_fill_gives_the_same_bytes(fill: FillMethod, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(host, "COPY_CHUNK", 20)  # cut even these tiny tensors into many pieces
+    tensors = mixed_tensors() | {"feed_forward.w2.weight": torch.randn(37, 11)}
+    plain, threaded = HostStore(pin=False), HostStore(pin=False, fill=fill)
+    plain.add_block(0, tensors)
+    threaded.add_block(0, tensors)
+    assert plain.entries(0) == threaded.entries(0)
+    for name, t in tensors.items():
+        assert torch.equal(threaded.view(0, name), t)
+    plain.close()
+    threaded.close()
 
 
 def test_contiguous_units_merge_into_one_copy() -> None:
@@ -67,7 +83,7 @@ def test_filling_from_a_reader_keeps_one_copy_in_ram() -> None:
         model = Transformer(args)
     gc.collect()
     before = psutil.Process().memory_info().rss
-    offloaded = apply_offload(
+    offloaded = offload_transformer(
         model, reader(), OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), exclusions=frozenset(), verbose=False)
     )
     gc.collect()

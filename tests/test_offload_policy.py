@@ -4,21 +4,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama.config import ModelArgs
 from engine.flag_values import parse_exclusions, parse_size
+from engine.llama_offload import activation_bytes, unit_of
+from engine.llama_units import BLOCK_LINEARS
 from engine.offload_messages import flag_message
+from llama.config import ModelArgs
 from llama.errors import UserError
 from offload.errors import BudgetTooSmall
-from offload.policy import (
-    STREAMABLE,
-    Footprint,
-    OffloadConfig,
-    Plan,
-    activation_bytes,
-    format_bytes,
-    plan_placement,
-    unit_of,
-)
+from offload.policy import Footprint, OffloadConfig, Plan, format_bytes, plan_placement
 
 GiB, MiB = 2**30, 2**20
 
@@ -58,7 +51,7 @@ def test_unknown_exclusion_lists_valid_names() -> None:
         parse_exclusions("[w1,w4]")
     msg = str(e.value)
     assert "'w4'" in msg and "--offload_exclusion" in msg
-    assert all(n in msg for n in STREAMABLE)
+    assert all(n in msg for n in BLOCK_LINEARS)
 
 
 @pytest.mark.parametrize(
@@ -153,6 +146,20 @@ def test_predicted_tokens_per_second() -> None:
     assert 4.0 < plan.predicted_tps(54.0) < 4.3  # the figure DESIGN.md quotes for this link
     assert "predicted 4.1" in plan.describe(54.0)
     assert plan_placement(llama7b_footprint(), None, 2).predicted_tps(54.0) is None
+
+
+def test_prefill_chunk_takes_what_the_budget_leaves() -> None:
+    per_token = 180 * 2**10
+    fp = llama7b_footprint()
+    fp = Footprint(**{**fp.__dict__, "prefill_tokens": 512, "activation_bytes_per_token": per_token})
+    tight = plan_placement(fp, Plan(fp, frozenset(), 0, False, 2, None).gpu_bytes + 100 * per_token, 2,
+                           frozenset(), budget_given=True)
+    assert tight.prefill_chunk(8192) >= 512 + 100
+    assert tight.budget - tight.gpu_bytes < (tight.prefill_chunk(8192) - 512 + 1) * per_token  # the largest
+    assert tight.prefill_chunk(300) == 300  # never more than asked
+    roomy = plan_placement(fp, 40 * GiB, 2, frozenset(), budget_given=True)
+    assert roomy.prefill_chunk(8192) == 8192
+    assert plan_placement(fp, None, 2, frozenset()).prefill_chunk(4096) == 4096  # no budget: no limit
 
 
 def test_ring_never_larger_than_streamed_blocks() -> None:

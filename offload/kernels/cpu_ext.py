@@ -1,7 +1,8 @@
 """Builds the CPU kernel extension just in time with ninja on first use, once per process.
 
 The build lands in $TORCH_EXTENSIONS_DIR (default ~/.cache/llama-offload/ext), in a folder keyed by the
-sources, flags, compiler ($CXX), torch and Python versions and the CPU's features (-march=native code must
+sources and where they are (ninja's build file holds their absolute paths: two checkouts sharing one
+folder would rebuild each other's), flags, compiler ($CXX), torch and Python versions and the CPU's features (-march=native code must
 not run on another CPU). If it cannot be built or loaded, `cpu_extension()` warns once and returns None,
 and callers use the pure-torch reference path. LLAMA_OFFLOAD_EXT_VERBOSE=1 shows the compiler's output.
 """
@@ -39,7 +40,7 @@ def _cpu_features() -> str:
 def build_directory() -> Path:
     """Where this machine's build of the current sources lives."""
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "llama-offload" / "ext")
-    h = hashlib.sha256()
+    h = hashlib.sha256(str(CSRC.resolve()).encode())
     for f in sorted(CSRC.iterdir()):
         if f.suffix in (".cpp", ".h"):
             h.update(f.name.encode() + f.read_bytes())

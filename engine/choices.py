@@ -1,0 +1,39 @@
+"""What a RunConfig's device, dtype and tokenizer mean on this machine (shared by every way of loading)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import psutil
+import torch
+
+from engine.config import DeviceSpec, RunConfig
+from llama.config import ModelArgs
+from llama.errors import UserError
+from llama.tokenizer import Tokenizer, load_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(spec: DeviceSpec, use_offload: bool = False) -> torch.device:
+    """The torch device for --device; auto is cuda when available (always cuda when streaming)."""
+    if spec.kind == "auto":
+        return torch.device("cuda" if use_offload or torch.cuda.is_available() else "cpu")
+    if spec.kind == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no usable CUDA GPU here; run with --device cpu")
+    return torch.device(spec.kind, spec.index)
+
+
+def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
+    """auto: float16 on a GPU; float32 on the CPU when it fits comfortably in RAM, else bfloat16."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.float16
+    fp32_bytes = sum(math.prod(s) for s in args.weight_shapes().values()) * 4
+    return torch.float32 if fp32_bytes < 0.5 * psutil.virtual_memory().available else torch.bfloat16
+
+
+def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:
+    path = cfg.tokenizer if cfg.tokenizer is not None else cfg.model_dir
+    return load_tokenizer(Path(path))
