@@ -2,8 +2,8 @@
 
 Both paths build the model on the meta device, swap in the quantized linears the file's types call for
 (engine/gguf_model.py), then fill it from the file one tensor at a time: resident through
-load_state_dict(assign=True, strict), streamed through the offload engine (engine/llama_offload.offload_transformer), which stores
-quantized blocks as they come (8 or 4 bits in pinned RAM and over the link).
+load_state_dict(assign=True, strict), streamed through the offload engine (llama_offload.offload_transformer),
+which stores quantized blocks as they come (8 or 4 bits in pinned RAM and over the link).
 """
 from __future__ import annotations
 
