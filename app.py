@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--use_8bit", action="store_true", help="8-bit weights (bitsandbytes LLM.int8 when resident)")
     o.add_argument("--quant", choices=("int8", "int4"), help="our own weight-only formats")
     o.add_argument("--save_quantized", type=Path, help="write the quantized model to this directory and exit")
+    sp = p.add_argument_group("speculative decoding (also for every server request)")
+    sp.add_argument("--draft", type=Path, help="draft model directory (same tokenizer), kept resident")
+    sp.add_argument("--draft_quant", choices=("int8", "int4"), help="quantize the draft's blocks")
+    sp.add_argument("--lookup", action="store_true", help="draft from n-grams already in the context")
+    sp.add_argument("--draft_tokens", type=int, help="most tokens verified per target pass (default: chosen)")
     m = p.add_argument_group("modes")
     m.add_argument("--prompt", help="answer this one prompt, print only the reply, exit")
     m.add_argument("--max_new_tokens", type=int, default=512)
@@ -74,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """Every flag checked and typed once, before anything slow (no torch is imported here)."""
     for flag, value, least in (("--max_new_tokens", ns.max_new_tokens, 1), ("--ctx", ns.ctx, 16),
-                               ("--prefetch", ns.prefetch, 1), ("--prefill_chunk", ns.prefill_chunk, 1)):
+                               ("--prefetch", ns.prefetch, 1), ("--prefill_chunk", ns.prefill_chunk, 1),
+                               ("--draft_tokens", ns.draft_tokens, 2)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}")
+    if ns.draft_quant and ns.draft is None:
+        raise UserError("--draft_quant needs --draft DIR")
+    if ns.draft is not None and not ns.draft.is_dir():
+        raise UserError(f"--draft: model directory not found: {ns.draft}")
     if ns.serve is not None:
         parse_serve_spec(ns.serve)
     if ns.chat_format is not None and ns.chat_format not in CHAT_FORMATS:
@@ -125,6 +135,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ppl=ns.ppl,
         serve=ns.serve,
         shared_secret=ns.shared_secret,
+        draft=ns.draft,
+        draft_quant=parse_quant(ns.draft_quant, False, False),
+        lookup=ns.lookup,
+        draft_tokens=ns.draft_tokens,
     )
 
 
@@ -138,6 +152,10 @@ def run(cfg: RunConfig) -> None:
         print(f"wrote the quantized model to {save_quantized_from_config(cfg)}")
         return
     engine = build_engine(cfg)
+    if cfg.ppl is None:
+        from engine.speculative import attach_speculation
+
+        attach_speculation(engine)
     if cfg.ppl is not None:
         from llama.perplexity import run_perplexity
 

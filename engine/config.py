@@ -54,3 +54,8 @@ class RunConfig:
     ppl: Path | None = None
     serve: str | None = None  # [HOST:]PORT, checked by server.serve_spec
     shared_secret: str | None = None
+    # speculative decoding (issue 10)
+    draft: Path | None = None  # a draft model directory
+    draft_quant: QuantMode | None = None  # INT8 or INT4: the draft's blocks in that format
+    lookup: bool = False  # prompt-lookup drafting
+    draft_tokens: int | None = None  # most tree tokens verified per pass; None: the planner's cap

@@ -14,9 +14,10 @@ HELP = "commands: /reset forgets the conversation, /exit quits; Ctrl-C stops a r
 
 
 def format_stats(stats: GenerationStats) -> str:
+    spec = f" ({stats.tokens_per_pass:.2f} tok/pass)" if stats.speculative else ""
     return (
         f"[prefill {stats.prefilled_tokens} tok at {stats.prefill_tps:.1f} tok/s, "
-        f"decode {stats.new_tokens} tok at {stats.decode_tps:.1f} tok/s, stop: {stats.stop_reason}]"
+        f"decode {stats.new_tokens} tok at {stats.decode_tps:.1f} tok/s{spec}, stop: {stats.stop_reason}]"
     )
 
 

@@ -7,8 +7,9 @@ prefills one token.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator as Gen, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.sampling import Sampler
 from llama.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from llama.speculative.decoder import Speculator
 
 
 @dataclass
@@ -26,6 +30,8 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stop_reason: str = ""  # eos | stop_string | length | interrupted
+    decode_passes: int = 0  # target forward passes after prefill
+    speculative: bool = False  # decoded by verifying draft tokens
 
     @property
     def prefill_tps(self) -> float:
@@ -36,6 +42,11 @@ class GenerationStats:
         # The first new token comes out of prefill; decode steps produce the rest.
         steps = max(self.new_tokens - 1, 0)
         return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Mean tokens a decode pass of the target produced (1 without speculation)."""
+        return max(self.new_tokens - 1, 0) / self.decode_passes if self.decode_passes else 0.0
 
 
 @dataclass
@@ -64,6 +75,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.cache = KVCache(model.args, max_seq_len, cache_dtype, self.device)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        self.speculator: Speculator | None = None  # set when a draft source is configured
 
     def reset(self) -> None:
         self.cached = []
@@ -128,11 +140,12 @@ class Generator:
         held = ""  # text not yet yielded because it may be the start of a stop string
         history = list(prompt)
         start = time.perf_counter()
+        tokens: Gen[int, None, None] | None = None
         try:
             logits = self.prefill(prompt, stats)
             start = time.perf_counter()
-            while True:
-                token = sampler.sample(logits, history)
+            tokens = self._decode_tokens(logits, sampler, history, stats)
+            for token in tokens:
                 if token in stop_ids:
                     stats.stop_reason = "eos"
                     break
@@ -156,10 +169,12 @@ class Generator:
                 if should_stop is not None and should_stop():
                     stats.stop_reason = "interrupted"
                     break
-                logits = self._forward([token], len(history) - 1)
         except KeyboardInterrupt:
             stats.stop_reason = "interrupted"
         finally:
+            if tokens is not None:
+                tokens.close()
+            self.cached = self.cached[: len(history)]  # a verified path may reach past the last token kept
             self._sync()
             if stats.new_tokens:
                 stats.decode_seconds = time.perf_counter() - start
@@ -168,6 +183,20 @@ class Generator:
         if held:
             result.text += held
             yield held
+
+    def _decode_tokens(
+        self, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats
+    ) -> Gen[int, None, None]:
+        """The reply's tokens; each is fed to the model only when the caller asks for the one after it."""
+        if self.speculator is not None and self.speculator.applies(sampler):
+            stats.speculative = True
+            yield from self.speculator.tokens(self, logits, sampler, history, stats)
+            return
+        while True:
+            token = sampler.sample(logits, history)
+            yield token
+            logits = self._forward([token], len(history) - 1)
+            stats.decode_passes += 1
 
     def generate(self, prompt: list[int], sampler: Sampler, max_new_tokens: int, **kwargs) -> Generation:
         result = Generation()

@@ -37,5 +37,17 @@ class KVCache:
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def keep(self, start_pos: int, slots: list[int]) -> None:
+        """Move the keys/values at `slots` (ascending, each >= start_pos) to start_pos, start_pos + 1, ...
+
+        After a token tree was verified, this keeps its accepted path at consecutive positions.
+        """
+        if slots == list(range(start_pos, start_pos + len(slots))):
+            return
+        index = torch.tensor(slots, device=self.keys[0].device)
+        end = start_pos + len(slots)
+        for layer in self.keys + self.values:
+            layer[:, :, start_pos:end] = layer.index_select(2, index)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

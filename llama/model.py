@@ -78,6 +78,7 @@ class Attention(nn.Module):
         start_pos: int,
         cache: KVCache | None,
         layer: int,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
@@ -89,7 +90,9 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
-        if seqlen == 1:
+        if mask is not None:  # a token tree: the caller says which cached keys each query sees
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif seqlen == 1:
             if windowed:
                 k, v = k[:, :, -self.window :], v[:, :, -self.window :]
             out = self._decode_attention(q, k, v)
@@ -138,9 +141,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer)
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -169,16 +178,28 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         cache: KVCache | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (batch, seqlen) -> logits (batch, seqlen or 1, vocab) in the model's dtype."""
+        """tokens (batch, seqlen) -> logits (batch, seqlen or 1, vocab) in the model's dtype.
+
+        The keys and values of `tokens` go to cache slots start_pos .. start_pos + seqlen - 1. A token
+        tree also gives each token's RoPE position, `positions` (seqlen,), and which slots each token
+        attends to, `mask` (seqlen, start_pos + seqlen) bool (see llama/speculative/tree.py).
+        """
         seqlen = tokens.shape[1]
         if start_pos + seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
         h = self.tok_embeddings(tokens)  # (batch, seqlen, dim)
-        cos = self.rope_cos[start_pos : start_pos + seqlen].to(h.device)
-        sin = self.rope_sin[start_pos : start_pos + seqlen].to(h.device)
+        if positions is None:
+            cos = self.rope_cos[start_pos : start_pos + seqlen].to(h.device)
+            sin = self.rope_sin[start_pos : start_pos + seqlen].to(h.device)
+        else:
+            positions = positions.to(self.rope_cos.device)
+            cos, sin = self.rope_cos[positions].to(h.device), self.rope_sin[positions].to(h.device)
+            mask = mask.to(h.device)
         for block in self.layers:
-            h = block(h, cos, sin, start_pos, cache)
+            h = block(h, cos, sin, start_pos, cache, mask)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

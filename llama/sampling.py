@@ -146,17 +146,31 @@ class Sampler:
     def sample(self, logits: Tensor, history: Sequence[int]) -> int:
         """Next token id from one position's logits (shape [vocab], any device/dtype; sampled on CPU in fp32)."""
         p = self.params
-        logits = logits.detach().to("cpu", torch.float32)
-        if p.repetition_window > 0:
-            logits = apply_repetition_penalty(logits, history[-p.repetition_window :], p.repetition_penalty)
+        logits = self._penalized(logits, history)
         if p.temperature == 0.0:
             return int(torch.argmax(logits))
         logits = apply_temperature(logits, p.temperature)
         if p.mirostat:
             return self._sample_mirostat(logits)
-        values, ids = top_k_candidates(logits, p.top_k)
-        values = min_p_filter(top_p_filter(values, p.top_p), p.min_p)
+        values, ids = self._truncated(logits)
         return int(ids[self._draw(values)])
+
+    def distribution(self, logits: Tensor, history: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """What sample() draws from when temperature > 0 and mirostat is off: (probs (n,), their token ids (n,))."""
+        values, ids = self._truncated(apply_temperature(self._penalized(logits, history), self.params.temperature))
+        return torch.softmax(values, dim=-1), ids
+
+    def _penalized(self, logits: Tensor, history: Sequence[int]) -> Tensor:
+        p = self.params
+        logits = logits.detach().to("cpu", torch.float32)
+        if p.repetition_window > 0:
+            logits = apply_repetition_penalty(logits, history[-p.repetition_window :], p.repetition_penalty)
+        return logits
+
+    def _truncated(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k, top-p, min-p of tempered logits: (candidate logits, their token ids)."""
+        values, ids = top_k_candidates(logits, self.params.top_k)
+        return min_p_filter(top_p_filter(values, self.params.top_p), self.params.min_p), ids
 
     def _sample_mirostat(self, logits: Tensor) -> int:
         if self.params.mirostat == 1:

@@ -160,7 +160,10 @@ async def infer(req: InferRequest, request: Request, state: State) -> dict[str, 
     job = Job(ids, infer_sampler(req, state, len(ids)), max_new_tokens, stop_strings=req.stopping_strings)
     async for _ in state.queue.stream(job, request.is_disconnected):
         pass
-    return {"text": job.result.text, "tokens": job.result.token_ids}
+    reply: dict[str, Any] = {"text": job.result.text, "tokens": job.result.token_ids}
+    if job.result.stats.speculative:
+        reply["tokens_per_pass"] = job.result.stats.tokens_per_pass
+    return reply
 
 
 def infer_sampler(req: InferRequest, state: ServerState, prompt_len: int) -> Sampler:

@@ -40,11 +40,16 @@ class ReplyFormat(ABC):
         self.prompts = prompts
         self.jobs = jobs
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, int | float]:
         prompt_tokens = sum(len(p) for p in self.prompts)
         completion_tokens = sum(job.result.stats.new_tokens for job in self.jobs)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        usage: dict[str, int | float] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                         "total_tokens": prompt_tokens + completion_tokens}
+        stats = [job.result.stats for job in self.jobs if job.result.stats.speculative]
+        if stats:  # mean tokens per target pass over the choices' decode passes
+            decoded = sum(max(s.new_tokens - 1, 0) for s in stats)
+            usage["tokens_per_target_pass"] = decoded / max(sum(s.decode_passes for s in stats), 1)
+        return usage
 
     def envelope(self, object_name: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model,

@@ -131,11 +131,17 @@ class ExtendedSampler(Sampler):
         self.prompt_len = prompt_len
 
     def sample(self, logits: Tensor, history: Sequence[int]) -> int:
+        return super().sample(self._extras(logits, history), history)
+
+    def distribution(self, logits: Tensor, history: Sequence[int]) -> tuple[Tensor, Tensor]:
+        return super().distribution(self._extras(logits, history), history)
+
+    def _extras(self, logits: Tensor, history: Sequence[int]) -> Tensor:
         logits = logits.detach().to("cpu", torch.float32)
         n_new = len(history) - self.prompt_len
         for processor in self.processors:
             logits = processor(logits, history, n_new)
-        return super().sample(logits, history)
+        return logits
 
 
 def make_sampler(params: SamplingParams, processors: Sequence[LogitsProcessor], prompt_len: int) -> Sampler:

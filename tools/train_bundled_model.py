@@ -210,8 +210,9 @@ def fit(
             log(f"step {step:6d}  train loss {loss.item():.4f}")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, doc: str = __doc__, **defaults: object) -> argparse.Namespace:
+    """The training flags; `defaults` replaces some defaults (tools/train_draft_model.py trains a smaller shape)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, default=Path(".corpus/train.jsonl.gz"))
     p.add_argument("--tokenizer", type=Path, default=Path("models/pytiny/tokenizer.model"))
     p.add_argument("--heldout", type=Path, default=Path("data/heldout_stdlib.txt"))
@@ -234,11 +235,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val-every", type=int, default=50, help="every Nth module is validation")
     p.add_argument("--ppl-ctx", type=int, default=512, help="context of the final held-out perplexity")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    p.set_defaults(**defaults)
+    return p.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def main(args: argparse.Namespace | None = None) -> None:
+    args = args if args is not None else parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = Log(args.out / "train_log.txt")
     cuda = torch.cuda.is_available()

@@ -1,0 +1,232 @@
+"""Speculative decoding on the device: pass time vs tokens per pass, and real acceptance at real cost.
+
+    python bench/speculative_bench.py --json out.json --markdown out.md [--modes stream_fp16,stream_int4,resident,cpu]
+
+1. Pass time: the inflated twin (tools/inflate_model.py: Llama-2-7B block shape, 12.95 GB of fp16 blocks),
+   streamed in fp16 and int4, one forward of a token tree of n tokens (random parents) after a context
+   of --context tokens, for n in 1, 4, 16, 64, 256, 1024; median of --repeats passes. Goal: t(256) <= 1.15 t(1).
+2. Decode: the twin of models/pytiny with models/pytiny-draft as its draft (plus prompt lookup), greedy, for
+   (a) continuations of held-out standard-library files and (b) an edit workload (a held-out function,
+   then its first line again under a new name: the reply rewrites the function). Plain decoding and
+   speculation (the planner choosing) give the same tokens (checked); reported: decode tok/s of each,
+   tokens per target pass, and the multiple of the link limit (link GB/s / GB streamed per pass, measured
+   in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (bf16, all threads).
+`--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths (streaming with synchronous copies).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.build import build_engine
+from engine.config import BUNDLED_MODEL, RunConfig
+from engine.flag_values import parse_device
+from engine.llama_offload import offload_transformer
+from engine.llama_units import BLOCK_LINEARS
+from llama.generation import Generator
+from llama.kv_cache import KVCache
+from llama.loader import load_model
+from llama.model import Transformer
+from llama.sampling import Sampler, SamplingParams
+from llama.speculative.decoder import Speculator
+from llama.speculative.draft import DraftModel
+from llama.speculative.lookup import PromptLookup
+from llama.speculative.planner import Planner
+from llama.speculative.tree import TokenTree, tree_attention
+from llama.tokenizer import load_tokenizer
+from offload.link import probe_link_gbps
+from offload.policy import OffloadConfig
+from offload.quant_mode import QuantMode
+from tools.inflate_model import inflate
+
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
+PASS_SIZES = (1, 4, 16, 64, 256, 1024)
+DRAFT = BUNDLED_MODEL.parent / "pytiny-draft"
+
+
+def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
+    """(model, its offload state or None, dtype) of the twin in `mode`."""
+    small = load_model(BUNDLED_MODEL, torch.float32, "cpu")
+    quant = QuantMode.INT4 if mode == "stream_int4" else None
+    dtype = torch.bfloat16 if mode in ("stream_int4", "cpu") else torch.float16
+    state, args = inflate(small.state_dict(), small.args, ns.dim, ns.layers, ns.ffn, dtype)
+    args = replace(args, max_seq_len=ns.ctx)
+    with torch.device("meta"):
+        model = Transformer(args)
+    if mode == "cpu":
+        model.load_state_dict(state, strict=True, assign=True)
+        model.set_max_seq_len(ns.ctx)
+        return model.eval(), None, dtype
+    exclusions = frozenset(BLOCK_LINEARS) if mode == "resident" else frozenset()
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
+                           prefill_chunk=512, quant=quant, pin=device.type == "cuda")
+    return model, offload_transformer(model, iter(state.items()), config), dtype
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_tree(n: int, vocab: int, gen: torch.Generator) -> TokenTree:
+    tree = TokenTree(int(torch.randint(vocab, (), generator=gen)))
+    while len(tree) < n:
+        parent = int(torch.randint(len(tree), (), generator=gen))
+        tree.add(parent, int(torch.randint(vocab, (), generator=gen)))
+    return tree
+
+
+@torch.inference_mode()
+def pass_times(model: Transformer, dtype: torch.dtype, device: torch.device, ns: argparse.Namespace) -> dict[int, float]:
+    args = model.args
+    cache = KVCache(args, ns.ctx, dtype, device)
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(args.vocab_size, (1, ns.context), generator=gen)
+    for pos in range(0, ns.context, 512):
+        model(context[:, pos : pos + 512], pos, cache, last_only=True)
+    out = {}
+    for n in PASS_SIZES:
+        if ns.context + n > ns.ctx:
+            continue
+        tree = random_tree(n, args.vocab_size, gen)
+        positions, mask = tree_attention(tree, ns.context, window=args.sliding_window)
+        tokens = torch.tensor([tree.tokens])
+        times = []
+        for _ in range(ns.repeats + 1):  # the first is a warm-up
+            _sync(device)
+            begin = time.perf_counter()
+            model(tokens, ns.context, cache, positions=positions, mask=mask)
+            _sync(device)
+            times.append(time.perf_counter() - begin)
+        out[n] = statistics.median(times[1:])
+        print(f"  pass of {n:5d} tokens: {1e3 * out[n]:8.1f} ms ({out[n] / out[1]:.2f}x one token)", flush=True)
+    return out
+
+
+def workloads(tokenizer, ns: argparse.Namespace) -> dict[str, list[list[int]]]:
+    text = Path(ns.heldout).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)
+    step = (len(ids) - ns.prompt_tokens) // ns.prompts
+    continuation = [[tokenizer.bos_id] + ids[i * step : i * step + ns.prompt_tokens] for i in range(ns.prompts)]
+    functions = [m.group(0) for m in re.finditer(r"(?ms)^def \w+\(.*?(?=^\S)", text) if 400 < len(m.group(0)) < 2000]
+    edits = []
+    for f in functions[:: max(1, len(functions) // ns.prompts)][: ns.prompts]:
+        head = f.splitlines()[0]
+        renamed = re.sub(r"^def (\w+)", r"def \1_v2", head)
+        edits.append(tokenizer.encode(f + "\n\n# The same, renamed:\n" + renamed + "\n", bos=True))
+    return {"a_continuation": continuation, "b_edit": edits}
+
+
+def decode(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """(decode tok/s, tokens per target pass, outputs)."""
+    tokens = passes = 0
+    seconds = 0.0
+    outputs = []
+    for prompt in prompts:
+        gen.reset()
+        out = gen.generate(prompt, Sampler(GREEDY), new_tokens, stop_ids=set())
+        tokens += out.stats.new_tokens - 1
+        passes += out.stats.decode_passes
+        seconds += out.stats.decode_seconds
+        outputs.append(out.token_ids)
+    return tokens / seconds, tokens / passes, outputs
+
+
+def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: float | None) -> dict:
+    target_device = torch.device("cpu") if mode == "cpu" else device
+    model, off, dtype = build_twin(mode, ns, device)
+    streamed = off.streamed_bytes if off is not None else 0
+    row: dict = {"mode": mode, "streamed_gb": streamed / 1e9}
+    limit = link * 1e9 / streamed if streamed and link else None
+    row["link_limit_tok_s"] = limit
+    if mode.startswith("stream"):
+        row["pass_seconds"] = pass_times(model, dtype, target_device, ns)
+    tokenizer = load_tokenizer(BUNDLED_MODEL)
+    gen = Generator(model, tokenizer, target_device, ns.ctx, dtype, 512)
+    draft_dtype = "float32" if target_device.type == "cpu" else "float16"
+    draft = build_engine(RunConfig(model_dir=ns.draft, device=parse_device(str(target_device)), dtype=draft_dtype, ctx=ns.ctx,
+                                   chat_format="raw"))
+    for name, prompts in workloads(tokenizer, ns).items():
+        gen.speculator = None
+        plain_tps, _, want = decode(gen, prompts, ns.new_tokens)
+        planner = Planner(256 if target_device.type == "cuda" else 32, True, lambda line: print("  " + line, flush=True))
+        gen.speculator = Speculator(DraftModel(draft.generator), PromptLookup(), planner, planner.announce)
+        spec_tps, per_pass, got = decode(gen, prompts, ns.new_tokens)
+        row[name] = {
+            "plain_tok_s": plain_tps, "spec_tok_s": spec_tps, "tokens_per_pass": per_pass,
+            "speedup": spec_tps / plain_tps, "same_tokens": got == want,
+            "x_link_limit": spec_tps / limit if limit else None,
+        }
+        print(f"[{mode}] {name}: {json.dumps(row[name])}", flush=True)
+    if off is not None:
+        off.close()
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| mode | workload | plain tok/s | speculative tok/s | tokens/pass | speedup | x link limit | same tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name in ("a_continuation", "b_edit"):
+            r = row[name]
+            x = f"{r['x_link_limit']:.2f}" if r["x_link_limit"] else "-"
+            lines.append(f"| {row['mode']} | {name} | {r['plain_tok_s']:.2f} | {r['spec_tok_s']:.2f} | "
+                         f"{r['tokens_per_pass']:.2f} | {r['speedup']:.2f} | {x} | {r['same_tokens']} |")
+    for row in rows:
+        if "pass_seconds" in row:
+            t = row["pass_seconds"]
+            lines.append("")
+            lines.append(f"{row['mode']} pass time (ms) by tokens in the pass: " + ", ".join(
+                f"{n}: {1e3 * s:.1f} ({s / t[1]:.2f}x)" for n, s in t.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="stream_fp16,stream_int4,resident,cpu")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=11008)
+    p.add_argument("--ctx", type=int, default=2304)
+    p.add_argument("--context", type=int, default=1024, help="tokens in the cache before the timed passes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--draft", type=Path, default=DRAFT)
+    p.add_argument("--heldout", type=Path, default=Path("data/heldout_stdlib.txt"))
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--threads", type=int, default=16, help="CPU threads in the cpu mode")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    ns = p.parse_args()
+    torch.set_num_threads(ns.threads)
+    device = torch.device(ns.device)
+    link = probe_link_gbps(device, pin=True) if device.type == "cuda" else None
+    print(f"link {link} GB/s" if link else "no link (CPU dry run)", flush=True)
+    rows = []
+    for mode in ns.modes.split(","):
+        print(f"== {mode}", flush=True)
+        rows.append(run_mode(mode, ns, device, link))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if ns.json:
+        ns.json.write_text(json.dumps({"link_gbps": link, "rows": rows}, indent=2))
+    text = markdown(rows)
+    if ns.markdown:
+        ns.markdown.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Attach speculative decoding to a built Engine: the draft model (a second, resident build), lookup, planner."""
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from engine.build import Engine, build_engine
+from engine.config import RunConfig
+from engine.flag_values import parse_device
+from llama.errors import UserError
+from llama.speculative.decoder import Speculator
+from llama.speculative.draft import DraftModel
+from llama.speculative.lookup import PromptLookup
+from llama.speculative.planner import Planner, TreeShape
+
+MAX_TREE_TOKENS = {"cuda": 256, "cpu": 32}  # the planner's cap without --draft_tokens
+
+
+def attach_speculation(engine: Engine, log: TextIO | None = None, shape: TreeShape | None = None) -> None:
+    """Give engine.generator a Speculator when --draft or --lookup asks for one (`shape`: always that one)."""
+    cfg = engine.cfg
+    log = log if log is not None else sys.stderr
+    if cfg.draft is None and not cfg.lookup:
+        return
+    draft = DraftModel(build_draft(engine, log).generator) if cfg.draft is not None else None
+    cap = cfg.draft_tokens or MAX_TREE_TOKENS[engine.device.type]
+    announce = lambda line: print(line, file=log)  # noqa: E731
+    planner = Planner(cap, draft is not None, announce, shape)
+    lookup = PromptLookup() if cfg.lookup else None
+    engine.generator.speculator = Speculator(draft, lookup, planner, announce)
+
+
+def build_draft(engine: Engine, log: TextIO) -> Engine:
+    """The draft as an Engine of its own: resident on the target's device, its context the target's."""
+    cfg = engine.cfg
+    draft_cfg = RunConfig(
+        model_dir=cfg.draft,
+        device=parse_device(str(engine.device)),
+        dtype=cfg.dtype,
+        ctx=engine.ctx,
+        prefill_chunk=cfg.prefill_chunk,
+        chat_format="raw",
+        quant=cfg.draft_quant,
+    )
+    try:
+        draft = build_engine(draft_cfg, log)
+    except UserError as e:
+        raise UserError(f"--draft {cfg.draft}: {e}") from None
+    check_same_vocabulary(engine, draft)
+    return draft
+
+
+def check_same_vocabulary(target: Engine, draft: Engine) -> None:
+    """The draft proposes token ids, so they must mean the same pieces as the target's."""
+    t, d = target.tokenizer, draft.tokenizer
+    where = f"--draft {draft.cfg.model_dir}"
+    if t.vocab_size != d.vocab_size:
+        raise UserError(f"{where}: its tokenizer has {d.vocab_size} tokens, the model's has {t.vocab_size}")
+    if draft.args.vocab_size < t.vocab_size:
+        raise UserError(f"{where}: its vocab_size {draft.args.vocab_size} is smaller than the tokenizer's")
+    differ = next((i for i in range(t.vocab_size) if t.id_to_piece(i) != d.id_to_piece(i)), None)
+    if differ is not None:
+        raise UserError(
+            f"{where}: a different tokenizer (token {differ} is {d.id_to_piece(differ)!r} there, "
+            f"{t.id_to_piece(differ)!r} here)"
+        )
+

@@ -1,0 +1,129 @@
+"""The speculative decode loop: draft a tree, run it through the target in one pass, keep what verifies.
+
+Tokens come out one at a time, and a round runs only when the caller asks for a token past the ones
+already verified, so every stop (EOS, stop strings, the token limit, an interrupt) acts at the exact
+token, inside an accepted path too. Between rounds the target's cache holds the committed tokens
+(all but the last one, which is the next tree's root), exactly as after plain decoding; the caller
+trims `generator.cached` to the tokens it kept.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from llama.sampling import Sampler
+from llama.speculative.draft import DraftModel
+from llama.speculative.lookup import PromptLookup
+from llama.speculative.planner import Planner, TreeShape
+from llama.speculative.tree import TokenTree, tree_attention
+from llama.speculative.verify import verify_tree
+
+if TYPE_CHECKING:
+    from llama.generation import GenerationStats, Generator
+
+EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens
+PROBE_TOKENS = 8  # the second pass size timed before the first plan
+
+
+class Speculator:
+    def __init__(
+        self,
+        draft: DraftModel | None,
+        lookup: PromptLookup | None,
+        planner: Planner,
+        announce: Callable[[str], None],
+    ) -> None:
+        self.draft = draft
+        self.lookup = lookup
+        self.planner = planner
+        self.announce = announce
+        self._said_mirostat = False
+
+    def applies(self, sampler: Sampler) -> bool:
+        if sampler.params.mirostat and sampler.params.temperature > 0:
+            if not self._said_mirostat:
+                self._said_mirostat = True
+                self.announce("speculation: off with Mirostat (its state depends on every token drawn)")
+            return False
+        return True
+
+    def tokens(
+        self, gen: Generator, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats
+    ) -> Iterator[int]:
+        """Next tokens; `history` grows by each one (the caller appends it) before the next is asked for."""
+        pending = [sampler.sample(logits, history)]
+        plain_run = 0
+        while True:
+            yield from pending
+            start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
+            if self.planner.needs_probe():
+                self._probe(gen, history, start)
+            shape = self.planner.choose()
+            if shape is None and plain_run >= EXPLORE_EVERY:
+                shape, plain_run = TreeShape(2, 1), 0
+            tree = TokenTree(history[-1])
+            if shape is not None:
+                self._draft(tree, history, shape, gen.max_seq_len - start)
+            if len(tree) == 1:
+                plain_run += 1
+                pending = [sampler.sample(self._timed(gen._forward, 1, [history[-1]], start), history)]
+            else:
+                pending = self._verify(gen, tree, sampler, history, start, shape)
+            stats.decode_passes += 1
+
+    def _draft(self, tree: TokenTree, history: list[int], shape: TreeShape, room: int) -> None:
+        begin = time.perf_counter()
+        budget = min(shape.budget, room)
+        if self.draft is not None:
+            self.draft.propose(tree, history, shape.depth, shape.width, budget)
+        if self.lookup is not None:  # after the draft, so that its paths never block the draft's
+            extra = shape.depth * self.lookup.max_paths if self.draft is not None else 0
+            self.lookup.propose(tree, history, shape.depth, min(budget + extra, room, self.planner.max_tokens))
+        self.planner.observe_draft(shape.depth, time.perf_counter() - begin)
+
+    def _verify(
+        self, gen: Generator, tree: TokenTree, sampler: Sampler, history: list[int], start: int, shape: TreeShape
+    ) -> list[int]:
+        positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)
+        logits = self._timed(self._tree_pass, len(tree), gen, tree, start, positions, mask)  # (nodes, vocab)
+        nodes, bonus = verify_tree(tree, logits, sampler, history)
+        gen.cached = gen.cached[:start] + [history[-1]]  # the root's keys are at its slot
+        gen.cache.keep(start + 1, [start + n for n in nodes])
+        gen.cached += [tree.tokens[n] for n in nodes]
+        if self.draft is not None:
+            self.draft.accept(start, nodes, tree)
+        self.planner.observe_round(shape, len(nodes))
+        return [tree.tokens[n] for n in nodes] + [bonus]
+
+    @staticmethod
+    @torch.inference_mode()
+    def _tree_pass(
+        gen: Generator, tree: TokenTree, start: int, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        tokens = torch.tensor([tree.tokens], device=gen.device)
+        return gen.model(tokens, start, gen.cache, positions=positions, mask=mask)[0].float().cpu()
+
+    def _timed(self, fn: Callable[..., torch.Tensor], n: int, *args: object) -> torch.Tensor:
+        begin = time.perf_counter()
+        out = fn(*args)  # on the CPU: the device has finished
+        self.planner.observe_pass(n, time.perf_counter() - begin)
+        return out
+
+    def _probe(self, gen: Generator, history: list[int], start: int) -> None:
+        """Time a pass of 1 and of PROBE_TOKENS tokens at the current position, after a warm-up pass of each
+        (their keys are dropped: the cache's committed tokens end before `start`), then a draft step."""
+        n = min(PROBE_TOKENS, gen.max_seq_len - start)
+        for size, timed in ((1, False), (n, False), (1, True), (n, True)):
+            tree = TokenTree(history[-1])
+            tree.add_path(0, [history[-1]] * (size - 1), size)
+            positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)
+            if timed:
+                self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
+            else:
+                self._tree_pass(gen, tree, start, positions, mask)
+        for _ in range(2):  # the draft's step time too (the second one timed on its own)
+            self.planner.draft_step, self.planner.draft_steps = 0.0, 0
+            self._draft(TokenTree(history[-1]), history, TreeShape(2, 1), gen.max_seq_len - start)

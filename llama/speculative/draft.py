@@ -1,0 +1,64 @@
+"""A small draft model that grows the token tree from its most probable continuations.
+
+The draft keeps its own KV cache through a Generator (the same prefix reuse as the target's), so each
+round it first catches up on the tokens committed since the last one, then expands the tree level by
+level: every level is one draft forward of the newest nodes with the tree's attention mask, and keeps
+`width` children: the draft's own greedy chain first, then the children with the highest cumulative
+draft probability among all children of those nodes (a beam over the tree, as SpecExec grows its tree
+from the draft's most probable continuations; keeping the greedy chain, a wider tree never loses what
+a chain of the same depth finds).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from llama.generation import Generator, GenerationStats
+from llama.speculative.tree import TokenTree, tree_attention
+
+
+class DraftModel:
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self._ran: set[int] = set()  # nodes of the last tree whose keys are in the draft's cache (slot start + i)
+
+    def propose(self, tree: TokenTree, history: Sequence[int], depth: int, width: int, budget: int) -> None:
+        """Add up to `depth` levels of at most `width` nodes each under the root, within `budget` nodes."""
+        gen = self.generator
+        start = len(history) - 1  # the root's position
+        logits = gen.prefill(list(history), GenerationStats())[None]  # (1, vocab): what follows the root
+        frontier, frontier_logp = [0], torch.zeros(1)  # nodes just run; their cumulative log-probabilities
+        self._ran = {0}
+        for level in range(depth):
+            room = min(width, budget - len(tree))
+            if room <= 0:
+                return
+            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp.to(logits.device)[:, None]  # (frontier, vocab)
+            # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest.
+            greedy = int(logp[0].argmax())
+            others = [i for i in torch.topk(logp.flatten(), min(room, logp.numel())).indices.tolist() if i != greedy]
+            picks = [greedy] + others[: room - 1]
+            lo = len(tree)
+            for flat in picks:  # the draft alone grows the tree here, so every pick is a new node
+                tree.add(frontier[flat // logp.shape[1]], flat % logp.shape[1])
+            hi = len(tree)
+            if level == depth - 1:
+                return
+            frontier, frontier_logp = list(range(lo, hi)), logp.flatten()[picks]
+            positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
+            tokens = torch.tensor([tree.tokens[lo:hi]], device=gen.device)
+            with torch.inference_mode():
+                logits = gen.model(tokens, start + lo, gen.cache, positions=positions, mask=mask)[0]
+            self._ran.update(frontier)
+
+    def accept(self, start: int, nodes: list[int], tree: TokenTree) -> None:
+        """Keep the draft's keys of the accepted nodes it ran, so that the next round starts after them."""
+        gen = self.generator
+        kept = []
+        for node in nodes:  # a path: once a node was not run, neither were those below it
+            if node not in self._ran:
+                break
+            kept.append(node)
+        gen.cache.keep(start + 1, [start + n for n in kept])
+        gen.cached = gen.cached[: start + 1] + [tree.tokens[n] for n in kept]

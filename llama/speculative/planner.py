@@ -1,0 +1,133 @@
+"""How big a tree to verify per target pass, from what this process measures.
+
+A round costs one target pass over n tree tokens, t(n) = a + b * n (fitted to the passes timed so far:
+flat while streamed weights dominate, growing on the CPU and when resident), plus the draft's steps
+(one per level, timed). It yields E(d, alpha) = (1 - alpha^(d+1)) / (1 - alpha) tokens on average for
+a tree of depth d whose nodes the target accepts with probability alpha each (the accepted tokens and
+the target's own one after them). alpha is measured per beam width from this conversation's rounds,
+counting each level reached as a success and a stop before the full depth as a failure, starting from
+an optimistic prior so that a width gets tried. The planner picks the shape of the best E / cost; when
+no shape beats plain decoding (1 token per t(1)) by MIN_GAIN, speculation is off until that changes.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MIN_GAIN = 1.05  # a shape must promise this much over plain decoding to be used
+PRIOR_TRIALS = 4.0  # weight of the prior acceptance, in levels
+PRIOR_ALPHA = 0.6
+DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
+WIDTHS = (1, 2, 4, 8, 16, 32)
+DECAY = 0.98  # older rounds count less, so the plan follows the conversation
+REPLAN_EVERY = 8  # rounds (or plain steps) between plans
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    depth: int
+    width: int
+
+    @property
+    def budget(self) -> int:
+        return 1 + self.depth * self.width  # the root and `width` nodes per level
+
+    def describe(self) -> str:
+        return f"chains of {self.depth}" if self.width == 1 else f"trees of depth {self.depth}, width {self.width}"
+
+
+def expected_tokens(depth: int, alpha: float) -> float:
+    """Mean tokens per round: accepted levels (each reached with probability alpha^k) plus the bonus one."""
+    return sum(alpha**k for k in range(depth + 1))
+
+
+class Planner:
+    def __init__(
+        self,
+        max_tokens: int,
+        has_draft_model: bool,
+        announce: Callable[[str], None],
+        fixed: TreeShape | None = None,
+    ) -> None:
+        self.max_tokens = max_tokens  # --draft_tokens: at most this many tree tokens per pass
+        self.fixed = fixed  # measurements (tools/measure_acceptance.py) and tests use one shape throughout
+        self.widths = WIDTHS if has_draft_model else (1,)  # prompt lookup proposes few distinct paths
+        self.announce = announce
+        self.passes: list[tuple[int, float]] = []  # (tokens in the pass, seconds), most recent last
+        self.draft_step = 0.0  # seconds per draft level, mean of the timed ones
+        self.draft_steps = 0
+        self.hits: dict[int, float] = defaultdict(float)  # width -> levels accepted (decayed)
+        self.trials: dict[int, float] = defaultdict(float)  # width -> levels tried (decayed)
+        self._announced = False
+        self._fit: tuple[float, float] | None = None  # (a, b) of t(n), refitted after new passes
+        self._plan: TreeShape | None = None
+        self._rounds_left = 0  # rounds before the plan is made again
+
+    def needs_probe(self) -> bool:
+        return self.fixed is None and len({n for n, _ in self.passes}) < 2
+
+    def observe_pass(self, tokens: int, seconds: float) -> None:
+        self.passes = (self.passes + [(tokens, seconds)])[-64:]
+        self._fit = None
+
+    def observe_draft(self, steps: int, seconds: float) -> None:
+        if steps:
+            self.draft_step = (self.draft_step * self.draft_steps + seconds) / (self.draft_steps + steps)
+            self.draft_steps += steps
+
+    def observe_round(self, shape: TreeShape, accepted: int) -> None:
+        for width in self.hits:
+            self.hits[width] *= DECAY
+            self.trials[width] *= DECAY
+        self.hits[shape.width] += accepted
+        self.trials[shape.width] += accepted + (accepted < shape.depth)
+
+    def alpha(self, width: int) -> float:
+        prior = PRIOR_ALPHA if width == 1 else 1 - (1 - self.alpha(1)) / width**0.5
+        return (self.hits[width] + PRIOR_TRIALS * prior) / (self.trials[width] + PRIOR_TRIALS)
+
+    def pass_seconds(self, tokens: int) -> float:
+        """t(n) = a + b * n, least squares over the timed passes (b >= 0)."""
+        if self._fit is None:
+            ns = [n for n, _ in self.passes]
+            mean_n, mean_t = sum(ns) / len(ns), sum(t for _, t in self.passes) / len(ns)
+            var = sum((n - mean_n) ** 2 for n in ns)
+            cov = sum((n - mean_n) * (t - mean_t) for n, t in self.passes)
+            slope = max(cov / var, 0.0) if var else 0.0
+            self._fit = (mean_t - slope * mean_n, slope)
+        a, b = self._fit
+        return max(a + b * tokens, 1e-9)
+
+    def choose(self) -> TreeShape | None:
+        """The shape to use now, or None for plain decoding; worked out anew every REPLAN_EVERY rounds."""
+        if self.fixed is not None:
+            return self.fixed
+        if self._rounds_left > 0:
+            self._rounds_left -= 1
+            return self._plan
+        self._rounds_left = REPLAN_EVERY - 1
+        self._plan = self._best()
+        return self._plan
+
+    def _best(self) -> TreeShape | None:
+        plain = 1.0 / self.pass_seconds(1)
+        best, best_rate = None, plain * MIN_GAIN
+        for width in self.widths:
+            for depth in DEPTHS:
+                shape = TreeShape(depth, width)
+                if shape.budget > self.max_tokens:
+                    break
+                cost = self.pass_seconds(shape.budget) + depth * self.draft_step
+                rate = expected_tokens(depth, self.alpha(width)) / cost
+                if rate > best_rate:
+                    best, best_rate = shape, rate
+        if not self._announced:
+            self._announced = True
+            what = best.describe() if best is not None else "off (plain decoding is faster here)"
+            self.announce(
+                f"speculation: {what}; target pass {1e3 * self.pass_seconds(1):.1f} ms for 1 token, "
+                f"{1e3 * self.pass_seconds(self.max_tokens):.1f} ms for {self.max_tokens}; "
+                f"draft {1e3 * self.draft_step:.2f} ms/step"
+            )
+        return best
