@@ -13,6 +13,7 @@ from pathlib import Path
 from engine.config import BUNDLED_MODEL, SAVED_MODES, RunConfig
 from engine.flag_values import parse_device, parse_dtype, parse_exclusions, parse_quant, parse_size
 from llama.chat_format import CHAT_FORMATS
+from llama.checkpoint_kind import is_prequantized
 from llama.errors import UserError
 from llama.sampling_params import SamplingParams
 from server.serve_spec import parse_serve_spec
@@ -28,7 +29,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL, help="checkpoint directory (Meta or HF)")
+    p.add_argument("model_dir", nargs="?", type=Path, default=BUNDLED_MODEL,
+                   help="checkpoint directory (Meta, HF, GPTQ/AWQ) or a .gguf file")
     p.add_argument("tokenizer", nargs="?", type=Path, help="tokenizer file or directory (default: inside MODEL_DIR)")
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -103,7 +105,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     if (exclusions is not None or gpu_mem is not None) and not ns.use_offload:
         raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
     quant = parse_quant(ns.quant, ns.use_8bit, ns.use_offload)
-    if ns.save_quantized is not None and quant not in SAVED_MODES:
+    if ns.save_quantized is not None and quant not in SAVED_MODES and not is_prequantized(ns.model_dir):
         raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
                         "(the format to write)")
     sampling = SamplingParams(
@@ -156,7 +158,7 @@ def run(cfg: RunConfig) -> None:
     if cfg.save_quantized is not None:
         from engine.quantized_checkpoint import save_quantized_from_config
 
-        print(f"wrote the {cfg.quant.value} model to {save_quantized_from_config(cfg)}")
+        print(f"wrote the quantized model to {save_quantized_from_config(cfg)}")
         return
     engine = build_engine(cfg)
     if cfg.ppl is None:

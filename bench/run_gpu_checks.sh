@@ -30,6 +30,7 @@ bench() {  # bench NAME COMMAND...: run one benchmark, log to $OUT/NAME.log
 bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json" --markdown "$OUT/offload_bench.md"
 bench cpu_kernels "$PY" bench/cpu_kernels.py --runs 50
 bench cpu_decode "$PY" bench/cpu_decode.py --repeats 5 --tokens 48
+bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
 
 echo
 echo "== summary =="

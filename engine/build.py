@@ -11,16 +11,21 @@ from tqdm import tqdm
 
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
+from engine.gguf_model import GGUFModel, open_gguf_model
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
     check_quantized_run,
     load_quantized_model,
     read_quantization,
 )
-from llama.chat_format import ChatFormat, detect_chat_format, get_chat_format
+from llama.chat_format import ChatFormat
+from llama.chat_template import choose_chat_format, find_chat_template
+from llama.checkpoint_gptq import GPTQConfig, read_gptq_config
+from llama.checkpoint_kind import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
+from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
@@ -50,11 +55,14 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
 
 def _build_engine(cfg: RunConfig, log) -> Engine:
     model_dir = Path(cfg.model_dir)
-    if not model_dir.is_dir():
+    gguf = open_gguf_model(model_dir) if is_gguf(model_dir) else None
+    if gguf is None and not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
-    tokenizer = resolve_tokenizer(cfg)
-    args = read_model_args(model_dir, tokenizer.vocab_size)
-    quantization = read_quantization(model_dir)  # None unless written by --save_quantized
+    # A tokenizer argument overrides the one a GGUF's metadata describes.
+    tokenizer = GGUFTokenizer(gguf.meta, gguf.path) if gguf and cfg.tokenizer is None else resolve_tokenizer(cfg)
+    args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
+    quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
+    gptq = None if gguf else read_gptq_config(model_dir)
     if quantization is not None:
         check_quantized_run(model_dir, quantization, cfg.quant, cfg.use_offload)
     if tokenizer.vocab_size > args.vocab_size:
@@ -71,15 +79,52 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
     chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
-    if cfg.use_offload:
+    if gguf is not None:
+        model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
+    elif gptq is not None:
+        model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
+    elif cfg.use_offload:
         model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
-    fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
+    template = find_chat_template(model_dir)
+    if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
+        template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
+    fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
     generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
+
+
+def _load_gguf(
+    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
+) -> tuple[Transformer, torch.device]:
+    from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
+    from offload.policy import OffloadConfig
+
+    if cfg.quant is QuantMode.BNB:
+        raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
+    quant = cfg.quant.value if cfg.quant is not None else None
+    if not cfg.use_offload:
+        return load_gguf_resident(gguf, quant, dtype, device), device
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=cfg.offload_exclusion, gpu_mem=cfg.gpu_mem,
+                           n_slots=cfg.prefetch, max_seq_len=ctx, prefill_chunk=cfg.prefill_chunk or
+                           RESIDENT_PREFILL_CHUNK)
+    model, offloaded = load_gguf_offloaded(gguf, quant, config)
+    return model, offloaded.device
+
+
+def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
+               device: torch.device) -> Transformer:
+    from engine.gptq_model import load_gptq_resident
+
+    if cfg.use_offload:
+        raise UserError(f"{model_dir} is {gptq.method.upper()}: it runs resident or on the CPU; streaming it "
+                        "is not supported yet")
+    if cfg.quant not in (None, QuantMode.INT4):
+        raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
+    return load_gptq_resident(model_dir, args, gptq, dtype, device)
 
 
 def _load_offloaded(

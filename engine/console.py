@@ -21,8 +21,10 @@ def format_stats(stats: GenerationStats) -> str:
     )
 
 
-def run_prompt(engine: Engine, text: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
-    """One reply to `text`: only the generated text goes to `out`, statistics to `err`."""
+def run_prompt(engine: Engine, text: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """One reply to `text`: only the generated text goes to `out`, statistics to `err` (default: the
+    process's streams at call time, not at import, which tests replace)."""
+    out, err = out or sys.stdout, err or sys.stderr
     cfg = engine.cfg
     session = ChatSession(engine.generator, engine.chat_format, cfg.system, notify=lambda m: print(m, file=err))
     result = Generation()
@@ -33,7 +35,9 @@ def run_prompt(engine: Engine, text: str, out: TextIO = sys.stdout, err: TextIO 
     print(format_stats(result.stats), file=err)
 
 
-def run_console(engine: Engine, inp: TextIO = sys.stdin, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+def run_console(engine: Engine, inp: TextIO | None = None, out: TextIO | None = None,
+                err: TextIO | None = None) -> None:
+    inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
     cfg = engine.cfg
     session = ChatSession(engine.generator, engine.chat_format, cfg.system, notify=lambda m: print(m, file=err))
     sampler = Sampler(cfg.sampling)

@@ -72,6 +72,11 @@ def save_quantized(
 
 def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path:
     """--save_quantized: load cfg.model_dir on the CPU, quantize it to cfg.quant, save it; returns the directory."""
+    from engine.save_converted import save_converted
+    from llama.checkpoint_kind import is_prequantized
+
+    if is_prequantized(cfg.model_dir):
+        return save_converted(cfg, log)  # GGUF, GPTQ, AWQ: written in the formats they are read into
     mode = cfg.quant.value if cfg.quant is not None else None
     if mode not in SAVED_FORMATS:
         raise ValueError(f"save_quantized_from_config: cfg.quant must be one of {', '.join(SAVED_FORMATS)}")

@@ -216,6 +216,16 @@ class HFTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of chat-template output: special tokens' strings become their ids, and the text between them
+        is split exactly as transformers splits it (a SentencePiece-style `▁` only at the very start)."""
+        if not hasattr(self, "_rendering"):
+            from tokenizers import Tokenizer as HFBackend
+
+            self._rendering = HFBackend.from_str(self._tok.to_str())  # a twin that matches special tokens
+            self._rendering.encode_special_tokens = False
+        return self._rendering.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 

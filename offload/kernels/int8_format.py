@@ -1,4 +1,6 @@
-"""int8 weight-only format: symmetric, one scale per output channel; w ~= qweight * scale[:, None]."""
+"""int8 weight-only format: symmetric, one scale per output channel (w ~= qweight * scale[:, None]) or, for
+checkpoints that arrive grouped (GGUF Q8_0: 32 inputs per scale), one per group of input channels
+(w[n, k] ~= qweight[n, k] * scale[n, k // group_size]). The group size is derived from scale's shape."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +14,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Int8Weight(TensorBundle):
-    """qweight: int8 [out, in] in [-127, 127]; scale: float [out] (float32, bfloat16 or float16)."""
+    """qweight: int8 [out, in] in [-127, 127]; scale: float [out] or [out, in/group_size] (float32, bfloat16
+    or float16)."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
@@ -21,9 +24,11 @@ class Int8Weight(TensorBundle):
         if self.qweight.dtype != torch.int8 or self.qweight.dim() != 2:
             raise ValueError(f"Int8Weight.qweight must be int8 [out, in], got {self.qweight.dtype} "
                              f"{tuple(self.qweight.shape)}")
-        if self.scale.dtype not in FLOAT_DTYPES or tuple(self.scale.shape) != (self.qweight.shape[0],):
-            raise ValueError(f"Int8Weight.scale must be float [{self.qweight.shape[0]}], got {self.scale.dtype} "
-                             f"{tuple(self.scale.shape)}")
+        n, k = self.qweight.shape
+        s = self.scale
+        grouped = s.dim() == 2 and s.shape[0] == n and 0 < s.shape[1] <= k and k % s.shape[1] == 0
+        if s.dtype not in FLOAT_DTYPES or not (tuple(s.shape) == (n,) or grouped):
+            raise ValueError(f"Int8Weight.scale must be float [{n}] or [{n}, groups], got {s.dtype} {tuple(s.shape)}")
 
     @property
     def out_features(self) -> int:
@@ -33,9 +38,16 @@ class Int8Weight(TensorBundle):
     def in_features(self) -> int:
         return self.qweight.shape[1]
 
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale: in_features for one scale per output channel."""
+        return self.in_features if self.scale.dim() == 1 else self.in_features // self.scale.shape[1]
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full-size weight [out, in], computed in float32 and returned in `dtype`."""
-        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype)
+        n, k, g = self.out_features, self.in_features, self.group_size
+        scale = self.scale.float().view(n, k // g, 1)  # (out, groups, 1)
+        return (self.qweight.float().view(n, k // g, g) * scale).view(n, k).to(dtype)
 
 
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> Int8Weight:

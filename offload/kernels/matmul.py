@@ -6,7 +6,8 @@ CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain I
 is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
 and for prefill-sized inputs dequantized in row chunks and multiplied by cuBLAS, since tinygemm is a
 small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
-(a transient copy, freed after the call).
+(a transient copy, freed after the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
+CPU kernel (ours takes one scale per row): on the CPU it is dequantized DEQUANT_ROWS rows at a time.
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [..., in] @ dequantized(w).T -> [..., out] in x's dtype, computed where w's tensors are."""
     x2 = _tokens(x)
     if w.qweight.device.type == "cuda":
-        weight = w.qweight.to(x.dtype).mul_(w.scale.to(x.dtype)[:, None])  # the one transient copy
-        y = F.linear(x2, weight)
+        y = F.linear(x2, w.dequantize(x.dtype) if w.scale.dim() == 2 else
+                     w.qweight.to(x.dtype).mul_(w.scale.to(x.dtype)[:, None]))  # the one transient copy
+    elif w.scale.dim() == 2:
+        y = _dequantized_linear(x2, w)  # grouped scales (GGUF Q8_0): the CPU kernel takes one scale per row
     elif w.qweight.device.type == "cpu" and (ext := cpu_extension()) is not None:
         y = ext.int8_matmul(x2, w.qweight.contiguous(), w.scale)
     else:
@@ -65,10 +68,10 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
     return y.reshape(*x.shape[:-1], w.out_features)
 
 
-def _dequantized_linear(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+def _dequantized_linear(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
     """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype."""
     parts = []
     for r in range(0, w.out_features, DEQUANT_ROWS):
-        rows = Int4Weight(w.packed[r : r + DEQUANT_ROWS], w.scales[r : r + DEQUANT_ROWS], w.zeros[r : r + DEQUANT_ROWS])
+        rows = type(w).from_tensors({n: t[r : r + DEQUANT_ROWS] for n, t in w.tensors().items()})
         parts.append(F.linear(x, rows.dequantize(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

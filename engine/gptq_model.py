@@ -1,0 +1,92 @@
+"""GPTQ / AWQ checkpoints loaded into our int4 format (group 32/64/128 or one per row), resident or streamed.
+
+Each block linear's packed tensors are converted by offload/kernels/gptq_convert.py; act-order layers
+become PermutedInt4Linear. q/k rows are in HF's half-split order in the file: the converted weight's rows
+(outputs) are permuted to ours, which moves whole rows of packed bytes, scales and zeros.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from engine.gguf_build import fill_resident
+from llama.checkpoint_gptq import GPTQConfig, PackedLayer, iter_gptq_tensors
+from llama.checkpoint_hf import hf_to_meta_rows, rope_heads
+from llama.config import ModelArgs
+from llama.errors import UserError
+from llama.loader import empty_model
+from offload.kernels.gptq_convert import awq_to_int4, gptq_to_int4
+from offload.kernels.int4_format import Int4Weight
+from offload.kernels.linear import Int4Linear
+from offload.kernels.permuted_linear import PermutedInt4Linear
+
+
+def block_linears(args: ModelArgs) -> set[str]:
+    """Canonical names of the block linears (what GPTQ and AWQ quantize)."""
+    return {n.removesuffix(".weight") for n, s in args.weight_shapes().items()
+            if n.startswith("layers.") and n.endswith(".weight") and len(s) == 2}
+
+
+def convert_layer(layer: PackedLayer, config: GPTQConfig, args: ModelArgs) -> Int4Linear:
+    """Our layer for one file layer, q/k rows in our order; UserError naming the file if the tensors disagree."""
+    t = layer.tensors
+    try:
+        if config.method == "awq":
+            weight, perm = awq_to_int4(t["qweight"], t["qzeros"], t["scales"]), None
+        else:
+            weight, perm = gptq_to_int4(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"), config.zero_offset)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"{layer.file}: {layer.module}: cannot read its {config.method} tensors ({e})") from None
+    bias = t.get("bias")
+    heads = rope_heads(f"{layer.module}.weight", args)
+    if heads is not None:
+        weight = Int4Weight(**{n: hf_to_meta_rows(x, heads, args.head_dim) for n, x in weight.tensors().items()})
+        bias = None if bias is None else hf_to_meta_rows(bias, heads, args.head_dim)
+    bias = None if bias is None else bias.float()
+    return Int4Linear(weight, bias) if perm is None else PermutedInt4Linear(weight, perm, bias)
+
+
+def iter_gptq_layers(model_dir: Path, args: ModelArgs, config: GPTQConfig,
+                     dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | Int4Linear]]:
+    """(canonical name, float tensor in dtype) for plain tensors, (module name, layer) for the quantized ones."""
+    linears = block_linears(args)
+    for item in iter_gptq_tensors(model_dir, linears):
+        if isinstance(item, PackedLayer):
+            yield item.module, convert_layer(item, config, args)
+            continue
+        name, t, _ = item
+        heads = rope_heads(name, args)
+        if heads is not None and t.shape[0] == heads * args.head_dim:
+            t = hf_to_meta_rows(t, heads, args.head_dim)
+        yield name, t.to(dtype)
+
+
+def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dtype: torch.dtype,
+                       device: torch.device, log: TextIO | None = None) -> torch.nn.Module:
+    group = "one per row" if config.group_size < 0 else f"group {config.group_size}"
+    print(f"{config.method.upper()} 4-bit ({group}{', act-order' if config.desc_act else ''}) read into our int4",
+          file=log or sys.stderr)
+    net = empty_model(args)
+    state: dict[str, torch.Tensor] = {}
+    for name, item in iter_gptq_layers(model_dir, args, config, dtype):
+        if isinstance(item, nn.Module):
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent), child, item)
+            state.update({f"{name}.{k}": v for k, v in item.state_dict().items()})
+        else:
+            state[name] = item
+    expected = set(net.state_dict())
+    if args.tie_embeddings:
+        expected.discard("output.weight")
+    unknown = sorted(set(state) - expected)
+    if unknown:
+        raise UserError(f"{model_dir}: unexpected tensor {unknown[0]!r}")
+    missing = sorted(expected - set(state))
+    if missing:
+        raise UserError(f"{model_dir}: missing tensor {missing[0]!r}")
+    return fill_resident(net, state, device)
