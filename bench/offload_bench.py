@@ -33,6 +33,7 @@ from engine.llama_units import BLOCK_LINEARS
 from llama.config import ModelArgs
 from llama.kv_cache import KVCache
 from llama.model import Transformer
+from llama.loader import empty_model
 from offload.link import probe_link_gbps
 from offload.placement import OffloadedModel
 from offload.policy import OffloadConfig, plan_placement
@@ -168,8 +169,7 @@ def offload_modes(
         dtype=dtype, device=device, exclusions=frozenset(), n_slots=ns.slots, max_seq_len=ns.ctx,
         prefill_chunk=ns.prompt, quant=quant,
     )
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     start = time.perf_counter()
     off = offload_transformer(model, synthetic_weights(args, device), config)
     label = quant.value if quant else "fp16"

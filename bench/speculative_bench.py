@@ -44,6 +44,7 @@ from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner
 from llama.speculative.tree import TokenTree, tree_attention
 from llama.tokenizer import load_tokenizer
+from llama.loader import empty_model
 from offload.link import probe_link_gbps
 from offload.policy import OffloadConfig
 from offload.quant_mode import QuantMode
@@ -61,8 +62,7 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
     dtype = torch.bfloat16 if mode in ("stream_int4", "cpu") else torch.float16
     state, args = inflate(small.state_dict(), small.args, ns.dim, ns.layers, ns.ffn, dtype)
     args = replace(args, max_seq_len=ns.ctx)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     if mode == "cpu":
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)

@@ -58,8 +58,7 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
     """Blocks streamed from pinned RAM as the plan says; quantized ones in their own formats."""
     log = log or sys.stderr
     modes = linear_modes(model, quant, log)
-    with torch.device("meta"):
-        net = Transformer(model.args)
+    net = empty_model(model.args)
     quantized_shell(model, modes, net)
     # The weights arrive already in their formats: the offload engine only places them.
     offloaded = offload_transformer(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))

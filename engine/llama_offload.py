@@ -16,6 +16,7 @@ from llama.checkpoint import iter_checkpoint, read_model_args
 from llama.checkpoint_files import Weight
 from llama.config import ModelArgs
 from llama.model import Transformer
+from llama.loader import empty_model
 from offload.host import tensor_nbytes
 from offload.layout import ModelLayout, Part
 from offload.placement import OffloadedModel, apply_offload, block_unit_bytes, resolve_device
@@ -92,8 +93,7 @@ def build_offloaded_model(model_dir: str | Path, config: OffloadConfig) -> tuple
     resolve_device(config.device)  # fail before reading anything
     model_dir = Path(model_dir)
     args = read_model_args(model_dir)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = empty_model(args)
     read: dict[str, Weight] = {}
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:

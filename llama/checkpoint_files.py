@@ -13,7 +13,9 @@ import torch
 
 from llama.errors import UserError
 
-_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim the pages now; file pages are re-read if touched again
+# Unmap the pages from this process (its RSS drops) but leave them in the page cache: a file read
+# again soon (the next run of the same model) comes from RAM. MADV_PAGEOUT would evict them too.
+_MADV_DONTNEED = 4
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,9 @@ class Weight:
 
 
 def release_pages(t: torch.Tensor) -> None:
-    """Ask the kernel to drop the memory-mapped file pages behind t (whole pages inside its bytes).
+    """Unmap the memory-mapped file pages behind t from this process (whole pages inside its bytes).
 
-    The content is kept: the pages are read from the file again if touched. A no-op off Linux.
+    The content is kept: the pages are faulted in again (from the page cache or the file) if touched. A no-op off Linux.
     Meant for file-backed tensors; anonymous memory would be pushed to swap, where there is swap.
     """
     if _libc is None or t.device.type != "cpu" or t.numel() == 0:
@@ -47,7 +49,7 @@ def release_pages(t: torch.Tensor) -> None:
     first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
     last = end // mmap.PAGESIZE * mmap.PAGESIZE
     if last > first:
-        _libc.madvise(first, last - first, _MADV_PAGEOUT)  # failure (old kernel) only costs memory
+        _libc.madvise(first, last - first, _MADV_DONTNEED)  # failure only costs memory
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -23,11 +23,12 @@ COPY_CHUNK = 64 * 2**20  # bytes per piece when several threads fill a buffer (p
 
 @dataclass(frozen=True)
 class FillMethod:
-    """How a home buffer is filled. The load runs at 0.7 GB/s with (pin first, 1 thread) on the H200;
-    bench/load_bench.py measures the others. pin_after_fill: copy into pageable memory, then lock it in
-    one cudaHostRegister; threads: how many threads copy (and fault in pages) at once."""
+    """How a home buffer is filled. pin_after_fill: copy into pageable memory, then lock it in one
+    cudaHostRegister (the default: on the H200, 32 blocks of 404 MB from the page cache filled at
+    10.0 GB/s this way against 1.9 GB/s locking the empty buffer first; BENCHMARKS.md);
+    threads: how many threads copy (and fault in pages) at once."""
 
-    pin_after_fill: bool = False
+    pin_after_fill: bool = True
     threads: int = 1
 
 
