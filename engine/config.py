@@ -17,6 +17,7 @@ class RunConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     ctx: int | None = None  # context length; None: the model's, capped at 4096
     prefill_chunk: int = 512
+    threads: int | None = None  # CPU threads for torch; None: leave torch's setting
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -8,6 +8,13 @@ Order of processors (each a small pure function on a float32 CPU logits vector):
     4. mirostat on (1 or 2): mirostat truncation replaces steps 5-7, then sample
     5. top-k  ->  6. top-p  ->  7. min-p  ->  8. sample from the softmax of what is left
 
+Greedy is pure argmax unless a repetition penalty is asked for: the default penalty is 1.0 (off), as in
+transformers, llama.cpp and vLLM, so `temperature 0` matches their greedy output on the same weights.
+
+Every step keeps the logits free of NaN: the penalty saturates at the float32 range, temperature scales
+logits relative to their maximum (a tiny temperature becomes greedy instead of overflowing), and a
+distribution with no finite mass falls back to the argmax of what is finite.
+
 Top-k narrows the vocabulary to its k best candidates; top-p, min-p and the draw then see only those.
 The other filters remove a token by setting its logit to -inf; each keeps at least one token. Setting a
 processor to its neutral value turns it off: top_k 0, top_p 1, min_p 0, repetition_penalty 1 or repetition_window 0.
@@ -39,7 +46,7 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = 1.0
     repetition_window: int = 64
     mirostat: int = 0
     mirostat_tau: float = 5.0
@@ -47,6 +54,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "mirostat_tau", "mirostat_eta")
+        for flag in floats:
+            if not math.isfinite(getattr(self, flag)):
+                raise UserError(f"--{flag} must be a finite number, got {getattr(self, flag)}")
         checks = [
             ("temperature", self.temperature >= 0, ">= 0"),
             ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
@@ -57,6 +68,7 @@ class SamplingParams:
             ("mirostat", self.mirostat in (0, 1, 2), "0, 1 or 2"),
             ("mirostat_tau", self.mirostat_tau > 0, "> 0"),
             ("mirostat_eta", self.mirostat_eta > 0, "> 0"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64, "in [0, 2**64)"),
         ]
         for flag, ok, rule in checks:
             if not ok:
@@ -71,11 +83,15 @@ def apply_repetition_penalty(logits: Tensor, recent_ids: Sequence[int], penalty:
     chosen = logits[ids]
     out = logits.clone()
     out[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
-    return out
+    return out.clamp_(max=torch.finfo(out.dtype).max)  # a tiny penalty must not make +inf logits
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    return logits / temperature
+    """logits / T, shifted so the largest is 0: the same softmax, and no overflow however small T is."""
+    top = logits.max()
+    if not torch.isfinite(top):
+        return logits
+    return (logits - top) / temperature
 
 
 def top_k_candidates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -205,8 +221,10 @@ class Sampler:
     def _draw(self, logits: Tensor) -> int:
         """Index drawn from softmax(logits) by inverting its CDF (torch.multinomial is 20x slower at 128k)."""
         cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+        if not bool(torch.isfinite(cdf[-1])) or float(cdf[-1]) <= 0.0:  # NaN or no mass: nothing to invert
+            return int(torch.argmax(torch.nan_to_num(logits, nan=-math.inf)))
         u = torch.rand((), generator=self.generator) * cdf[-1]
         index = int(torch.searchsorted(cdf, u, right=True))
         if index == cdf.numel():  # u rounded up to the total: take the last token with mass
             index = int(torch.searchsorted(cdf, cdf[-1]))
-        return index
+        return min(index, cdf.numel() - 1)
