@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from llama.checkpoint_files import Weight
 from llama.checkpoint_hf import CONFIG, INDEX, hf_name, iter_hf_weights, read_hf_args
@@ -123,7 +124,8 @@ def _checked_values(w: Weight, converted: set[torch.dtype]) -> Weight:
     if t.dtype not in MODEL_FLOAT_DTYPES:
         if t.dtype not in converted:
             converted.add(t.dtype)
-            print(f"note: {w.file}: converting {_dtype_name(t.dtype)} tensors to float32", file=sys.stderr)
+            # tqdm.write: a progress bar may be drawing on stderr; the note takes a line of its own.
+            tqdm.write(f"note: {w.file}: converting {_dtype_name(t.dtype)} tensors to float32", file=sys.stderr)
         t = t.to(torch.float32)
         w.release()
         w = replace(w, tensor=t, mapped=False)
