@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import RunConfig
+from engine.memory_check import check_kv_cache_fits
 from engine.quantized_checkpoint import (
     check_quantized_run,
     load_quantized_model,
@@ -96,6 +97,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
+    check_kv_cache_fits(args, ctx, dtype, device)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
     if cfg.use_offload:
         model, device = _load_offloaded(cfg, model_dir, dtype, device, ctx)
