@@ -22,6 +22,7 @@ from llama.chat_format import ChatFormat, detect_chat_format, get_chat_format
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
+from llama.generation_config import checkpoint_eos_ids
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, load_tokenizer
@@ -81,6 +82,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     tokenizer = resolve_tokenizer(cfg)
+    tokenizer.stop_ids |= checkpoint_eos_ids(model_dir)
     args = read_model_args(model_dir, tokenizer.vocab_size)
     quantization = read_quantization(model_dir)  # None unless written by --save_quantized
     if quantization is not None:
