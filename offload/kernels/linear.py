@@ -65,7 +65,7 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 weight-only, asymmetric, one scale and zero per group of min(group_size, in_features) inputs."""
+    """int4 weight-only, asymmetric, one scale and zero per group of int4_group_size(in_features) inputs."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -103,7 +103,7 @@ def quantize_linears(module: nn.Module, mode: str, names: Iterable[str] | None =
                      group_size: int = 128) -> nn.Module:
     """Replace plain nn.Linear submodules in place, one at a time (the full-size weight of each is freed as it
     goes), quantized where they are: mode 'int8' (Int8Linear), 'int4' (Int4Linear, groups of
-    min(group_size, in_features)) or 'bnb' (bitsandbytes LLM.int8, threshold 6.0). `names` are qualified
+    int4_group_size(in_features, group_size)) or 'bnb' (bitsandbytes LLM.int8, threshold 6.0). `names` are qualified
     submodule names as in named_modules(); None means every plain nn.Linear. Returns `module`."""
     if mode not in QUANT_MODES:
         raise UserError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
