@@ -10,11 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import BUNDLED_MODEL, RunConfig
+from engine.config import BUNDLED_MODEL, SAVED_MODES, RunConfig
 from engine.flag_checks import check_int_flags, default_max_new_tokens, default_threads
+from engine.flag_values import parse_device, parse_dtype, parse_exclusions, parse_quant, parse_size
+from llama.chat_format import CHAT_FORMATS
 from llama.errors import UserError
 from llama.generation_config import sampling_params
-from llama.sampling import SamplingParams
+from llama.sampling_params import SamplingParams
+from server.serve_spec import parse_serve_spec
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "mirostat",
                   "mirostat_tau", "mirostat_eta", "seed")
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: auto)")
     g.add_argument("--f16", action="store_true", help="same as --dtype float16")
     g.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
-    g.add_argument("--prefill_chunk", type=int, default=512, help="tokens per prefill step")
+    g.add_argument("--prefill_chunk", type=int, help="prompt tokens per forward (default: 512, or with "
+                   "--use_offload the largest chunk the GPU budget holds)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the machine's physical cores)")
     g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
     g.add_argument("--system", help="system prompt")
@@ -75,18 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Every flag checked and typed once, before anything slow (no torch is imported here)."""
     check_int_flags(vars(ns))
     if ns.serve is not None:
-        from server.app import parse_serve_spec
-
-        parse_serve_spec(ns.serve)  # a bad spec fails before the model loads
+        parse_serve_spec(ns.serve)
+    if ns.chat_format is not None and ns.chat_format not in CHAT_FORMATS:
+        raise UserError(f"--chat_format: unknown format {ns.chat_format!r} (valid: {', '.join(sorted(CHAT_FORMATS))})")
+    if ns.ppl is not None and not ns.ppl.is_file():
+        raise UserError(f"--ppl: no such file: {ns.ppl}")
+    exclusions = parse_exclusions(ns.offload_exclusion) if ns.offload_exclusion else None
+    gpu_mem = parse_size(ns.gpu_mem) if ns.gpu_mem else None
+    if (exclusions is not None or gpu_mem is not None) and not ns.use_offload:
+        raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
+    quant = parse_quant(ns.quant, ns.use_8bit, ns.use_offload)
+    if ns.save_quantized is not None and quant not in SAVED_MODES:
+        raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
+                        "(the format to write)")
     sampling = sampling_params(ns.model_dir, {name: getattr(ns, name) for name in SAMPLING_FLAGS})
     console = ns.prompt is None and ns.ppl is None and ns.serve is None and ns.save_quantized is None
     return RunConfig(
         model_dir=ns.model_dir,
         tokenizer=ns.tokenizer,
-        device=ns.device,
-        dtype="float16" if ns.f16 else ns.dtype,
+        device=parse_device(ns.device),
+        dtype="float16" if ns.f16 else parse_dtype(ns.dtype),
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
         threads=ns.threads or default_threads(),
@@ -94,11 +109,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         system=ns.system,
         sampling=sampling,
         use_offload=ns.use_offload,
-        offload_exclusion=ns.offload_exclusion,
+        offload_exclusion=exclusions,
         prefetch=ns.prefetch,
-        gpu_mem=ns.gpu_mem,
-        use_8bit=ns.use_8bit,
-        quant=ns.quant,
+        gpu_mem=gpu_mem,
+        quant=quant,
         save_quantized=ns.save_quantized,
         prompt=ns.prompt,
         max_new_tokens=ns.max_new_tokens or default_max_new_tokens(console),
@@ -120,7 +134,7 @@ def run(cfg: RunConfig) -> None:
     if cfg.save_quantized is not None:
         from engine.quantized_checkpoint import save_quantized_from_config
 
-        print(f"wrote the {cfg.quant} model to {save_quantized_from_config(cfg)}")
+        print(f"wrote the {cfg.quant.value} model to {save_quantized_from_config(cfg)}")
         return
     engine = build_engine(cfg)
     if cfg.ppl is not None:

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Packages the device image lacks (bitsandbytes, fastapi, uvicorn, gguf), unpacked here and carried along:
+#   pip install --no-deps --target .devsite --python-version 3.12 --only-binary=:all: --platform ... WHEELS
+[ -d .devsite ] && export PYTHONPATH="$PYTHONPATH:$PWD/.devsite"
 PY=${PYTHON:-python3}
 status=0
 

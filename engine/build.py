@@ -11,8 +11,9 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from engine.config import RunConfig
+from engine.config import RESIDENT_PREFILL_CHUNK, DeviceSpec, RunConfig
 from engine.memory_check import check_kv_cache_fits
+from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
     check_quantized_run,
     load_quantized_model,
@@ -26,6 +27,7 @@ from llama.generation_config import checkpoint_eos_ids
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, load_tokenizer
+from offload.quant_mode import QuantMode
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,25 +48,18 @@ class Engine:
         return self.generator.max_seq_len
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+def pick_device(spec: DeviceSpec, use_offload: bool = False) -> torch.device:
+    """The torch device for --device; auto is cuda when available (always cuda when streaming)."""
+    if spec.kind == "auto":
+        return torch.device("cuda" if use_offload or torch.cuda.is_available() else "cpu")
+    if spec.kind == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no usable CUDA GPU here; run with --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: unsupported device {name!r} (use cpu, cuda or cuda:N)")
-    return device
+    return torch.device(spec.kind, spec.index)
 
 
 def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
     """auto: float16 on a GPU; float32 on the CPU when it fits comfortably in RAM, else bfloat16."""
     if name != "auto":
-        if name not in _DTYPES:
-            raise UserError(f"--dtype: unknown dtype {name!r} (choose from {', '.join(_DTYPES)})")
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.float16
@@ -78,6 +73,12 @@ def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 
 def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
+    """Load, quantize and place the model cfg describes; every failure the user can fix is a UserError."""
+    with flag_messages():
+        return _build_engine(cfg, log)
+
+
+def _build_engine(cfg: RunConfig, log) -> Engine:
     model_dir = Path(cfg.model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
@@ -86,7 +87,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     args = read_model_args(model_dir, tokenizer.vocab_size)
     quantization = read_quantization(model_dir)  # None unless written by --save_quantized
     if quantization is not None:
-        check_quantized_run(model_dir, quantization, quant_mode(cfg), cfg.use_offload)
+        check_quantized_run(model_dir, quantization, cfg.quant, cfg.use_offload)
     if tokenizer.vocab_size > args.vocab_size:
         raise UserError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model in {model_dir} has "
@@ -94,7 +95,7 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
         )
     if cfg.use_offload and not torch.cuda.is_available():
         raise UserError("--use_offload streams weights to a CUDA GPU and none is usable here; drop it to run on the CPU")
-    device = pick_device("cuda" if cfg.use_offload and cfg.device == "auto" else cfg.device)
+    device = pick_device(cfg.device, cfg.use_offload)
     dtype = pick_dtype(cfg.dtype, device, args)
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
@@ -108,34 +109,25 @@ def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     fmt = get_chat_format(cfg.chat_format or detect_chat_format(tokenizer, model_dir), tokenizer)
-    generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk)
+    generator = Generator(model, tokenizer, device, ctx, dtype, cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK)
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
-
-
-def quant_mode(cfg: RunConfig) -> str | None:
-    """--quant names our formats; --use_8bit means LLM.int8 when resident and our int8 when streamed."""
-    if cfg.quant and cfg.use_8bit:
-        raise UserError("--use_8bit and --quant are alternatives: give one of them")
-    if cfg.use_8bit:
-        return "int8" if cfg.use_offload else "bnb"
-    return cfg.quant
 
 
 def _load_offloaded(
     cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int
 ) -> tuple[Transformer, torch.device]:
     from offload.engine import build_offloaded_model
-    from offload.policy import OffloadConfig, parse_exclusions, parse_size
+    from offload.policy import OffloadConfig
 
     config = OffloadConfig(
         dtype=dtype,
-        device=str(device),
-        exclusions=parse_exclusions(cfg.offload_exclusion) if cfg.offload_exclusion else None,
-        gpu_mem=parse_size(cfg.gpu_mem) if cfg.gpu_mem else None,
+        device=device,
+        exclusions=cfg.offload_exclusion,
+        gpu_mem=cfg.gpu_mem,
         n_slots=cfg.prefetch,
         max_seq_len=ctx,
-        prefill_chunk=cfg.prefill_chunk,
-        quant=quant_mode(cfg),
+        prefill_chunk=cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK,
+        quant=cfg.quant,
     )
     model, offloaded = build_offloaded_model(model_dir, config)
     return model, offloaded.device
@@ -149,26 +141,24 @@ def _load_resident(
     device: torch.device,
     quantization: dict[str, Any] | None,
 ) -> Transformer:
-    if cfg.offload_exclusion or cfg.gpu_mem:
-        raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
     from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
 
-    mode = quant_mode(cfg)
+    mode = cfg.quant
     if quantization is not None:
-        mode = quantization["format"]
+        mode = QuantMode(quantization["format"])
         model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
     elif mode is None:
         return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
     else:
         model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
-        if mode == "bnb":
+        if mode is QuantMode.BNB:
             # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
             for block in tqdm(model.layers, desc="quantizing to LLM.int8", unit="block"):
                 quantize_linears(block.to(device), mode, progress=False)
         else:
             quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
     model.to(device)
-    if device.type == "cuda" and mode == "int4":
+    if device.type == "cuda" and mode is QuantMode.INT4:
         prepare_linears_for_cuda(model.layers, device)
     return model
 

@@ -1,38 +1,57 @@
-"""RunConfig: everything the command line decides, as one frozen dataclass the library reads."""
+"""RunConfig: everything the command line decides, typed, as one frozen dataclass the library reads.
+
+Values arrive here already parsed (engine/flag_values.py): sets, byte counts, a QuantMode, a DeviceSpec.
+This module imports no torch, so that `app.py --help` and flag errors answer at once.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama.sampling import SamplingParams
+from llama.sampling_params import SamplingParams
+from offload.quant_mode import QuantMode
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "models" / "pytiny"
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+RESIDENT_PREFILL_CHUNK = 512  # prompt tokens per forward when the budget does not choose
+SAVED_MODES = (QuantMode.INT8, QuantMode.INT4)  # what --save_quantized writes
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """The --device flag, parsed: `auto` (cuda when available), `cpu`, `cuda` or `cuda:N`."""
+
+    kind: str = "auto"  # auto | cpu | cuda
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.index is None else f"{self.kind}:{self.index}"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model_dir: Path = BUNDLED_MODEL
     tokenizer: Path | None = None  # None: look inside model_dir
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: DeviceSpec = DeviceSpec()
+    dtype: str = "auto"  # one of DTYPE_NAMES
     ctx: int | None = None  # context length; None: the model's, capped at 4096
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # None: RESIDENT_PREFILL_CHUNK, or with use_offload what the budget holds
     threads: int | None = None  # CPU threads for torch; None: leave torch's setting
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    # offload and quantization (issues 3 and 4)
+    # offload and quantization
     use_offload: bool = False
-    offload_exclusion: str = ""  # as typed: "[w1,w2,w3]" or "w1,w2,w3"
+    # None: the planner chooses. A set without gpu_mem: exactly these units stay resident; with gpu_mem a floor.
+    offload_exclusion: frozenset[str] | None = None
     prefetch: int = 2
-    gpu_mem: str | None = None
-    use_8bit: bool = False
-    quant: str | None = None  # None | int8 | int4
+    gpu_mem: int | None = None  # bytes; None: free VRAM less a margin
+    quant: QuantMode | None = None  # --quant, or --use_8bit resolved (BNB resident, INT8 streamed)
     save_quantized: Path | None = None
     # modes
     prompt: str | None = None
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
     ppl: Path | None = None
-    serve: str | None = None  # [HOST:]PORT
+    serve: str | None = None  # [HOST:]PORT, checked by server.serve_spec
     shared_secret: str | None = None

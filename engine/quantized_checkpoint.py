@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from engine.config import RunConfig
+from engine.offload_messages import flag_messages
 from llama.checkpoint import iter_weights, read_model_args
 from llama.checkpoint_files import Weight, read_json
 from llama.checkpoint_hf import CONFIG, hf_name, iter_hf_weights
@@ -29,6 +30,7 @@ from llama.loader import empty_model, load_model
 from llama.model import Transformer
 from offload.kernels.int4_format import Int4Weight, int4_group_size
 from offload.kernels.int8_format import Int8Weight
+from offload.quant_mode import QuantMode
 from offload.kernels.linear import (
     QuantizedLinear,
     quantize_linears,
@@ -71,8 +73,9 @@ def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path
     """--save_quantized: load cfg.model_dir on the CPU, quantize it to cfg.quant, save it; returns the directory."""
     from engine.build import pick_dtype, resolve_tokenizer
 
-    if cfg.quant not in SAVED_FORMATS:
-        raise UserError(f"--save_quantized needs --quant {' or --quant '.join(SAVED_FORMATS)} (the format to write)")
+    mode = cfg.quant.value if cfg.quant is not None else None
+    if mode not in SAVED_FORMATS:
+        raise ValueError(f"save_quantized_from_config: cfg.quant must be one of {', '.join(SAVED_FORMATS)}")
     out_dir, model_dir = Path(cfg.save_quantized), Path(cfg.model_dir)
     check_output_dir(out_dir)
     if read_quantization(model_dir) is not None:
@@ -83,8 +86,9 @@ def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path
     dtype = _checkpoint_dtype(model_dir, args) if cfg.dtype == "auto" else pick_dtype(cfg.dtype, cpu, args)
     print(f"loading {model_dir} as {str(dtype).removeprefix('torch.')} on the CPU to quantize it", file=log)
     model = load_model(model_dir, dtype=dtype, device=cpu, vocab_size=args.vocab_size)
-    quantize_linears(model.layers, cfg.quant)
-    save_quantized(model, args, cfg.tokenizer or model_dir, out_dir, cfg.quant, log)
+    with flag_messages():
+        quantize_linears(model.layers, cfg.quant)
+    save_quantized(model, args, cfg.tokenizer or model_dir, out_dir, mode, log)
     return out_dir
 
 
@@ -129,14 +133,14 @@ def read_quantization(model_dir: Path | str) -> dict[str, Any] | None:
     return quant
 
 
-def check_quantized_run(model_dir: Path, quant: dict[str, Any], requested: str | None, use_offload: bool) -> None:
+def check_quantized_run(model_dir: Path, quant: dict[str, Any], requested: QuantMode | None, use_offload: bool) -> None:
     """UserError for flags that cannot apply to an already quantized directory."""
     fmt = quant["format"]
     if use_offload:
         raise UserError(f"{model_dir} is quantized: a quantized directory runs resident or on the CPU; streaming "
                         f"it is not supported yet, load the original with --use_offload --quant {fmt}")
-    if requested is not None and requested != fmt:
-        flag = "--use_8bit" if requested == "bnb" else f"--quant {requested}"
+    if requested is not None and requested.value != fmt:
+        flag = "--use_8bit" if requested is QuantMode.BNB else f"--quant {requested.value}"
         raise UserError(f"{flag}: {model_dir} is already quantized to {fmt}; drop the flag")
 
 

@@ -3,7 +3,7 @@
 Read fields: temperature, top_p, top_k, min_p, repetition_penalty (as SamplingParams fields),
 `do_sample: false` (greedy: temperature 0, as transformers reads it) and eos_token_id (an id or a list,
 extra stop ids). Command-line flags override all of them. A field of the wrong type is a UserError
-naming the file and the field.
+naming the file and the field. Imports no torch: the flag parser reads these defaults.
 """
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llama.checkpoint_files import read_json
 from llama.errors import UserError
-from llama.sampling import SamplingParams
+from llama.json_file import read_json
+from llama.sampling_params import SamplingParams
 
 GENERATION_CONFIG = "generation_config.json"
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")

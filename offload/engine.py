@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llama.checkpoint_files import Weight
-from llama.errors import UserError
+from offload.errors import NoGpu, WeightMismatch
 from llama.model import Transformer
 from offload.host import HostStore, aligned, page_aligned_empty, pin_buffer, tensor_nbytes
 from offload.policy import (
@@ -37,18 +37,15 @@ from offload.policy import (
     plan_placement,
     unit_of,
 )
+from offload.quant_mode import QuantMode
 from offload.streaming import StreamedBlocks, set_tensor
 
 LINK_PROBE_BYTES = 256 * 2**20
 
 
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+def resolve_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--use_offload streams weights to a CUDA GPU, but no usable GPU was found "
-            "(torch.cuda.is_available() is False); run without --use_offload to use the CPU mode"
-        )
+        raise NoGpu("streaming needs a CUDA GPU, and torch.cuda.is_available() is False")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -128,7 +125,7 @@ def model_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
     )
 
 
-def quantize_block(block: nn.Module, quant: str) -> None:
+def quantize_block(block: nn.Module, quant: QuantMode) -> None:
     """Swap the block's linears for `quant` modules. int4 stays in its plain layout, which streams: on the
     GPU, decode converts it to tinygemm's per call and prefill dequantizes it for cuBLAS (kernels/matmul.py)."""
     from offload.kernels.linear import quantize_linears
@@ -247,7 +244,7 @@ def _load(
             index, _, rest = name[len("layers.") :].partition(".")
             i = int(index)
             if i not in expected or rest not in expected[i]:
-                raise UserError(f"unexpected weight {name!r}")
+                raise WeightMismatch(f"unexpected weight {name!r}")
             pending.setdefault(i, {})[rest] = t
             if len(pending[i]) == len(expected[i]):
                 done = pending.pop(i)
@@ -261,10 +258,10 @@ def _load(
     bar.close()
     if pending:
         i, got = next(iter(pending.items()))
-        raise UserError(f"missing weight 'layers.{i}.{min(expected[i] - set(got))}'")
+        raise WeightMismatch(f"missing weight 'layers.{i}.{min(expected[i] - set(got))}'")
     missing = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if missing:
-        raise UserError(f"missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise WeightMismatch(f"missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     model.rope_cos = model.rope_cos.to(device)
     model.rope_sin = model.rope_sin.to(device)
 
@@ -297,7 +294,7 @@ def _place_block(
         store.add_block(i, streamed)
         for name in streamed:
             set_tensor(block, name, store.view(i, name))
-    if config.quant == "int4" and device.type == "cuda":
+    if config.quant is QuantMode.INT4 and device.type == "cuda":
         _prepare_resident_int4(block, units, device)
 
 
@@ -325,7 +322,7 @@ def _place_top_level(
     elif name == "output.weight" and not model.args.tie_embeddings:
         set_tensor(model, name, t.to(head_device))
     else:
-        raise UserError(f"unexpected weight {name!r}")
+        raise WeightMismatch(f"unexpected weight {name!r}")
 
 
 def build_offloaded_model(model_dir: str | Path, config: OffloadConfig) -> tuple[Transformer, OffloadedModel]:

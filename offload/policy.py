@@ -8,14 +8,14 @@ placement that streams the fewest bytes per forward pass within a GPU memory bud
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from llama.config import ModelArgs
-from llama.errors import UserError
+from offload.errors import BudgetTooSmall
+from offload.quant_mode import QuantMode
 
 STREAMABLE = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 UNIT_PATHS = {
@@ -36,33 +36,6 @@ DEFAULT_MARGIN_FRACTION = 0.02
 WORKSPACE_BYTES = 64 * 2**20
 
 
-def parse_exclusions(text: str) -> frozenset[str]:
-    """`[w1,w2,w3]` (the older tool's syntax), `w1,w2,w3` or `w1 w2`; `[]` or "" is the empty set."""
-    names = [n for n in re.split(r"[\s,]+", text.strip().strip("[]").strip()) if n]
-    unknown = [n for n in names if n not in STREAMABLE]
-    if unknown:
-        raise UserError(
-            f"--offload_exclusion: unknown weight name {unknown[0]!r} (valid names: {', '.join(STREAMABLE)})"
-        )
-    return frozenset(names)
-
-
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-}
-
-
-def parse_size(text: str, flag: str = "--gpu_mem") -> int:
-    """A byte count from `6GiB`, `6000MB`, `6G` (binary), `1.5 GiB`; a unit is required."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]+)\s*", text)
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise UserError(f"{flag}: cannot read {text!r} as a size (examples: 6GiB, 6000MB, 1.5G)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
-
-
 def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
@@ -80,7 +53,7 @@ class OffloadConfig:
     """How to run a model whose blocks stream from host RAM. Sizes in bytes."""
 
     dtype: torch.dtype = torch.float16
-    device: str = "cuda"  # "cpu" runs the same machinery with synchronous copies (tests)
+    device: torch.device = torch.device("cuda")  # cpu runs the same machinery with synchronous copies (tests)
     # None: the planner chooses. A set without gpu_mem: exactly these units stay resident (the older
     # tool's meaning). A set with gpu_mem: these stay resident and the planner may add more.
     exclusions: frozenset[str] | None = None
@@ -89,14 +62,14 @@ class OffloadConfig:
     max_seq_len: int = 2048  # KV cache length the budget must hold
     batch: int = 1
     prefill_chunk: int = 2048  # longest forward the activation estimate must hold
-    quant: str | None = None  # "int8" | "int4": linears held, streamed and multiplied in that format
+    quant: QuantMode | None = None  # INT8 | INT4: linears held, streamed and multiplied in that format
     pin: bool = True  # False: pageable home buffers (for machines that cannot lock memory)
     sequential: bool = False  # reference schedule: copy each block right before it runs, no overlap
     verbose: bool = True
 
     def __post_init__(self) -> None:
         if self.n_slots < 1:
-            raise UserError(f"--prefetch: need at least 1 device slot, got {self.n_slots}")
+            raise ValueError(f"OffloadConfig: need at least 1 device slot, got {self.n_slots}")
 
 
 @dataclass(frozen=True)
@@ -230,7 +203,7 @@ def plan_placement(
 
     An exclusion list with no explicit budget is taken literally (only the head's place is chosen);
     otherwise the listed units are a floor and the planner adds resident units and whole blocks.
-    Raises UserError with the smallest budget that would work when nothing fits.
+    Raises BudgetTooSmall with the smallest budget that would work when nothing fits.
     """
     literal = exclusions is not None and not budget_given
     forced = exclusions or frozenset()
@@ -253,13 +226,14 @@ def plan_placement(
     if not fitting:
         smallest = min(candidates, key=lambda p: p.gpu_bytes)
         fp = footprint
-        flag = "--gpu_mem" if budget_given else "free GPU memory"
-        raise UserError(
-            f"{flag} {format_bytes(budget or 0)} is too small: this model needs at least "
+        what = "the GPU budget" if budget_given else "free GPU memory"
+        raise BudgetTooSmall(
+            f"{what} {format_bytes(budget or 0)} is too small: this model needs at least "
             f"{format_bytes(smallest.gpu_bytes)} on the GPU ({min(n_slots, max(smallest.n_streamed_blocks, 1))} "
             f"slots x {format_bytes(smallest.slot_bytes)}, KV cache {format_bytes(fp.kv_cache_bytes)}, "
             f"activations {format_bytes(fp.activation_bytes)}, resident weights "
-            f"{format_bytes(smallest.resident_weight_bytes)}); lower --max_seq_len, --prefetch or the exclusions"
+            f"{format_bytes(smallest.resident_weight_bytes)})",
+            budget or 0, smallest.gpu_bytes, budget_given,
         )
     return min(fitting, key=lambda p: (host_bytes(p), p.gpu_bytes))
 

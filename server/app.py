@@ -5,7 +5,6 @@ FastAPI app alone (tests run it on a socket of their own).
 """
 from __future__ import annotations
 
-import re
 import sys
 
 import uvicorn
@@ -17,9 +16,8 @@ from server import basilisk, openai_api
 from server.auth import SharedSecretAuth
 from server.errors import install_error_handlers
 from server.queue import EngineQueue
+from server.serve_spec import parse_serve_spec
 from server.state import ServerState
-
-DEFAULT_HOST = "127.0.0.1"
 
 
 def create_app(engine: Engine, shared_secret: str | None = None) -> FastAPI:
@@ -32,18 +30,6 @@ def create_app(engine: Engine, shared_secret: str | None = None) -> FastAPI:
     if shared_secret is not None:
         app.add_middleware(SharedSecretAuth, secret=shared_secret)
     return app
-
-
-def parse_serve_spec(spec: str) -> tuple[str, int]:
-    """'[HOST:]PORT' -> (host, port); the host defaults to 127.0.0.1, an IPv6 host goes in brackets."""
-    match = re.fullmatch(r"(?:(\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):)?(\d+)", spec.strip())
-    if match is None:
-        raise UserError(f"--serve: expected [HOST:]PORT (like 8000 or 0.0.0.0:8000), got {spec!r}")
-    host, port = match.group(1), int(match.group(2))
-    if not 1 <= port <= 65535:
-        raise UserError(f"--serve: port {port} is outside 1..65535")
-    host = (host or DEFAULT_HOST).strip("[]")
-    return host, port
 
 
 def serve(engine: Engine, spec: str, shared_secret: str | None = None) -> None:

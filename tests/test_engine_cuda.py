@@ -9,21 +9,21 @@ import torch
 from tiny_model import GREEDY, make_tiny_model_dir
 
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
+from offload.quant_mode import QuantMode
 from llama.sampling import Sampler
 
 NEEDS_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                         reason="needs bitsandbytes")
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> RunConfig:
     model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("cuda-engine"), ffn_dim=256)
-    return RunConfig(model_dir=model_dir, device="cuda", dtype="bfloat16", ctx=256, sampling=GREEDY)
+    return RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
 
 
 def _first_logits_and_tokens(cfg: RunConfig) -> tuple[torch.Tensor, list[int]]:
@@ -44,13 +44,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     [
         # Streaming is exact up to attention backends (tests/test_offload_cuda.py checks tokens bit for bit).
         ({"use_offload": True}, 0.01),
-        ({"use_offload": True, "offload_exclusion": "[w1,w2,w3]"}, 0.01),
-        ({"quant": "int8"}, 0.03),
-        ({"quant": "int4"}, 0.2),
-        # Resident --use_8bit is bitsandbytes' LLM.int8; streamed --use_8bit is our own int8.
-        pytest.param({"use_8bit": True, "dtype": "float16"}, 0.03, marks=NEEDS_BITSANDBYTES, id="use_8bit-resident"),
-        ({"use_offload": True, "use_8bit": True}, 0.03),
-        ({"use_offload": True, "quant": "int4"}, 0.2),
+        ({"use_offload": True, "offload_exclusion": frozenset({"w1", "w2", "w3"})}, 0.01),
+        ({"quant": QuantMode.INT8}, 0.03),
+        ({"quant": QuantMode.INT4}, 0.2),
+        # --use_8bit, resident: bitsandbytes' LLM.int8 (streamed --use_8bit is our own int8)
+        pytest.param({"quant": QuantMode.BNB, "dtype": "float16"}, 0.03, marks=NEEDS_BITSANDBYTES,
+                     id="use_8bit-resident"),
+        ({"use_offload": True, "quant": QuantMode.INT8}, 0.03),  # --use_8bit --use_offload
+        ({"use_offload": True, "quant": QuantMode.INT4}, 0.2),
     ],
 )
 def test_variants_match_the_resident_model(base, overrides, tolerance):

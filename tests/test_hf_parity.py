@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import greedy
 from fixtures import make_hf_model, random_state, tiny_args
 from llama.checkpoint_writer import write_hf_checkpoint, write_meta_checkpoint
 from llama.config import Llama3RopeScaling
-from llama.kv_cache import KVCache
 from llama.loader import load_model, model_from_state
 from llama.model import Transformer
 
@@ -34,19 +34,6 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def greedy_ours(model: Transformer, prompt: torch.Tensor, n_new: int) -> list[int]:
-    """Prefill the prompt, then decode one token at a time through the KV cache."""
-    cache = KVCache(model.args, max_seq_len=prompt.shape[1] + n_new, dtype=torch.float32)
-    logits = model(prompt, start_pos=0, cache=cache, last_only=True)
-    out, pos = [], prompt.shape[1]
-    for _ in range(n_new):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        logits = model(torch.tensor([[token]]), start_pos=pos, cache=cache)
-        pos += 1
-    return out
-
-
 def greedy_hf(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> list[int]:
     """transformers' greedy generate(), never stopping early on an EOS id."""
     model.generation_config.eos_token_id = None
@@ -67,7 +54,7 @@ def test_logits_and_greedy_tokens_match_transformers(name: str, tmp_path: Path) 
     batch = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     assert rel_err(ours(batch), hf(input_ids=batch).logits) < 1e-4
 
-    tokens = greedy_ours(ours, prompt, N_NEW)
+    tokens, _ = greedy(ours, prompt[0].tolist(), N_NEW)
     assert tokens == greedy_hf(hf, prompt, N_NEW)
     # The whole sequence in one pass (positions up to 44) agrees too.
     full = torch.cat([prompt, torch.tensor([tokens])], dim=1)

@@ -6,15 +6,16 @@ import torch
 from cli_runner import CPU_GREEDY, run_app
 from tiny_model import make_tiny_model_dir
 
-from llama.errors import UserError
 from llama.loader import load_model
 from offload.kernels.int4_format import int4_group_size, quantize_int4
+from offload.errors import FormatError
 from offload.kernels.linear import Int4Linear, quantize_linears
+from offload.quant_mode import QuantMode
 
 
 def test_group_size_per_width():
     assert [int4_group_size(k) for k in (4096, 576, 160, 64, 11008, 1344)] == [128, 64, 32, 64, 128, 64]
-    with pytest.raises(UserError, match="1000"):
+    with pytest.raises(FormatError, match="1000"):
         int4_group_size(1000)  # 1000 = 8 x 125
 
 
@@ -27,7 +28,7 @@ def test_a_576_wide_matrix_quantizes_with_groups_of_64():
 
 def test_quant_int4_runs_saves_and_reloads_a_192_wide_model(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path, dim=192, ffn_dim=160)
-    model = quantize_linears(load_model(model_dir).layers, "int4", progress=False)
+    model = quantize_linears(load_model(model_dir).layers, QuantMode.INT4, progress=False)
     groups = {(m.in_features, m.weight_format().group_size) for m in model.modules() if isinstance(m, Int4Linear)}
     assert groups == {(192, 64), (160, 32)}
 

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy
 from fixtures import make_meta_checkpoint, random_state, tiny_args
-from offload_testing import greedy, offloaded, resident
+from offload_testing import PROMPT, offloaded, resident
 
 from llama.config import ModelArgs
 from llama.model import Transformer
 from offload.engine import OffloadedModel, build_offloaded_model
 from offload.policy import OffloadConfig, plan_placement
+from offload.quant_mode import QuantMode
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
 STEPS = 64
@@ -40,7 +41,7 @@ def without_cudnn_attention() -> Iterator[None]:
 
 def reference(model: Transformer, args: ModelArgs, dtype: torch.dtype) -> tuple[list[int], torch.Tensor]:
     with without_cudnn_attention():
-        return greedy(model, args, "cuda", dtype, STEPS)
+        return greedy(model, PROMPT, STEPS, "cuda", dtype)
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def closing() -> Iterator[list[OffloadedModel]]:
 
 
 def gpu_config(**kw: object) -> OffloadConfig:
-    return OffloadConfig(**{"dtype": torch.float16, "device": "cuda", "verbose": False, "max_seq_len": 128, **kw})
+    return OffloadConfig(**{"dtype": torch.float16, "device": torch.device("cuda"), "verbose": False, "max_seq_len": 128, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_streamed_matches_resident(
     model, off = offloaded(args, state, gpu_config(exclusions=exclusions, n_slots=n_slots))
     closing.append(off)
     assert off.store.pinned and off.streaming is not None and off.streaming.n_slots == n_slots
-    tokens, logits = greedy(model, args, "cuda", torch.float16, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cuda", torch.float16)
     assert tokens == ref_tokens
     assert torch.equal(logits, ref_logits)
 
@@ -81,7 +82,7 @@ def test_sequential_reference_matches_ring(model6: tuple, closing: list[Offloade
     args, state, (ref_tokens, ref_logits) = model6
     model, off = offloaded(args, state, gpu_config(exclusions=frozenset(), sequential=True))
     closing.append(off)
-    tokens, logits = greedy(model, args, "cuda", torch.float16, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cuda", torch.float16)
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
@@ -94,7 +95,7 @@ def test_planned_budget_and_replan(model6: tuple, closing: list[OffloadedModel])
     assert planned.streamed_bytes < off.plan.streamed_bytes
     for plan in (planned, plan_placement(fp, None, 3, FFN), plan_placement(fp, None, 2, frozenset())):
         off.replan(plan)
-        tokens, logits = greedy(model, args, "cuda", torch.float16, STEPS)
+        tokens, logits = greedy(model, PROMPT, STEPS, "cuda", torch.float16)
         assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
@@ -107,7 +108,7 @@ def test_peak_memory_is_slots_head_cache(closing: list[OffloadedModel]) -> None:
     model, off = offloaded(args, state, gpu_config(exclusions=frozenset()))
     closing.append(off)
     torch.cuda.reset_peak_memory_stats()  # after loading: its link probe is transient
-    greedy(model, args, "cuda", torch.float16, 8)
+    greedy(model, PROMPT, 8, "cuda", torch.float16)
     peak = torch.cuda.max_memory_allocated() - base
     fp = off.plan.footprint
     expected = off.plan.ring_bytes + fp.head_bytes + fp.kv_cache_bytes + fp.fixed_bytes + 8 * fp.block_other_bytes
@@ -124,11 +125,11 @@ def test_build_from_checkpoint_on_gpu(tmp_path: Path, closing: list[OffloadedMod
     ref = reference(resident(args, state, "cuda", torch.float16), args, torch.float16)
     model, off = build_offloaded_model(tmp_path, gpu_config(exclusions=FFN))
     closing.append(off)
-    tokens, logits = greedy(model, args, "cuda", torch.float16, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cuda", torch.float16)
     assert tokens == ref[0] and torch.equal(logits, ref[1])
 
 
-@pytest.mark.parametrize("quant, dtype", [("int8", torch.float16), ("int4", torch.bfloat16)])
+@pytest.mark.parametrize("quant, dtype", [(QuantMode.INT8, torch.float16), (QuantMode.INT4, torch.bfloat16)])
 def test_quantized_streaming_matches_quantized_resident(
     quant: str, dtype: torch.dtype, closing: list[OffloadedModel]
 ) -> None:
@@ -143,5 +144,5 @@ def test_quantized_streaming_matches_quantized_resident(
     model, off = offloaded(args, state, gpu_config(dtype=dtype, exclusions=frozenset(), quant=quant))
     closing.append(off)
     assert off.streamed_bytes == off.plan.streamed_bytes
-    tokens, logits = greedy(model, args, "cuda", dtype, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cuda", dtype)
     assert tokens == ref[0] and torch.equal(logits, ref[1])

@@ -5,31 +5,35 @@ buffers, the ring, the hooks and the view binding are the ones a GPU run uses.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import greedy
 from fixtures import make_meta_checkpoint, random_state, tiny_args
-from offload_testing import greedy, offloaded, resident
+from offload_testing import PROMPT, offloaded, resident
 
-from llama.errors import UserError
+from engine.offload_messages import flag_message
 from llama.kv_cache import KVCache
+from offload.errors import NoGpu, WeightMismatch
 from offload.engine import HostEmbedding, build_offloaded_model
 from offload.policy import OffloadConfig, plan_placement
+from offload.quant_mode import QuantMode
 
 STEPS = 16
 ATT, FFN = frozenset({"wq", "wk", "wv", "wo"}), frozenset({"w1", "w2", "w3"})
 
 
 def cpu_config(**kw: object) -> OffloadConfig:
-    return OffloadConfig(**{"dtype": torch.float32, "device": "cpu", "verbose": False, "max_seq_len": 128, **kw})
+    return OffloadConfig(**{"dtype": torch.float32, "device": torch.device("cpu"), "verbose": False, "max_seq_len": 128, **kw})
 
 
 @pytest.fixture(scope="module")
 def model4() -> tuple:
     args = tiny_args(n_layers=4)
     state = random_state(args, seed=1)
-    return args, state, greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+    return args, state, greedy(resident(args, state, "cpu", torch.float32), PROMPT, STEPS, "cpu", torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +45,7 @@ def test_streamed_matches_resident(model4: tuple, exclusions: frozenset, n_slots
     model, off = offloaded(args, state, cpu_config(exclusions=exclusions, n_slots=n_slots, sequential=sequential))
     assert off.streaming is not None and off.streamed_bytes > 0
     assert isinstance(model.tok_embeddings, HostEmbedding)
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref_tokens
     assert torch.equal(logits, ref_logits)
 
@@ -66,7 +70,7 @@ def test_planner_with_budget_mixes_resident_and_streamed(model4: tuple) -> None:
     plan = off.plan
     assert plan.gpu_bytes <= budget and off.streaming is not None
     assert plan.resident_units or plan.n_resident_blocks  # some weights resident, some streamed
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
@@ -75,7 +79,7 @@ def test_replan_without_reloading(model4: tuple) -> None:
     model, off = offloaded(args, state, cpu_config(exclusions=frozenset()))
     for ex in (FFN, ATT, frozenset({"wq", "wk", "wv", "wo", "w1", "w2", "w3"}), frozenset()):
         off.replan(plan_placement(off.plan.footprint, None, 2, ex))
-        tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+        tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
         assert tokens == ref_tokens and torch.equal(logits, ref_logits)
     assert off.streaming is not None and off.streaming.n_slots == 2
 
@@ -86,7 +90,7 @@ def test_a_pass_that_raises_does_not_break_the_ring(model4: tuple) -> None:
     small = KVCache(args, 4, torch.float32)
     with pytest.raises(ValueError, match="KV cache overflow"), torch.inference_mode():
         model(torch.tensor([[1, 2, 3, 4, 5, 6]]), 0, small)  # raises inside block 0, slot held
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref_tokens and torch.equal(logits, ref_logits)
 
 
@@ -94,52 +98,53 @@ def test_a_pass_that_raises_does_not_break_the_ring(model4: tuple) -> None:
 def test_other_families(arch: str, tie: bool) -> None:
     args = tiny_args(arch, n_layers=3, tie_embeddings=tie)
     state = random_state(args, seed=2)
-    ref = greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+    ref = greedy(resident(args, state, "cpu", torch.float32), PROMPT, STEPS, "cpu", torch.float32)
     model, off = offloaded(args, state, cpu_config(exclusions=frozenset()))
     if arch == "qwen2":
         assert "attention.wq.bias" in off.store.entries(0)  # biases travel with their unit
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref[0] and torch.equal(logits, ref[1])
 
 
 def test_bfloat16_streaming(model4: tuple) -> None:
     args, state, _ = model4
-    ref = greedy(resident(args, state, "cpu", torch.bfloat16), args, "cpu", torch.bfloat16, STEPS)
+    ref = greedy(resident(args, state, "cpu", torch.bfloat16), PROMPT, STEPS, "cpu", torch.bfloat16)
     model, _ = offloaded(args, state, cpu_config(dtype=torch.bfloat16, exclusions=frozenset()))
-    tokens, logits = greedy(model, args, "cpu", torch.bfloat16, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.bfloat16)
     assert tokens == ref[0] and torch.equal(logits, ref[1])
 
 
 def test_build_from_checkpoint_directory(tmp_path: Path) -> None:
     args = tiny_args(n_layers=3)
     state = make_meta_checkpoint(args, tmp_path, seed=3)
-    ref = greedy(resident(args, state, "cpu", torch.float32), args, "cpu", torch.float32, STEPS)
+    ref = greedy(resident(args, state, "cpu", torch.float32), PROMPT, STEPS, "cpu", torch.float32)
     model, off = build_offloaded_model(tmp_path, cpu_config(exclusions=frozenset()))
     assert off.store.blocks == [0, 1, 2]
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref[0] and torch.equal(logits, ref[1])
 
 
 def test_unexpected_and_missing_weights(model4: tuple) -> None:
     args, state, _ = model4
-    with pytest.raises(UserError, match="unexpected weight 'layers.0.attention.wz.weight'"):
+    with pytest.raises(WeightMismatch, match="unexpected weight 'layers.0.attention.wz.weight'"):
         offloaded(args, {**state, "layers.0.attention.wz.weight": torch.zeros(1)}, cpu_config())
     partial = {k: v for k, v in state.items() if k != "layers.2.feed_forward.w2.weight"}
-    with pytest.raises(UserError, match="missing weight 'layers.2.feed_forward.w2.weight'"):
+    with pytest.raises(WeightMismatch, match="missing weight 'layers.2.feed_forward.w2.weight'"):
         offloaded(args, partial, cpu_config())
-    with pytest.raises(UserError, match="missing weight 'norm.weight'"):
+    with pytest.raises(WeightMismatch, match="missing weight 'norm.weight'"):
         offloaded(args, {k: v for k, v in state.items() if k != "norm.weight"}, cpu_config())
 
 
 def test_use_offload_without_gpu_suggests_cpu_mode(model4: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     args, state, _ = model4
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UserError, match="--use_offload.*CPU mode"):
-        offloaded(args, state, OffloadConfig(device="cuda"))
+    with pytest.raises(NoGpu) as e:
+        offloaded(args, state, OffloadConfig(device=torch.device("cuda")))
+    assert re.search("--use_offload.*CPU", flag_message(e.value))
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_streaming_matches_quantized_resident(quant: str) -> None:
+@pytest.mark.parametrize("quant", [QuantMode.INT8, QuantMode.INT4])
+def test_quantized_streaming_matches_quantized_resident(quant: QuantMode) -> None:
     from offload.kernels import quantize_linears
 
     args = tiny_args(n_layers=3, dim=128, n_heads=4, ffn_dim=256)
@@ -147,11 +152,11 @@ def test_quantized_streaming_matches_quantized_resident(quant: str) -> None:
     ref_model = resident(args, state, "cpu", torch.float32)
     for block in ref_model.layers:
         quantize_linears(block, quant, progress=False, group_size=128)
-    ref = greedy(ref_model, args, "cpu", torch.float32, STEPS)
+    ref = greedy(ref_model, PROMPT, STEPS, "cpu", torch.float32)
     model, off = offloaded(args, state, cpu_config(exclusions=frozenset(), quant=quant))
     assert not any(n.endswith(".weight") and "norm" not in n for n in off.store.entries(0))  # quantized bytes
     fp32_bytes = sum(t.numel() * 4 for n, t in state.items() if n.startswith("layers.") and "norm" not in n)
     assert off.streamed_bytes < 0.3 * fp32_bytes
     assert off.streamed_bytes == off.plan.streamed_bytes  # the planner's shape-only estimate is exact
-    tokens, logits = greedy(model, args, "cpu", torch.float32, STEPS)
+    tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref[0] and torch.equal(logits, ref[1])

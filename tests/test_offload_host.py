@@ -68,7 +68,7 @@ def test_filling_from_a_reader_keeps_one_copy_in_ram() -> None:
     gc.collect()
     before = psutil.Process().memory_info().rss
     offloaded = apply_offload(
-        model, reader(), OffloadConfig(dtype=torch.float32, device="cpu", exclusions=frozenset(), verbose=False)
+        model, reader(), OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), exclusions=frozenset(), verbose=False)
     )
     gc.collect()
     assert offloaded.streaming is not None

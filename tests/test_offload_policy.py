@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from llama.config import ModelArgs
+from engine.flag_values import parse_exclusions, parse_size
+from engine.offload_messages import flag_message
 from llama.errors import UserError
+from offload.errors import BudgetTooSmall
 from offload.policy import (
     STREAMABLE,
     Footprint,
@@ -13,8 +16,6 @@ from offload.policy import (
     Plan,
     activation_bytes,
     format_bytes,
-    parse_exclusions,
-    parse_size,
     plan_placement,
     unit_of,
 )
@@ -130,10 +131,11 @@ def test_forced_units_stay_resident_when_planning() -> None:
 def test_budget_below_slots_says_minimum() -> None:
     fp = llama7b_footprint()
     smallest = Plan(fp, frozenset(), 0, False, 2, None)  # everything streamed, head on the CPU
-    with pytest.raises(UserError) as e:
+    with pytest.raises(BudgetTooSmall) as e:
         plan_placement(fp, 1 * GiB, 2, budget_given=True)
-    msg = str(e.value)
-    assert "--gpu_mem" in msg and format_bytes(smallest.gpu_bytes) in msg and "slots" in msg
+    assert e.value.needed == smallest.gpu_bytes
+    msg = flag_message(e.value)
+    assert "--gpu_mem" in msg and "--ctx" in msg and format_bytes(smallest.gpu_bytes) in msg and "slots" in msg
     # That minimum really is enough.
     assert plan_placement(fp, smallest.gpu_bytes, 2, budget_given=True).gpu_bytes <= smallest.gpu_bytes
 
@@ -166,5 +168,5 @@ def test_activation_estimate_grows_with_tokens() -> None:
 
 
 def test_config_rejects_zero_slots() -> None:
-    with pytest.raises(UserError, match="--prefetch"):
+    with pytest.raises(ValueError, match="device slot"):
         OffloadConfig(n_slots=0)

@@ -12,6 +12,7 @@ from llama.loader import load_model, model_from_state
 from llama.perplexity import perplexity
 from llama.tokenizer import load_tokenizer
 from offload.kernels.linear import quantize_linears
+from offload.quant_mode import QuantMode
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "pytiny"
 HELDOUT = Path(__file__).resolve().parent.parent / "data" / "heldout_stdlib.txt"
@@ -32,7 +33,7 @@ def test_logit_error_against_the_fp16_model(mode, bar):
     state = {k: v.half().float() for k, v in random_state(args, seed=3).items()}
     ref_model = model_from_state(args, state)
     quant_model = model_from_state(args, state)
-    quantize_linears(quant_model.layers, mode, progress=False)
+    quantize_linears(quant_model.layers, QuantMode(mode), progress=False)
     tokens = torch.randint(0, args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         err = _rel(quant_model(tokens), ref_model(tokens))
@@ -53,7 +54,7 @@ def float_ppl(heldout) -> float:
 @pytest.mark.parametrize("mode, bar", [("int8", 0.01), ("int4", 0.08)])
 def test_perplexity_rise_on_the_trained_model(mode, bar, heldout, float_ppl):
     model = load_model(BUNDLED)
-    quantize_linears(model.layers, mode, progress=False)
+    quantize_linears(model.layers, QuantMode(mode), progress=False)
     ppl = perplexity(model, heldout, CTX, bos_id=1, progress=False)
     print(f"{mode}: perplexity {ppl:.3f} vs {float_ppl:.3f} float32 (+{100 * (ppl / float_ppl - 1):.2f}%)")
     assert ppl <= float_ppl * (1 + bar)

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama.errors import UserError
+from offload.errors import FormatError
+from offload.quant_mode import QuantMode
 from offload.kernels import (
     Int4CudaWeight,
     Int4Linear,
@@ -19,7 +20,6 @@ from offload.kernels import (
     quantized_linear_from_tensors,
 )
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 6e-3}
 
 
@@ -72,7 +72,7 @@ def test_state_round_trip(cls: type[QuantizedLinear]) -> None:
     assert torch.equal(rebuilt(x), layer(x))
     fmt = layer.weight_format()
     assert torch.equal(type(fmt).from_tensors(fmt.tensors()).dequantize(), fmt.dequantize())
-    with pytest.raises(UserError, match="matches no known format"):
+    with pytest.raises(FormatError, match="matches no known format"):
         quantized_linear_from_tensors({"weight": torch.zeros(2, 2)})
 
 
@@ -96,29 +96,29 @@ def test_quantize_linears_swaps_named_layers_in_place() -> None:
     block = Block()
     x = torch.randn(2, 5, 128)
     ref = block(x).detach()
-    out = quantize_linears(block, "int8", names=["attention.wq", "w2"], progress=False)
+    out = quantize_linears(block, QuantMode.INT8, names=["attention.wq", "w2"], progress=False)
     assert out is block
     assert isinstance(block.attention["wq"], Int8Linear) and isinstance(block.w2, Int8Linear)
     assert type(block.attention["wo"]) is nn.Linear and type(block.w1) is nn.Linear
     assert block.attention["wq"].bias is not None and block.w2.bias is None
     assert rel_err(block(x), ref) < 0.02
-    quantize_linears(block, "int4", progress=False)  # the rest; already-quantized layers are not Linears
+    quantize_linears(block, QuantMode.INT4, progress=False)  # the rest; already-quantized layers are not Linears
     assert isinstance(block.w1, Int4Linear) and isinstance(block.attention["wo"], Int4Linear)
     assert isinstance(block.w2, Int8Linear)
     assert rel_err(block(x), ref) < 0.15
 
 
 def test_quantize_linears_rejects_unknown_names_and_modes() -> None:
-    with pytest.raises(UserError, match="no nn.Linear named feed_forward.w9"):
-        quantize_linears(Block(), "int8", names=["feed_forward.w9"], progress=False)
-    with pytest.raises(UserError, match="unknown quantization mode 'int3'"):
-        quantize_linears(Block(), "int3", progress=False)
+    with pytest.raises(KeyError, match="no nn.Linear named feed_forward.w9"):
+        quantize_linears(Block(), QuantMode.INT8, names=["feed_forward.w9"], progress=False)
+    with pytest.raises(ValueError, match="'int3' is not a valid QuantMode"):
+        QuantMode("int3")
 
 
 def test_quantize_linears_on_meta_gives_real_shapes() -> None:
     """The VRAM planner quantizes a meta copy of a block to learn its byte sizes."""
     block = Block().to("meta")
-    quantize_linears(block, "int4", progress=False)
+    quantize_linears(block, QuantMode.INT4, progress=False)
     assert block.w1.packed.shape == (256, 64) and block.w1.scales.shape == (256, 1)
     assert block.w2.packed.shape == (128, 128) and block.w2.scales.shape == (128, 2)
     assert block.w1.packed.device.type == "meta"
@@ -129,20 +129,19 @@ def test_bnb_mode_wraps_bitsandbytes_int8() -> None:
     block = Block().half()
     x = torch.randn(3, 128, dtype=torch.float16)
     ref = block(x).detach()
-    quantize_linears(block, "bnb", names=["w1", "w2"], progress=False)
+    quantize_linears(block, QuantMode.BNB, names=["w1", "w2"], progress=False)
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and block.w1.weight.dtype == torch.int8
     assert rel_err(block(x).detach(), ref) < 0.02
-    quantize_linears(block, "int8", progress=False)  # the plain linears only: not bitsandbytes' subclass
+    quantize_linears(block, QuantMode.INT8, progress=False)  # the plain linears only: not bitsandbytes' subclass
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and isinstance(block.attention["wq"], Int8Linear)
 
 
 @pytest.mark.cuda
-@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_layers_match_cpu(dtype: torch.dtype) -> None:
     block = Block(dim=128, hidden=256)
-    quantize_linears(block, "int4", names=["w1", "w2"], progress=False, group_size=64)
-    quantize_linears(block, "int8", progress=False)
+    quantize_linears(block, QuantMode.INT4, names=["w1", "w2"], progress=False, group_size=64)
+    quantize_linears(block, QuantMode.INT8, progress=False)
     x = torch.randn(2, 7, 128)
     ref = block(x).detach()
     block = block.to(device="cuda", dtype=dtype)  # before preparing: tinygemm's pairs stay bfloat16
@@ -160,7 +159,6 @@ def test_cuda_layers_match_cpu(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.cuda
-@needs_cuda
 def test_cuda_bnb_resident_layers() -> None:
     """bitsandbytes layers made on the GPU (the resident loader's path; made in host RAM they fail there)."""
     bnb = pytest.importorskip("bitsandbytes")
@@ -168,7 +166,7 @@ def test_cuda_bnb_resident_layers() -> None:
     x = torch.randn(3, 128, dtype=torch.float16)
     ref = block(x).detach()
     block = block.cuda()
-    quantize_linears(block, "bnb", progress=False)
+    quantize_linears(block, QuantMode.BNB, progress=False)
     assert isinstance(block.w1, bnb.nn.Linear8bitLt) and block.w1.weight.device.type == "cuda"
     assert block.w1.weight.dtype == torch.int8
     assert rel_err(block(x.cuda()).detach().cpu(), ref) < 0.02

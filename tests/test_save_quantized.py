@@ -18,7 +18,7 @@ from tiny_tokenizer import train_tiny_sentencepiece, write_tiny_hf_tokenizer
 
 import app
 from engine.build import build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from engine.quantized_checkpoint import (
     load_quantized_model,
     read_quantization,
@@ -27,6 +27,7 @@ from engine.quantized_checkpoint import (
 )
 from llama.errors import UserError
 from llama.loader import model_from_state
+from offload.quant_mode import QuantMode
 from offload.kernels.linear import Int4Linear, Int8Linear, quantize_linears
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,9 @@ def src(tmp_path_factory) -> Path:
 
 
 def _cfg(model_dir: Path, **overrides) -> RunConfig:
-    cfg = RunConfig(model_dir=model_dir, device="cpu", dtype="float32", ctx=64, sampling=GREEDY)
+    cfg = RunConfig(model_dir=model_dir, device=DeviceSpec("cpu"), dtype="float32", ctx=64, sampling=GREEDY)
+    if isinstance(overrides.get("quant"), str):
+        overrides["quant"] = QuantMode(overrides["quant"])  # as --quant gives it
     return replace(cfg, **overrides)
 
 
@@ -176,7 +179,7 @@ def test_round_trip_keeps_biases_and_tied_embeddings(tmp_path):
     """Qwen2 shape: q/k/v biases (their rows are permuted in HF files), GQA, and a head tied to the embedding."""
     args = tiny_args("qwen2", ffn_dim=256, tie_embeddings=True)
     model = model_from_state(args, random_state(args, seed=3))
-    quantize_linears(model.layers, "int4", progress=False)
+    quantize_linears(model.layers, QuantMode.INT4, progress=False)
     (tmp_path / "tok").mkdir()
     write_tiny_hf_tokenizer(tmp_path / "tok")
     save_quantized(model, args, tmp_path / "tok", tmp_path / "q", "int4")

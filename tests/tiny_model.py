@@ -9,7 +9,7 @@ from fixtures import make_meta_checkpoint, tiny_args
 from tiny_tokenizer import train_tiny_sentencepiece
 
 from engine.build import Engine, build_engine
-from engine.config import RunConfig
+from engine.config import DeviceSpec, RunConfig
 from llama.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
@@ -26,5 +26,5 @@ def make_tiny_model_dir(root: Path, ctx: int = 256, name: str = "tiny-llama", **
 
 def build_tiny_engine(root: Path, ctx: int = 256, **overrides: Any) -> Engine:
     """Greedy, on the CPU, float32, unless overridden."""
-    cfg = RunConfig(model_dir=make_tiny_model_dir(root, ctx), device="cpu", dtype="float32", ctx=ctx, sampling=GREEDY)
+    cfg = RunConfig(model_dir=make_tiny_model_dir(root, ctx), device=DeviceSpec("cpu"), dtype="float32", ctx=ctx, sampling=GREEDY)
     return build_engine(replace(cfg, **overrides))

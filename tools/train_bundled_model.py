@@ -13,7 +13,14 @@ most 15 MiB each (the device tool brings back files of at most 16 MiB), train_lo
 with the held-out perplexity of the written (bf16-rounded) weights, computed in float32.
 tools/export_bundled_model.py turns that directory into the HF model directory.
 
+With --teacher DIR the model is distilled instead: its loss is the KL divergence from the teacher's
+next-token distribution at every position (validation too), which is what a speculative draft is for:
+it should predict what the target model would, not what the text says. The summary then also records
+how often the two models' argmax agree on the held-out file.
+
     PYTHONUNBUFFERED=1 python -m tools.train_bundled_model --out $OUT/run
+    python -m tools.train_bundled_model --out $OUT/draft --teacher models/pytiny --dim 192 --layers 3 \
+        --heads 3 --kv-heads 1 --ffn 512 --max-epochs 30          # the bundled draft (models/pytiny-draft)
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ import gzip
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from llama.config import ModelArgs
+from llama.loader import load_model
 from llama.model import Transformer
 from llama.perplexity import perplexity
 from llama.tokenizer import Tokenizer, load_tokenizer
@@ -86,11 +96,38 @@ def lm_loss(model: Transformer, windows: torch.Tensor, bos_id: int, autocast: bo
     return F.cross_entropy(logits.float().flatten(0, 1), windows.flatten())
 
 
+def distill_loss(
+    model: Transformer, windows: torch.Tensor, bos_id: int, autocast: bool, teacher: Transformer
+) -> torch.Tensor:
+    """KL(teacher || model) per position, averaged: the draft learns the target's distribution."""
+    inputs = with_bos(windows, bos_id)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(inputs)  # (batch, ctx, vocab)
+        with torch.no_grad():
+            target = teacher(inputs)
+    log_p = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    log_q = F.log_softmax(target.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
+
+
+LossFn = Callable[[Transformer, torch.Tensor, int, bool], torch.Tensor]
+
+
 @torch.no_grad()
-def val_loss(model: Transformer, stream: torch.Tensor, ctx: int, batch: int, bos_id: int, autocast: bool) -> float:
+def val_loss(
+    model: Transformer, stream: torch.Tensor, ctx: int, batch: int, bos_id: int, autocast: bool, loss_fn: LossFn
+) -> float:
     windows = stream[: len(stream) // ctx * ctx].view(-1, ctx)  # (n_windows, ctx)
-    losses = [lm_loss(model, w, bos_id, autocast).item() * len(w) for w in windows.split(batch)]
+    losses = [loss_fn(model, w, bos_id, autocast).item() * len(w) for w in windows.split(batch)]
     return sum(losses) / len(windows)
+
+
+@torch.no_grad()
+def argmax_agreement(model: Transformer, teacher: Transformer, ids: list[int], ctx: int, device: torch.device) -> float:
+    """Fraction of held-out positions (chunks of ctx) where the two models' most probable next tokens agree."""
+    chunks = torch.tensor(ids[: len(ids) // ctx * ctx], device=device).view(-1, ctx)  # (n_chunks, ctx)
+    agree = sum(int((model(c).argmax(-1) == teacher(c).argmax(-1)).sum()) for c in chunks.split(8))
+    return agree / chunks.numel()
 
 
 def learning_rate(step: int, progress: float, args: argparse.Namespace) -> float:
@@ -128,7 +165,13 @@ class Best:
 
 
 def fit(
-    model: Transformer, train: torch.Tensor, val: torch.Tensor, bos_id: int, args: argparse.Namespace, log: Log
+    model: Transformer,
+    train: torch.Tensor,
+    val: torch.Tensor,
+    bos_id: int,
+    args: argparse.Namespace,
+    log: Log,
+    loss_fn: LossFn,
 ) -> tuple[Best, int, float, float]:
     """Train until the time or epoch budget is spent; return (best, steps, epochs, seconds)."""
     cuda = train.is_cuda
@@ -148,7 +191,7 @@ def fit(
         progress = max(elapsed / (args.minutes * 60), epochs / args.max_epochs)
         done = progress >= 1
         if step % args.eval_every == 0 or done:
-            vloss = val_loss(model, val, args.ctx, args.batch, bos_id, cuda)
+            vloss = val_loss(model, val, args.ctx, args.batch, bos_id, cuda, loss_fn)
             if vloss < best.loss:
                 best = Best(vloss, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
             log(f"step {step:6d}  {elapsed:6.1f} s  epoch {epochs:5.2f}  val loss {vloss:.4f}  "
@@ -157,7 +200,7 @@ def fit(
             return best, step, epochs, time.perf_counter() - start
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, progress, args)
-        loss = lm_loss(model, random_windows(train, args.batch, args.ctx, gen), bos_id, cuda)
+        loss = loss_fn(model, random_windows(train, args.batch, args.ctx, gen), bos_id, cuda)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -173,6 +216,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, default=Path("models/pytiny/tokenizer.model"))
     p.add_argument("--heldout", type=Path, default=Path("data/heldout_stdlib.txt"))
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--teacher", type=Path, help="distill from this model (a draft for speculative decoding)")
     p.add_argument("--minutes", type=float, default=5.5, help="wall-clock training budget")
     p.add_argument("--max-epochs", type=float, default=12.0, help="or stop after this many passes over the data")
     p.add_argument("--dim", type=int, default=384)
@@ -219,7 +263,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {margs.to_hf_config()}; {n_params:,} parameters")
 
-    best, step, epochs, train_s = fit(model, train, val, tokenizer.bos_id, args, log)
+    teacher = load_model(args.teacher, torch.float32, device) if args.teacher else None
+    loss_fn = partial(distill_loss, teacher=teacher) if teacher else lm_loss
+    best, step, epochs, train_s = fit(model, train, val, tokenizer.bos_id, args, log, loss_fn)
     tok_s = step * args.batch * args.ctx / train_s
     log(f"trained {step} steps in {train_s:.1f} s ({tok_s:,.0f} tokens/s); "
         f"best val loss {best.loss:.4f} at step {best.step}")
@@ -249,6 +295,8 @@ def main() -> None:
         "shards": [p.name for p in shards],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+    if teacher is not None:
+        summary["heldout_argmax_agreement"] = round(argmax_agreement(model, teacher, heldout, args.ppl_ctx, device), 4)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"held-out perplexity (float32, ctx {args.ppl_ctx}, {summary['heldout_chunks']} chunks): {ppl:.4f}")
 

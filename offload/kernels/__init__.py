@@ -6,7 +6,6 @@ from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
 from offload.kernels.linear import (
-    QUANT_MODES,
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
@@ -18,7 +17,6 @@ from offload.kernels.matmul import int4_matmul, int4_matmul_reference, int8_matm
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
 
 __all__ = [
-    "QUANT_MODES",
     "Int4CudaWeight",
     "Int4Linear",
     "Int4Weight",

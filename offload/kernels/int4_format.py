@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from llama.errors import UserError
+from offload.errors import FormatError
 from offload.kernels.bundle import TensorBundle
 from offload.kernels.int8_format import FLOAT_DTYPES
 
@@ -80,7 +80,7 @@ def int4_group_size(in_features: int, group_size: int = 128) -> int:
     for g in (group_size, group_size // 2, group_size // 4):
         if g >= 2 and in_features % g == 0:
             return g
-    raise UserError(f"int4: in_features {in_features} is not a multiple of {group_size}, {group_size // 2} or "
+    raise FormatError(f"int4: in_features {in_features} is not a multiple of {group_size}, {group_size // 2} or "
                     f"{group_size // 4}; use --quant int8 for this model")
 
 
@@ -97,7 +97,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dty
     n, k = w.shape
     asked, group_size = group_size, int4_group_size(k, group_size)
     if group_size < 2 or group_size % 2:
-        raise UserError(f"int4 group size must be an even number >= 2, got {group_size}")
+        raise FormatError(f"int4 group size must be an even number >= 2, got {group_size}")
     if group_size < min(asked, k):
         _note_once(f"note: int4: {k} inputs are not a multiple of {asked}; such matrices use groups of {group_size}")
     scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)

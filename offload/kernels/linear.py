@@ -8,20 +8,21 @@ all see plain tensors. forward rebuilds the format from whatever tensors are bou
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 import torch
 import torch.nn as nn
 
-from llama.errors import UserError
+from offload.errors import FormatError
 from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
 from offload.kernels.matmul import int4_matmul, int8_matmul
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
+from offload.quant_mode import QuantMode
 
 QuantFormat = Int8Weight | Int4Weight | Int4CudaWeight
-QUANT_MODES = ("int8", "int4", "bnb")
 FORMATS = (Int8Weight, Int4Weight, Int4CudaWeight)
 
 
@@ -87,7 +88,7 @@ def quantized_linear_from_tensors(tensors: Mapping[str, torch.Tensor]) -> Quanti
         if sorted(rest) == sorted(f.name for f in dataclasses.fields(fmt)):
             cls = Int8Linear if fmt is Int8Weight else Int4Linear
             return cls(fmt.from_tensors(rest), bias)
-    raise UserError(f"quantized layer with tensors {sorted(tensors)} matches no known format")
+    raise FormatError(f"quantized layer with tensors {sorted(tensors)} matches no known format")
 
 
 def prepare_linears_for_cuda(module: nn.Module, device: torch.device | str = "cuda") -> nn.Module:
@@ -99,30 +100,31 @@ def prepare_linears_for_cuda(module: nn.Module, device: torch.device | str = "cu
     return module
 
 
-def quantize_linears(module: nn.Module, mode: str, names: Iterable[str] | None = None, progress: bool = True,
+def linear_constructors(group_size: int = 128) -> dict[QuantMode, Callable[[nn.Linear], nn.Module]]:
+    """The layer each mode makes from a plain nn.Linear, quantized where the linear is."""
+    return {
+        QuantMode.INT8: Int8Linear.from_linear,
+        QuantMode.INT4: partial(Int4Linear.from_linear, group_size=group_size),
+        QuantMode.BNB: bnb_int8_linear,
+    }
+
+
+def quantize_linears(module: nn.Module, mode: QuantMode, names: Iterable[str] | None = None, progress: bool = True,
                      group_size: int = 128) -> nn.Module:
     """Replace plain nn.Linear submodules in place, one at a time (the full-size weight of each is freed as it
-    goes), quantized where they are: mode 'int8' (Int8Linear), 'int4' (Int4Linear, groups of
-    int4_group_size(in_features, group_size)) or 'bnb' (bitsandbytes LLM.int8, threshold 6.0). `names` are qualified
-    submodule names as in named_modules(); None means every plain nn.Linear. Returns `module`."""
-    if mode not in QUANT_MODES:
-        raise UserError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    goes), quantized where they are: INT8 (Int8Linear), INT4 (Int4Linear, groups of
+    int4_group_size(in_features, group_size)) or BNB (bitsandbytes LLM.int8, threshold 6.0). `names` are
+    qualified submodule names as in named_modules(); None means every plain nn.Linear. Returns `module`."""
+    make = linear_constructors(group_size)[mode]
     # Exactly nn.Linear: bitsandbytes' layers subclass it and must not be quantized twice.
     linears = {n: m for n, m in module.named_modules() if type(m) is nn.Linear}
     wanted = list(linears) if names is None else list(names)
     missing = [n for n in wanted if n not in linears]
     if missing:
-        raise UserError(f"quantize: no nn.Linear named {', '.join(missing[:5])} in the model")
+        raise KeyError(f"quantize: no nn.Linear named {', '.join(missing[:5])} in the model")
     from tqdm import tqdm
 
-    for name in tqdm(wanted, desc=f"quantizing to {mode}", unit="layer", disable=not progress):
-        linear = linears[name]
-        if mode == "int8":
-            new = Int8Linear.from_linear(linear)
-        elif mode == "int4":
-            new = Int4Linear.from_linear(linear, group_size)
-        else:
-            new = bnb_int8_linear(linear)
+    for name in tqdm(wanted, desc=f"quantizing to {mode.value}", unit="layer", disable=not progress):
         parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name), child, new)
+        setattr(module.get_submodule(parent_name), child, make(linears[name]))
     return module
