@@ -13,7 +13,7 @@ transformers, llama.cpp and vLLM, so `temperature 0` matches their greedy output
 
 Every step keeps the logits free of NaN: the penalty saturates at the float32 range, temperature scales
 logits relative to their maximum (a tiny temperature becomes greedy instead of overflowing), and a
-distribution with no finite mass falls back to the argmax of what is finite.
+distribution with no finite mass falls back to the argmax of what is finite; a NaN logit counts as impossible.
 
 Top-k narrows the vocabulary to its k best candidates; top-p, min-p and the draw then see only those.
 The other filters remove a token by setting its logit to -inf; each keeps at least one token. Setting a
@@ -51,11 +51,15 @@ def apply_repetition_penalty(logits: Tensor, recent_ids: Sequence[int], penalty:
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    """logits / T, shifted so the largest is 0: the same softmax, and no overflow however small T is."""
+    """logits / T, shifted so the largest is 0: the same softmax, and no overflow however small T is.
+
+    T is held inside the positive range of the logits' dtype (1e-300 is 0 in float32, and 0 / 0 is NaN).
+    """
     top = logits.max()
     if not torch.isfinite(top):
         return logits
-    return (logits - top) / temperature
+    info = torch.finfo(logits.dtype)
+    return (logits - top) / min(max(temperature, info.tiny), info.max)
 
 
 def top_k_candidates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -157,7 +161,8 @@ class Sampler:
     def sample(self, logits: Tensor, history: Sequence[int]) -> int:
         """Next token id from one position's logits (shape [vocab], any device/dtype; sampled on CPU in fp32)."""
         p = self.params
-        logits = logits.detach().to("cpu", torch.float32)
+        # A NaN logit says nothing about its token: treat it as impossible rather than as the largest.
+        logits = logits.detach().to("cpu", torch.float32).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         if p.repetition_window > 0:
             logits = apply_repetition_penalty(logits, history[-p.repetition_window :], p.repetition_penalty)
         if p.temperature == 0.0:
