@@ -51,11 +51,12 @@ def test_extreme_sampling_values_still_reply(model_dir, capsys, flags):
     assert "decode 6 tok" in capsys.readouterr().err
 
 
-def test_flag_errors_through_the_command_line(model_dir):
-    for flag, value in [("--temperature", "1e-300"), ("--seed", str(2**64)), ("--prefill_chunk", "0")]:
-        r = run_app(str(model_dir), "--prompt", "hi", "--max_new_tokens", "3", "--device", "cpu", flag, value)
-        assert "Traceback" not in r.stderr, r.stderr
-        assert r.returncode == (0 if flag == "--temperature" else 2) and (r.returncode == 0 or flag in r.stderr)
+def test_flags_through_the_command_line(model_dir):
+    """A temperature that underflows float32 still answers; a seed past 64 bits is one line, exit 2."""
+    r = run_app(str(model_dir), "--prompt", "hi", "--max_new_tokens", "3", "--device", "cpu", "--temperature", "1e-300")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = run_app(str(model_dir), "--prompt", "hi", "--seed", str(2**64))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--seed" in r.stderr
 
 
 def test_tiny_temperature_is_greedy() -> None:
