@@ -11,12 +11,17 @@ import sys
 from pathlib import Path
 
 from engine.config import BUNDLED_MODEL, SAVED_MODES, RunConfig
+from engine.flag_checks import check_int_flags, default_max_new_tokens, default_threads
 from engine.flag_values import parse_device, parse_dtype, parse_exclusions, parse_quant, parse_size
 from llama.chat_format import CHAT_FORMATS
 from llama.checkpoint_kind import is_prequantized
 from llama.errors import UserError
+from llama.generation_config import sampling_params
 from llama.sampling_params import SamplingParams
 from server.serve_spec import parse_serve_spec
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "repetition_window", "mirostat",
+                  "mirostat_tau", "mirostat_eta", "seed")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -39,20 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 4096)")
     g.add_argument("--prefill_chunk", type=int, help="prompt tokens per forward (default: 512, or with "
                    "--use_offload the largest chunk the GPU budget holds)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the machine's physical cores)")
     g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
     g.add_argument("--system", help="system prompt")
-    s = p.add_argument_group("sampling (order: repetition penalty, temperature, top-k, top-p, min-p)")
+    s = p.add_argument_group(
+        "sampling (order: repetition penalty, temperature, top-k, top-p, min-p; "
+        "defaults: the checkpoint's generation_config.json, else those shown)"
+    )
     d = SamplingParams()
-    s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy")
-    s.add_argument("--top_k", type=int, default=d.top_k)
-    s.add_argument("--top_p", type=float, default=d.top_p)
-    s.add_argument("--min_p", type=float, default=d.min_p)
-    s.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
-    s.add_argument("--repetition_window", type=int, default=d.repetition_window)
-    s.add_argument("--mirostat", type=int, choices=(0, 1, 2), default=d.mirostat)
-    s.add_argument("--mirostat_tau", type=float, default=d.mirostat_tau)
-    s.add_argument("--mirostat_eta", type=float, default=d.mirostat_eta)
-    s.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    s.add_argument("--temperature", type=float, help=f"0 means greedy (default {d.temperature})")
+    s.add_argument("--top_k", type=int, help=f"default {d.top_k}")
+    s.add_argument("--top_p", type=float, help=f"default {d.top_p}")
+    s.add_argument("--min_p", type=float, help=f"default {d.min_p}")
+    s.add_argument("--repetition_penalty", type=float, help=f"default {d.repetition_penalty} (off)")
+    s.add_argument("--repetition_window", type=int, help=f"default {d.repetition_window}")
+    s.add_argument("--mirostat", type=int, choices=(0, 1, 2), help=f"default {d.mirostat}")
+    s.add_argument("--mirostat_tau", type=float, help=f"default {d.mirostat_tau}")
+    s.add_argument("--mirostat_eta", type=float, help=f"default {d.mirostat_eta}")
+    s.add_argument("--seed", type=int, help="seed for reproducible sampling, in [0, 2**64)")
     o = p.add_argument_group("offload and quantization")
     o.add_argument("--use_offload", action="store_true", help="stream block weights from pinned RAM to the GPU")
     o.add_argument("--offload_exclusion", default="", help="weights kept on the GPU, e.g. [w1,w2,w3]")
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--draft_tokens", type=int, help="most tokens verified per target pass (default: chosen)")
     m = p.add_argument_group("modes")
     m.add_argument("--prompt", help="answer this one prompt, print only the reply, exit")
-    m.add_argument("--max_new_tokens", type=int, default=512)
+    m.add_argument("--max_new_tokens", type=int, help="reply length limit (default: 512, in the console 256)")
     m.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     m.add_argument("--ppl", type=Path, help="print the perplexity of this text file and exit")
     m.add_argument("--serve", metavar="[HOST:]PORT", help="serve the HTTP API instead of the console")
@@ -82,11 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """Every flag checked and typed once, before anything slow (no torch is imported here)."""
-    for flag, value, least in (("--max_new_tokens", ns.max_new_tokens, 1), ("--ctx", ns.ctx, 16),
-                               ("--prefetch", ns.prefetch, 1), ("--prefill_chunk", ns.prefill_chunk, 1),
-                               ("--draft_tokens", ns.draft_tokens, 2)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be at least {least}")
+    check_int_flags(vars(ns))
     if ns.draft_quant and ns.draft is None:
         raise UserError("--draft_quant needs --draft DIR")
     if ns.draft is not None and not ns.draft.is_dir():
@@ -108,18 +113,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     if ns.save_quantized is not None and quant not in SAVED_MODES and not is_prequantized(ns.model_dir):
         raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
                         "(the format to write)")
-    sampling = SamplingParams(
-        temperature=ns.temperature,
-        top_k=ns.top_k,
-        top_p=ns.top_p,
-        min_p=ns.min_p,
-        repetition_penalty=ns.repetition_penalty,
-        repetition_window=ns.repetition_window,
-        mirostat=ns.mirostat,
-        mirostat_tau=ns.mirostat_tau,
-        mirostat_eta=ns.mirostat_eta,
-        seed=ns.seed,
-    )
+    sampling = sampling_params(ns.model_dir, {name: getattr(ns, name) for name in SAMPLING_FLAGS})
+    console = ns.prompt is None and ns.ppl is None and ns.serve is None and ns.save_quantized is None
     return RunConfig(
         model_dir=ns.model_dir,
         tokenizer=ns.tokenizer,
@@ -127,6 +122,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         dtype="float16" if ns.f16 else parse_dtype(ns.dtype),
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
+        threads=ns.threads or default_threads(),
         chat_format=ns.chat_format,
         system=ns.system,
         sampling=sampling,
@@ -137,7 +133,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         quant=quant,
         save_quantized=ns.save_quantized,
         prompt=ns.prompt,
-        max_new_tokens=ns.max_new_tokens,
+        max_new_tokens=ns.max_new_tokens or default_max_new_tokens(console),
         stop=tuple(ns.stop),
         ppl=ns.ppl,
         serve=ns.serve,
@@ -152,6 +148,10 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
 
 
 def run(cfg: RunConfig) -> None:
+    import torch
+
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # before any work, so every kernel sees it
     from engine.build import build_engine
     from engine.console import run_console, run_prompt
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.gguf_model import GGUFModel, open_gguf_model
+from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
     check_quantized_run,
@@ -25,6 +26,7 @@ from llama.checkpoint_kind import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
+from llama.generation_config import checkpoint_eos_ids
 from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
@@ -60,6 +62,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
         raise UserError(f"model directory not found: {model_dir}")
     # A tokenizer argument overrides the one a GGUF's metadata describes.
     tokenizer = GGUFTokenizer(gguf.meta, gguf.path) if gguf and cfg.tokenizer is None else resolve_tokenizer(cfg)
+    tokenizer.stop_ids |= checkpoint_eos_ids(model_dir)
     args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
     quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
     gptq = None if gguf else read_gptq_config(model_dir)
@@ -77,6 +80,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
+    check_kv_cache_fits(args, ctx, dtype, device)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
     chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if gguf is not None:

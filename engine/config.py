@@ -36,6 +36,7 @@ class RunConfig:
     dtype: str = "auto"  # one of DTYPE_NAMES
     ctx: int | None = None  # context length; None: the model's, capped at 4096
     prefill_chunk: int | None = None  # None: RESIDENT_PREFILL_CHUNK, or with use_offload what the budget holds
+    threads: int | None = None  # CPU threads for torch; None: leave torch's setting
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -5,12 +5,11 @@ import sys
 from typing import TextIO
 
 from engine.build import Engine
+from engine.console_input import COMMANDS, HELP, bad_bytes_note, command_of, read_message, replace_bad_bytes
 from llama.chat import ChatSession
 from llama.errors import UserError
 from llama.generation import Generation, GenerationStats
 from llama.sampling import Sampler
-
-HELP = "commands: /reset forgets the conversation, /exit quits; Ctrl-C stops a reply"
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -25,6 +24,9 @@ def run_prompt(engine: Engine, text: str, out: TextIO | None = None, err: TextIO
     """One reply to `text`: only the generated text goes to `out`, statistics to `err` (default: the
     process's streams at call time, not at import, which tests replace)."""
     out, err = out or sys.stdout, err or sys.stderr
+    text, bad = replace_bad_bytes(text)
+    if bad:
+        print(bad_bytes_note(bad), file=err)
     cfg = engine.cfg
     session = ChatSession(engine.generator, engine.chat_format, cfg.system, notify=lambda m: print(m, file=err))
     result = Generation()
@@ -37,43 +39,56 @@ def run_prompt(engine: Engine, text: str, out: TextIO | None = None, err: TextIO
 
 def run_console(engine: Engine, inp: TextIO | None = None, out: TextIO | None = None,
                 err: TextIO | None = None) -> None:
+    """The interactive chat (default streams: stdin, stdout, stderr, looked up at call time) until /exit or the end of input."""
     inp, out, err = inp or sys.stdin, out or sys.stdout, err or sys.stderr
+    if hasattr(inp, "reconfigure"):
+        inp.reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach replace_bad_bytes
     cfg = engine.cfg
     session = ChatSession(engine.generator, engine.chat_format, cfg.system, notify=lambda m: print(m, file=err))
     sampler = Sampler(cfg.sampling)
-    print(f"chat format: {engine.chat_format.name}; context {engine.ctx} tokens; {HELP}", file=err)
+    print(f"chat format: {engine.chat_format.name}; context {engine.ctx} tokens; replies up to "
+          f"{cfg.max_new_tokens} tokens; {HELP}", file=err)
     while True:
         out.write("> ")
         out.flush()
         try:
-            line = inp.readline()
+            message = read_message(inp, out)
         except KeyboardInterrupt:
+            message = None
+        if message is None:  # end of input
             out.write("\n")
             return
-        if not line:  # end of input
-            out.write("\n")
+        message, bad = replace_bad_bytes(message)
+        if bad:
+            print(bad_bytes_note(bad), file=err)
+        command = command_of(message)
+        if command == "/exit":
             return
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        if text.strip() == "/exit":
-            return
-        if text.strip() == "/reset":
+        if command == "/reset":
             session.reset()
             print("(conversation cleared)", file=err)
-            continue
-        result = Generation()
-        stream = session.reply(text, sampler, cfg.max_new_tokens, result, cfg.stop)
-        try:
-            for piece in stream:
-                out.write(piece)
-                out.flush()
-        except KeyboardInterrupt:
-            stream.close()
-            result.stats.stop_reason = "interrupted"
-        except UserError as e:
-            print(f"error: {e}", file=err)
-            continue
-        out.write("\n")
-        out.flush()
-        print(format_stats(result.stats), file=err)
+        elif command == "/help":
+            print(HELP, file=err)
+        elif command is not None:
+            print(f"(unknown command {command}; the commands are {', '.join(COMMANDS)})", file=err)
+        elif message.strip():
+            _reply(session, message, sampler, cfg.max_new_tokens, cfg.stop, out, err)
+
+
+def _reply(session: ChatSession, message: str, sampler: Sampler, max_new_tokens: int, stop: tuple[str, ...],
+           out: TextIO, err: TextIO) -> None:
+    result = Generation()
+    stream = session.reply(message, sampler, max_new_tokens, result, stop)
+    try:
+        for piece in stream:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        result.stats.stop_reason = "interrupted"
+    except UserError as e:
+        print(f"error: {e}", file=err)
+        return
+    out.write("\n")
+    out.flush()
+    print(format_stats(result.stats), file=err)

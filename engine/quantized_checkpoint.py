@@ -29,7 +29,7 @@ from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.loader import empty_model, load_model
 from llama.model import Transformer
-from offload.kernels.int4_format import Int4Weight
+from offload.kernels.int4_format import Int4Weight, int4_group_size
 from offload.kernels.int8_format import Int8Weight
 from offload.quant_mode import QuantMode
 from offload.kernels.linear import (
@@ -207,7 +207,7 @@ def _quantized_layer(
     except (UserError, ValueError) as e:
         raise UserError(f"{where}: {e}") from None
     fmt = SAVED_FORMATS[quant["format"]]
-    group = min(quant.get("group_size", 0), linear.in_features)
+    group = int4_group_size(linear.in_features, quant["group_size"]) if fmt is Int4Weight else 0
     if (layer.format_type is not fmt or (layer.in_features, layer.out_features) != (linear.in_features,
             linear.out_features) or (layer.bias is None) != (linear.bias is None)
             or (fmt is Int4Weight and layer.weight_format().group_size != group)):
@@ -230,9 +230,11 @@ def _describe(model: Transformer, mode: str) -> dict[str, Any]:
         raise ValueError(f"save_quantized: quantize every linear of model.layers to {mode} first")
     if mode == "int8":
         return {"format": mode}
-    # A layer narrower than the group size is one group; re-quantizing with the widest group seen gives back
-    # every layer's own group (min(group_size, in_features)).
-    return {"format": mode, "group_size": max(m.weight_format().group_size for m in linears)}
+    # Groups are chosen per matrix (int4_group_size); the widest group seen, recorded, gives back each one.
+    group = max(m.weight_format().group_size for m in linears)
+    if any(m.weight_format().group_size != int4_group_size(m.in_features, group) for m in linears):
+        raise ValueError("save_quantized: the int4 group sizes do not follow one requested size")
+    return {"format": mode, "group_size": group}
 
 
 def _checkpoint_dtype(model_dir: Path, args: ModelArgs) -> torch.dtype:

@@ -221,12 +221,12 @@ class ChatMLFormat(ChatFormat):
 
 
 class RawFormat(ChatFormat):
-    """BOS (if the model has one), then each message's text with no markup: the model continues the text."""
+    """BOS (if the model adds one), then each message's text with no markup: the model continues the text."""
 
     name = "raw"
 
     def _open_dialog(self) -> list[int]:
-        return [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        return self.tokenizer.encode("", bos=True)
 
     def _encode_turn(self, message: Message) -> list[int]:
         return self.tokenizer.encode(message.content)
@@ -261,9 +261,12 @@ def detect_chat_format(tokenizer: Tokenizer, model_dir: Path) -> str:
     config_path = Path(model_dir) / "tokenizer_config.json"
     if config_path.is_file():
         try:
-            template = json.loads(config_path.read_text()).get("chat_template")
+            config = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+        template = config.get("chat_template")
         if template is None:
             return "raw"
         if "[INST]" in str(template):

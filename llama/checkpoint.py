@@ -3,21 +3,27 @@
 Two formats are read, both lazily (memory maps), one tensor at a time in the checkpoint's dtype:
 Hugging Face (config.json + *.safetensors, see checkpoint_hf) and Meta (params.json +
 consolidated.NN.pth, see checkpoint_meta). Every tensor is checked against ModelArgs as it is read,
-so a consumer never sees a wrong shape or an unknown name, and a missing one is reported at the end.
+so a consumer never sees a wrong shape, an unknown name, an integer tensor or a NaN, and a missing
+one is reported at the end.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from llama.checkpoint_files import Weight
 from llama.checkpoint_hf import CONFIG, INDEX, hf_name, iter_hf_weights, read_hf_args
 from llama.checkpoint_meta import PARAMS, iter_meta_weights, meta_shard_files, read_meta_args
 from llama.config import ModelArgs
 from llama.errors import UserError
+
+MODEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = ["Weight", "check_weights", "checkpoint_format", "iter_checkpoint", "iter_weights", "read_model_args"]
 
@@ -65,12 +71,13 @@ def iter_checkpoint(model_dir: Path, args: ModelArgs, allow_extra: bool = False)
     reader = iter_hf_weights if checkpoint_format(model_dir) == "hf" else iter_meta_weights
     expected = args.weight_shapes()
     seen: dict[str, tuple[int, ...]] = {}
+    converted: set[torch.dtype] = set()
     for w in reader(model_dir, args):
         if w.name in seen:
             raise UserError(f"{w.file}: tensor {_label(w.name, w.file)} appears a second time")
         _check_one(w.name, tuple(w.tensor.shape), expected, w.file, allow_extra)
         seen[w.name] = tuple(w.tensor.shape)
-        yield w
+        yield _checked_values(w, converted) if w.name in expected else w
     _check_missing(seen, expected, model_dir)
 
 
@@ -105,6 +112,32 @@ def _check_missing(seen: Mapping[str, object], expected: Mapping[str, tuple[int,
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"{source}: missing weight {_label(missing[0], source)}{more}")
+
+
+def _checked_values(w: Weight, converted: set[torch.dtype]) -> Weight:
+    """w with a model float dtype and finite values: integers and bools are refused, other float kinds
+    (float64, float8) become float32 with one note per kind, NaN or Inf is refused naming the tensor."""
+    t = w.tensor
+    if not t.is_floating_point():
+        raise UserError(f"{w.file}: tensor {_label(w.name, w.file)} is {_dtype_name(t.dtype)}; "
+                        "model weights must be floating point")
+    if t.dtype not in MODEL_FLOAT_DTYPES:
+        if t.dtype not in converted:
+            converted.add(t.dtype)
+            # tqdm.write: a progress bar may be drawing on stderr; the note takes a line of its own.
+            tqdm.write(f"note: {w.file}: converting {_dtype_name(t.dtype)} tensors to float32", file=sys.stderr)
+        t = t.to(torch.float32)
+        w.release()
+        w = replace(w, tensor=t, mapped=False)
+    # One reduction is cheap and NaN or Inf anywhere makes it non-finite; only then look element by element
+    # (a float32 sum can also overflow on huge but finite values).
+    if not torch.isfinite(t.sum(dtype=torch.float32)) and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{w.file}: tensor {_label(w.name, w.file)} holds NaN or infinite values")
+    return w
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _label(name: str, file: Path) -> str:

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from llama.errors import UserError
+from llama.json_file import read_json
+
+__all__ = ["Weight", "read_json", "release_pages", "short_reason"]
 
 # Unmap the pages from this process (its RSS drops) but leave them in the page cache: a file read
 # again soon (the next run of the same model) comes from RAM. MADV_PAGEOUT would evict them too.
@@ -61,17 +61,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc()
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from path, or a UserError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 def short_reason(e: BaseException) -> str:

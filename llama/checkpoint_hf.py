@@ -6,6 +6,7 @@ head's RoPE pairs split in halves; Meta interleaves them. The reader turns them 
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,11 +55,25 @@ def hf_weight_files(model_dir: Path) -> list[Path]:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise UserError(f"{index}: no 'weight_map' object")
-    files = [model_dir / name for name in sorted(set(weight_map.values()))]
+    if not all(isinstance(name, str) for name in weight_map.values()):
+        raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
+    files = [inside(model_dir, name, index) for name in sorted(set(weight_map.values()))]
     for f in files:
         if not f.is_file():
             raise UserError(f"{index}: lists {f.name}, which does not exist")
     return files
+
+
+def inside(model_dir: Path, name: str, source: Path) -> Path:
+    """model_dir / name, or a UserError naming source if the name leads outside model_dir (../x, /abs).
+
+    The name is resolved as written, not through symbolic links: a Hugging Face cache's snapshot
+    directory links every file to a blob outside it, and that is the user's own layout.
+    """
+    path = model_dir / name
+    if not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(model_dir)):
+        raise UserError(f"{source}: refers to {name!r}, which lies outside {model_dir}")
+    return path
 
 
 def canonical_name(hf_name: str) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from llama.config_fields import float_field, int_field, object_field
 from llama.errors import UserError
 
 
@@ -41,7 +42,11 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.n_heads < 1 or self.n_kv_heads < 1:
+            raise UserError(f"n_heads ({self.n_heads}) and n_kv_heads ({self.n_kv_heads}) must be at least 1")
         if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise UserError(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads})")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise UserError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
@@ -87,27 +92,29 @@ class ModelArgs:
     @staticmethod
     def from_meta_params(params: dict[str, Any], source: str = "params.json") -> ModelArgs:
         """Meta's params.json. vocab_size -1 means "ask the tokenizer" (caller fixes it with with_vocab)."""
-        try:
-            dim, n_layers, n_heads = int(params["dim"]), int(params["n_layers"]), int(params["n_heads"])
-        except KeyError as e:
-            raise UserError(f"{source}: missing field {e.args[0]!r}") from None
+        dim = int_field(params, "dim", source)
         hidden = int(2 * 4 * dim / 3)
-        if params.get("ffn_dim_multiplier"):
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
-        multiple_of = int(params.get("multiple_of", 256))
+        multiplier = float_field(params, "ffn_dim_multiplier", source, None, positive=True)
+        if multiplier:
+            hidden = int(multiplier * hidden)
+        multiple_of = int_field(params, "multiple_of", source, default=256)
         hidden = multiple_of * math.ceil(hidden / multiple_of)
         scaling = Llama3RopeScaling() if params.get("use_scaled_rope") else None
-        return ModelArgs(
+        vocab = int_field(params, "vocab_size", source, least=-1, default=-1)
+        if vocab == 0:
+            raise UserError(f"{source}: field 'vocab_size' must be positive, or -1 for the tokenizer's")
+        return _build(
+            source,
             dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads"),
-            vocab_size=int(params.get("vocab_size", -1)),
+            n_layers=int_field(params, "n_layers", source),
+            n_heads=int_field(params, "n_heads", source),
+            n_kv_heads=int_field(params, "n_kv_heads", source, default=None),
+            vocab_size=vocab,
             ffn_dim=hidden,
-            norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+            norm_eps=float_field(params, "norm_eps", source, 1e-5, nonnegative=True),
+            rope_theta=float_field(params, "rope_theta", source, 10000.0, positive=True),
             rope_scaling=scaling,
-            max_seq_len=int(params.get("max_seq_len", 4096)),
+            max_seq_len=int_field(params, "max_seq_len", source, default=4096),
         )
 
     @staticmethod
@@ -117,43 +124,34 @@ class ModelArgs:
         arch = _ARCHS.get(archs[0]) or _ARCHS.get(cfg.get("model_type", ""))
         if arch is None:
             raise UserError(f"{source}: unsupported architecture {archs[0]!r} (supported: {', '.join(_ARCHS)})")
-        try:
-            dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-            n_layers, ffn = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
-            vocab = int(cfg["vocab_size"])
-        except KeyError as e:
-            raise UserError(f"{source}: missing field {e.args[0]!r}") from None
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias"):
             raise UserError(f"{source}: only silu MLPs without bias are supported (hidden_act, mlp_bias)")
-        rope = cfg.get("rope_parameters") or {}  # transformers v5
-        theta = float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        scaling_cfg = cfg.get("rope_scaling") or rope
+        rope = object_field(cfg, "rope_parameters", source)  # transformers v5
+        theta = float_field(cfg, "rope_theta", source, None, positive=True)
+        theta = theta if theta is not None else float_field(rope, "rope_theta", source, 10000.0, positive=True)
+        scaling_cfg = object_field(cfg, "rope_scaling", source) or rope
+        rope_type = scaling_cfg.get("rope_type", scaling_cfg.get("type", "default"))
         scaling = None
-        rope_type = scaling_cfg.get("rope_type", scaling_cfg.get("type", "default")) if scaling_cfg else "default"
         if rope_type == "llama3":
-            scaling = Llama3RopeScaling(
-                factor=float(scaling_cfg["factor"]),
-                low_freq_factor=float(scaling_cfg["low_freq_factor"]),
-                high_freq_factor=float(scaling_cfg["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling_cfg["original_max_position_embeddings"]),
-            )
+            scaling = _llama3_scaling(scaling_cfg, f"{source}: rope_scaling")
         elif rope_type not in ("default", None):
             raise UserError(f"{source}: unsupported rope_scaling type {rope_type!r} (supported: default, llama3)")
-        return ModelArgs(
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads"),
-            head_dim=cfg.get("head_dim"),
-            vocab_size=vocab,
-            ffn_dim=ffn,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        return _build(
+            source,
+            dim=int_field(cfg, "hidden_size", source),
+            n_layers=int_field(cfg, "num_hidden_layers", source),
+            n_heads=int_field(cfg, "num_attention_heads", source),
+            n_kv_heads=int_field(cfg, "num_key_value_heads", source, default=None),
+            head_dim=int_field(cfg, "head_dim", source, default=None),
+            vocab_size=int_field(cfg, "vocab_size", source),
+            ffn_dim=int_field(cfg, "intermediate_size", source),
+            norm_eps=float_field(cfg, "rms_norm_eps", source, 1e-5, nonnegative=True),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_seq_len=int(cfg.get("max_position_embeddings", 4096)),
+            max_seq_len=int_field(cfg, "max_position_embeddings", source, default=4096),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-            sliding_window=_sliding_window(cfg, arch),
+            sliding_window=_sliding_window(cfg, arch, source),
             arch=arch,
         )
 
@@ -188,16 +186,41 @@ class ModelArgs:
         return cfg
 
 
-def _sliding_window(cfg: dict[str, Any], arch: str) -> int | None:
+def _sliding_window(cfg: dict[str, Any], arch: str, source: str) -> int | None:
     """Mistral: sliding_window when set. Qwen2: only with use_sliding_window, and only if every layer uses it."""
-    window = cfg.get("sliding_window")
+    window = int_field(cfg, "sliding_window", source, default=None)
     if arch == "mistral" or window is None:
         return window
     if arch == "qwen2" and cfg.get("use_sliding_window"):
         if cfg.get("max_window_layers", 0) not in (0,):
-            raise UserError("config.json: Qwen2 with sliding windows on only some layers is not supported")
-        return int(window)
+            raise UserError(f"{source}: Qwen2 with sliding windows on only some layers is not supported")
+        return window
     return None
+
+
+def _llama3_scaling(cfg: dict[str, Any], source: str) -> Llama3RopeScaling:
+    """rope_type "llama3": every field is needed, and high_freq_factor must exceed low_freq_factor."""
+    scaling = Llama3RopeScaling(
+        factor=float_field(cfg, "factor", source, positive=True),
+        low_freq_factor=float_field(cfg, "low_freq_factor", source, positive=True),
+        high_freq_factor=float_field(cfg, "high_freq_factor", source, positive=True),
+        original_max_position_embeddings=int_field(cfg, "original_max_position_embeddings", source),
+    )
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise UserError(f"{source}: 'high_freq_factor' ({scaling.high_freq_factor}) must exceed "
+                        f"'low_freq_factor' ({scaling.low_freq_factor})")
+    return scaling
+
+
+def _build(source: str, **fields: Any) -> ModelArgs:
+    """ModelArgs(**fields), or a UserError naming source when the head counts do not fit the sizes."""
+    try:
+        args = ModelArgs(**fields)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+    if args.head_dim % 2:
+        raise UserError(f"{source}: the head size ({args.head_dim}) must be even for rotary embeddings")
+    return args
 
 
 _ARCHS = {

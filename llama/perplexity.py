@@ -1,7 +1,7 @@
 """Perplexity of a text, with llama.cpp's convention (so numbers compare with its `perplexity` tool).
 
 The text's tokens are cut into chunks of `ctx` tokens (a shorter tail is dropped). Each chunk is run
-on its own, its first token replaced by BOS, and only the second half of its positions is scored:
+on its own, its first token replaced by BOS when the model's tokenizer adds one (`add_bos`), and only the second half of its positions is scored:
 position j predicts token j + 1 for j in [ctx // 2, ctx - 1), so every scored token has at least
 ctx // 2 tokens of context. Perplexity is exp of the mean negative log-likelihood over all scored tokens.
 """
@@ -77,10 +77,11 @@ def run_perplexity(model: Transformer, tokenizer: Tokenizer, path: Path, ctx: in
         raise UserError(f"--ctx {ctx}: must be at least {MIN_CTX}")
     if ctx > model.args.max_seq_len:
         raise UserError(f"--ctx {ctx}: longer than the model's context of {model.args.max_seq_len} tokens")
-    # Tokenized with a leading BOS, as llama.cpp does; each chunk's first token becomes BOS anyway.
+    # Tokenized with a leading BOS where the model adds one, as llama.cpp does; each chunk's first token
+    # becomes BOS then anyway.
     ids = tokenizer.encode(text, bos=True)
     if len(ids) < ctx:
         raise UserError(f"--ppl {path}: {len(ids)} tokens, fewer than one chunk of --ctx {ctx}")
-    ppl = perplexity(model, ids, ctx, bos_id=tokenizer.bos_id)
+    ppl = perplexity(model, ids, ctx, bos_id=tokenizer.bos_id if tokenizer.add_bos else None)
     print(f"perplexity: {ppl:.4f} over {len(ids) // ctx} chunks of {ctx} tokens")
     return ppl

@@ -8,6 +8,13 @@ Order of processors (each a small pure function on a float32 CPU logits vector):
     4. mirostat on (1 or 2): mirostat truncation replaces steps 5-7, then sample
     5. top-k  ->  6. top-p  ->  7. min-p  ->  8. sample from the softmax of what is left
 
+Greedy is pure argmax unless a repetition penalty is asked for: the default penalty is 1.0 (off), as in
+transformers, llama.cpp and vLLM, so `temperature 0` matches their greedy output on the same weights.
+
+Every step keeps the logits free of NaN: the penalty saturates at the float32 range, temperature scales
+logits relative to their maximum (a tiny temperature becomes greedy instead of overflowing), and a
+distribution with no finite mass falls back to the argmax of what is finite; a NaN logit counts as impossible.
+
 Top-k narrows the vocabulary to its k best candidates; top-p, min-p and the draw then see only those.
 The other filters remove a token by setting its logit to -inf; each keeps at least one token. Setting a
 processor to its neutral value turns it off: top_k 0, top_p 1, min_p 0, repetition_penalty 1 or repetition_window 0.
@@ -40,11 +47,19 @@ def apply_repetition_penalty(logits: Tensor, recent_ids: Sequence[int], penalty:
     chosen = logits[ids]
     out = logits.clone()
     out[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
-    return out
+    return out.clamp_(max=torch.finfo(out.dtype).max)  # a tiny penalty must not make +inf logits
 
 
 def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    return logits / temperature
+    """logits / T, shifted so the largest is 0: the same softmax, and no overflow however small T is.
+
+    T is held inside the positive range of the logits' dtype (1e-300 is 0 in float32, and 0 / 0 is NaN).
+    """
+    top = logits.max()
+    if not torch.isfinite(top):
+        return logits
+    info = torch.finfo(logits.dtype)
+    return (logits - top) / min(max(temperature, info.tiny), info.max)
 
 
 def top_k_candidates(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -162,7 +177,8 @@ class Sampler:
 
     def _penalized(self, logits: Tensor, history: Sequence[int]) -> Tensor:
         p = self.params
-        logits = logits.detach().to("cpu", torch.float32)
+        # A NaN logit says nothing about its token: treat it as impossible rather than as the largest.
+        logits = logits.detach().to("cpu", torch.float32).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         if p.repetition_window > 0:
             logits = apply_repetition_penalty(logits, history[-p.repetition_window :], p.repetition_penalty)
         return logits
@@ -188,8 +204,10 @@ class Sampler:
     def _draw(self, logits: Tensor) -> int:
         """Index drawn from softmax(logits) by inverting its CDF (torch.multinomial is 20x slower at 128k)."""
         cdf = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
+        if not bool(torch.isfinite(cdf[-1])) or float(cdf[-1]) <= 0.0:  # NaN or no mass: nothing to invert
+            return int(torch.argmax(torch.nan_to_num(logits, nan=-math.inf)))
         u = torch.rand((), generator=self.generator) * cdf[-1]
         index = int(torch.searchsorted(cdf, u, right=True))
         if index == cdf.numel():  # u rounded up to the total: take the last token with mass
             index = int(torch.searchsorted(cdf, cdf[-1]))
-        return index
+        return min(index, cdf.numel() - 1)

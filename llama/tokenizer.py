@@ -39,20 +39,23 @@ FALLBACK_EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", 
 class Tokenizer(ABC):
     """Text <-> token ids for one model.
 
-    bos_id is None when the model uses no BOS (Qwen2).
+    bos_id is None when the model has no BOS token (Qwen2). add_bos: whether a text the model reads begins
+    with BOS (a raw prompt, a perplexity chunk); the checkpoint decides, through tokenizer_config.json's
+    `add_bos_token` or, for tokenizer.json, its post-processor. A tokenizer may name a BOS it never adds.
     stop_ids: ids that end generation (always includes eos_id). special_ids: control tokens by name.
     """
 
     bos_id: int | None
+    add_bos: bool
     eos_id: int
     stop_ids: set[int]
     vocab_size: int
     special_ids: dict[str, int]
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`, with BOS first and EOS last when asked (BOS only if the model has one)."""
+        """Token ids of `text`, with BOS first and EOS last when asked (BOS only if the model adds one)."""
         ids = self._encode_text(text)
-        if bos and self.bos_id is not None:
+        if bos and self.add_bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
@@ -86,6 +89,7 @@ class SentencePieceTokenizer(Tokenizer):
         if self._sp.eos_id() < 0:
             raise UserError(f"{path}: the SentencePiece model defines no EOS token")
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.add_bos = _add_bos_token(path.parent, default=True)  # Llama 1/2 and Mistral begin with BOS
         self.eos_id = self._sp.eos_id()
         self.stop_ids = {self.eos_id}
         self.special_ids = {
@@ -122,6 +126,7 @@ class TiktokenTokenizer(Tokenizer):
         )
         self.vocab_size = first_special + LLAMA3_NUM_SPECIAL_TOKENS
         self.bos_id = self.special_ids["<|begin_of_text|>"]
+        self.add_bos = _add_bos_token(path.parent, default=True)
         self.eos_id = self.special_ids["<|end_of_text|>"]
         self.stop_ids = {self.eos_id, self.special_ids["<|eom_id|>"], self.special_ids["<|eot_id|>"]}
 
@@ -192,6 +197,7 @@ class HFTokenizer(Tokenizer):
             self.bos_id = self._named_id(tokenizer_config["bos_token"], path.parent / "tokenizer_config.json")
         else:
             self.bos_id = config.get("bos_token_id")
+        self.add_bos = _add_bos_token(path.parent, default=self._post_processor_adds(self.bos_id))
         if tokenizer_config.get("eos_token") is not None:
             eos_id = self._named_id(tokenizer_config["eos_token"], path.parent / "tokenizer_config.json")
         elif config_eos:
@@ -212,6 +218,11 @@ class HFTokenizer(Tokenizer):
         if token_id is None:
             raise UserError(f"{source}: token {name!r} is not in the tokenizer's vocabulary")
         return token_id
+
+    def _post_processor_adds(self, bos_id: int | None) -> bool:
+        """Whether tokenizer.json's post-processor puts BOS in front of a text."""
+        ids = self._tok.encode("a", add_special_tokens=True).ids
+        return bos_id is not None and bool(ids) and ids[0] == bos_id
 
     def _encode_text(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -237,9 +248,23 @@ def _read_json_if_present(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _add_bos_token(directory: Path, default: bool) -> bool:
+    """tokenizer_config.json's add_bos_token beside the tokenizer, else default."""
+    path = directory / "tokenizer_config.json"
+    value = _read_json_if_present(path).get("add_bos_token")
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"{path}: field 'add_bos_token' must be true or false, got {value!r}")
+    return value
 
 
 def _id_list(value: int | list[int] | None) -> list[int]:

@@ -113,7 +113,15 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_conversation():
         while len(seen) < 120:  # the prompt marker, then the start of the reply
             seen += proc.stdout.read(1)
         proc.send_signal(signal.SIGINT)
-        proc.stdin.write("class Point:\n/exit\n")
+        proc.stdin.write("class Point:\n")
+        proc.stdin.flush()
+        seen = ""  # the next prompt marker, then the start of the second reply, which is interrupted too:
+        while "\n> " not in seen or len(seen.split("\n> ", 1)[1]) < 20:  # a small model rarely emits EOS
+            if not (char := proc.stdout.read(1)):
+                break
+            seen += char
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/exit\n")
         proc.stdin.flush()
         out, err = proc.communicate(timeout=120)
     finally:

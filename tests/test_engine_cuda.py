@@ -1,6 +1,7 @@
 """The whole engine on a GPU, as app.py builds it: resident, quantized and streamed variants of one model."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 import pytest
@@ -12,6 +13,8 @@ from engine.config import DeviceSpec, RunConfig
 from offload.quant_mode import QuantMode
 from llama.sampling import Sampler
 
+NEEDS_BITSANDBYTES = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="needs bitsandbytes")
 pytestmark = [
     pytest.mark.cuda,
 ]
@@ -44,7 +47,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         ({"use_offload": True, "offload_exclusion": frozenset({"w1", "w2", "w3"})}, 0.01),
         ({"quant": QuantMode.INT8}, 0.03),
         ({"quant": QuantMode.INT4}, 0.2),
-        ({"quant": QuantMode.BNB, "dtype": "float16"}, 0.03),  # --use_8bit, resident
+        # --use_8bit, resident: bitsandbytes' LLM.int8 (streamed --use_8bit is our own int8)
+        pytest.param({"quant": QuantMode.BNB, "dtype": "float16"}, 0.03, marks=NEEDS_BITSANDBYTES,
+                     id="use_8bit-resident"),
         ({"use_offload": True, "quant": QuantMode.INT8}, 0.03),  # --use_8bit --use_offload
         ({"use_offload": True, "quant": QuantMode.INT4}, 0.2),
     ],

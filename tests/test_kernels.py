@@ -75,9 +75,11 @@ def test_int4_packing_puts_even_index_in_high_nibble() -> None:
     assert torch.equal(fmt.unpack(), q)
 
 
-def test_int4_group_size_must_divide_in_features() -> None:
-    with pytest.raises(FormatError, match="group size 128"):
-        quantize_int4(torch.randn(8, 192), group_size=128)
+def test_int4_group_size_falls_back_to_half_then_a_quarter() -> None:
+    assert quantize_int4(torch.randn(8, 192), group_size=128).group_size == 64
+    assert quantize_int4(torch.randn(8, 160), group_size=128).group_size == 32
+    with pytest.raises(FormatError, match="1000"):
+        quantize_int4(torch.randn(8, 1000), group_size=128)  # 1000 = 8 x 125
     assert quantize_int4(torch.randn(8, 64), group_size=128).group_size == 64  # narrower layer: one group
 
 

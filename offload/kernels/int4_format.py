@@ -3,15 +3,19 @@
 w[n, k] ~= (q[n, k] - zeros[n, g]) * scales[n, g] with g = k // group_size and q in [0, 15].
 Two values per byte: q[n, 2j] in the high nibble of packed[n, j] and q[n, 2j + 1] in the low nibble
 (the byte order torch's `_convert_weight_to_int4pack` expects on CUDA).
-A layer narrower than the group size is one group (tiny test models); otherwise in_features must be a
-multiple of the group size and quantize_int4 raises a FormatError if not (no padding, so a format's shapes are
-always the layer's shapes).
+The group size is chosen per matrix (int4_group_size): the requested one (128), else half of it, else a
+quarter, the first that divides in_features (a 576-wide model gets 64); a layer narrower than the request is
+one group (tiny test models). Each choice is recorded by the format itself (scales has in/group columns) and
+announced once per width. No padding, so a format's shapes are always the layer's shapes.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from offload.errors import FormatError
 from offload.kernels.bundle import TensorBundle
@@ -69,19 +73,33 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return (q[:, 0::2] << 4) | q[:, 1::2]
 
 
+def int4_group_size(in_features: int, group_size: int = 128) -> int:
+    """The group size a matrix with in_features inputs gets when group_size is asked for (module docstring)."""
+    if in_features <= group_size:
+        return in_features
+    for g in (group_size, group_size // 2, group_size // 4):
+        if g >= 2 and in_features % g == 0:
+            return g
+    raise FormatError(f"int4: in_features {in_features} is not a multiple of {group_size}, {group_size // 2} or "
+                    f"{group_size // 4}; use --quant int8 for this model")
+
+
+@functools.cache  # once per distinct message: every block of a model has the same widths
+def _note_once(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
 def quantize_int4(w: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype | None = None) -> Int4Weight:
-    """Quantize a float weight [out, in] per group of min(group_size, in) inputs, the range of each group
-    clipped for the least squared error; scales and zeros
-    in `scale_dtype` (default: w's dtype)."""
+    """Quantize a float weight [out, in] per group of int4_group_size(in, group_size) inputs, the range of each
+    group clipped for the least squared error; scales and zeros in `scale_dtype` (default: w's dtype)."""
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_int4 needs a float [out, in] weight, got {w.dtype} {tuple(w.shape)}")
     n, k = w.shape
-    group_size = min(group_size, k)
+    asked, group_size = group_size, int4_group_size(k, group_size)
     if group_size < 2 or group_size % 2:
         raise FormatError(f"int4 group size must be an even number >= 2, got {group_size}")
-    if k % group_size:
-        raise FormatError(f"int4: in_features {k} of a [{n}, {k}] weight is not a multiple of the group size "
-                        f"{group_size}; choose a group size that divides it")
+    if group_size < min(asked, k):
+        _note_once(f"note: int4: {k} inputs are not a multiple of {asked}; such matrices use groups of {group_size}")
     scale_dtype = scale_dtype or (w.dtype if w.dtype in FLOAT_DTYPES else torch.float32)
     wg = w.float().reshape(n, k // group_size, group_size)  # (out, groups, group_size)
     # The range always includes 0, so zero points fall in [0, 15]. Each group keeps the clipped range

@@ -66,7 +66,7 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """int4 weight-only, asymmetric, one scale and zero per group of min(group_size, in_features) inputs."""
+    """int4 weight-only, asymmetric, one scale and zero per group of int4_group_size(in_features) inputs."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
@@ -112,9 +112,9 @@ def linear_constructors(group_size: int = 128) -> dict[QuantMode, Callable[[nn.L
 def quantize_linears(module: nn.Module, mode: QuantMode, names: Iterable[str] | None = None, progress: bool = True,
                      group_size: int = 128) -> nn.Module:
     """Replace plain nn.Linear submodules in place, one at a time (the full-size weight of each is freed as it
-    goes), quantized where they are: INT8 (Int8Linear), INT4 (Int4Linear, groups of min(group_size,
-    in_features)) or BNB (bitsandbytes LLM.int8, threshold 6.0). `names` are qualified submodule names as in
-    named_modules(); None means every plain nn.Linear. Returns `module`."""
+    goes), quantized where they are: INT8 (Int8Linear), INT4 (Int4Linear, groups of
+    int4_group_size(in_features, group_size)) or BNB (bitsandbytes LLM.int8, threshold 6.0). `names` are
+    qualified submodule names as in named_modules(); None means every plain nn.Linear. Returns `module`."""
     make = linear_constructors(group_size)[mode]
     # Exactly nn.Linear: bitsandbytes' layers subclass it and must not be quantized twice.
     linears = {n: m for n, m in module.named_modules() if type(m) is nn.Linear}
