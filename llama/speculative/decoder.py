@@ -61,6 +61,7 @@ class Speculator:
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
             if self.planner.needs_probe():
                 self._probe(gen, history, start)
+            begin = time.perf_counter()
             shape = self.planner.choose()
             if shape is None and plain_run >= EXPLORE_EVERY:
                 shape, plain_run = TreeShape(2, 1), 0
@@ -69,9 +70,11 @@ class Speculator:
                 self._draft(tree, history, shape, gen.max_seq_len - start)
             if len(tree) == 1:
                 plain_run += 1
-                pending = [sampler.sample(self._timed(gen._forward, 1, [history[-1]], start), history)]
+                pending = [sampler.sample(self._plain_pass(gen, history[-1], start), history)]
             else:
                 pending = self._verify(gen, tree, sampler, history, start, shape)
+            depth = shape.depth if shape is not None and len(tree) > 1 else 0
+            self.planner.observe_round_time(len(tree), depth, time.perf_counter() - begin)
             stats.decode_passes += 1
 
     def _draft(self, tree: TokenTree, history: list[int], shape: TreeShape, room: int) -> None:
@@ -106,6 +109,13 @@ class Speculator:
         tokens = torch.tensor([tree.tokens], device=gen.device)
         return gen.model(tokens, start, gen.cache, positions=positions, mask=mask)[0].float().cpu()
 
+    def _plain_pass(self, gen: Generator, token: int, start: int) -> torch.Tensor:
+        """One token through the plain decode path (what decoding without speculation costs), timed."""
+        begin = time.perf_counter()
+        logits = gen._forward([token], start)  # on the CPU: the device has finished
+        self.planner.observe_plain_pass(time.perf_counter() - begin)
+        return logits
+
     def _timed(self, fn: Callable[..., torch.Tensor], n: int, *args: object) -> torch.Tensor:
         begin = time.perf_counter()
         out = fn(*args)  # on the CPU: the device has finished
@@ -113,10 +123,15 @@ class Speculator:
         return out
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
-        """Time a pass of 1 and of PROBE_TOKENS tokens at the current position, after a warm-up pass of each
-        (their keys are dropped: the cache's committed tokens end before `start`), then a draft step."""
-        n = min(PROBE_TOKENS, gen.max_seq_len - start)
-        for size, timed in ((1, False), (n, False), (1, True), (n, True)):
+        """Time a plain one-token pass, and tree passes of 2 and PROBE_TOKENS tokens, at the current position,
+        after a warm-up of each (the tree's keys are overwritten by the next round; the plain pass leaves the
+        root cached at `start`, as a plain step would), then a draft step."""
+        self._plain_pass(gen, history[-1], start)
+        self.planner.plain_passes.clear()  # that one was the warm-up
+        self._plain_pass(gen, history[-1], start)
+        room = gen.max_seq_len - start
+        small, n = min(2, room), min(PROBE_TOKENS, room)
+        for size, timed in ((small, False), (n, False), (small, True), (n, True)):
             tree = TokenTree(history[-1])
             tree.add_path(0, [history[-1]] * (size - 1), size)
             positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)

@@ -1,13 +1,19 @@
 """How big a tree to verify per target pass, from what this process measures.
 
-A round costs one target pass over n tree tokens, t(n) = a + b * n (fitted to the passes timed so far:
-flat while streamed weights dominate, growing on the CPU and when resident), plus the draft's steps
+A round costs one target pass over n tree tokens, t(n) = a + b * n (fitted to the tree passes timed so
+far: flat while streamed weights dominate, growing on the CPU and when resident), plus the draft's steps
 (one per level, timed). It yields E(d, alpha) = (1 - alpha^(d+1)) / (1 - alpha) tokens on average for
 a tree of depth d whose nodes the target accepts with probability alpha each (the accepted tokens and
 the target's own one after them). alpha is measured per beam width from this conversation's rounds,
 counting each level reached as a success and a stop before the full depth as a failure, starting from
 an optimistic prior so that a width gets tried. The planner picks the shape of the best E / cost; when
-no shape beats plain decoding (1 token per t(1)) by MIN_GAIN, speculation is off until that changes.
+no shape beats plain decoding (1 token per plain step, timed on its own: the one-token decode path is
+not the tree path) by MIN_GAIN, speculation is off until that changes.
+Each round's wall time is measured too, against what the model above predicted for it: a running mean
+of that ratio (one for speculative rounds, one for plain steps) scales the predicted costs, so time the
+model does not see (building and verifying the tree, sampling, moving keys, a pass of a few tokens
+costing more than the fitted line says) counts, and a plan that only looked good on paper is dropped
+at the next replan.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 WIDTHS = (1, 2, 4, 8, 16, 32)
 DECAY = 0.98  # older rounds count less, so the plan follows the conversation
 REPLAN_EVERY = 8  # rounds (or plain steps) between plans
+RATIO_WEIGHT = 0.25  # weight of the newest round in the running mean of measured / predicted time
 
 
 @dataclass(frozen=True)
@@ -54,9 +61,12 @@ class Planner:
         self.fixed = fixed  # measurements (tools/measure_acceptance.py) and tests use one shape throughout
         self.widths = WIDTHS if has_draft_model else (1,)  # prompt lookup proposes few distinct paths
         self.announce = announce
-        self.passes: list[tuple[int, float]] = []  # (tokens in the pass, seconds), most recent last
+        self.passes: list[tuple[int, float]] = []  # tree passes: (tokens in the pass, seconds), most recent last
+        self.plain_passes: list[float] = []  # seconds of one-token decode passes, most recent last
         self.draft_step = 0.0  # seconds per draft level, mean of the timed ones
         self.draft_steps = 0
+        # measured / predicted seconds, running mean: {True: speculative rounds, False: plain steps}
+        self.time_ratio: dict[bool, float | None] = {True: None, False: None}
         self.hits: dict[int, float] = defaultdict(float)  # width -> levels accepted (decayed)
         self.trials: dict[int, float] = defaultdict(float)  # width -> levels tried (decayed)
         self._announced = False
@@ -65,16 +75,36 @@ class Planner:
         self._rounds_left = 0  # rounds before the plan is made again
 
     def needs_probe(self) -> bool:
-        return self.fixed is None and len({n for n, _ in self.passes}) < 2
+        return self.fixed is None and (len({n for n, _ in self.passes}) < 2 or not self.plain_passes)
 
     def observe_pass(self, tokens: int, seconds: float) -> None:
         self.passes = (self.passes + [(tokens, seconds)])[-64:]
         self._fit = None
 
+    def observe_plain_pass(self, seconds: float) -> None:
+        self.plain_passes = (self.plain_passes + [seconds])[-16:]
+
+    def plain_seconds(self) -> float:
+        """A one-token decode pass: the median of the recent ones."""
+        return max(sorted(self.plain_passes)[len(self.plain_passes) // 2], 1e-9)
+
     def observe_draft(self, steps: int, seconds: float) -> None:
         if steps:
             self.draft_step = (self.draft_step * self.draft_steps + seconds) / (self.draft_steps + steps)
             self.draft_steps += steps
+
+    def round_seconds(self, tokens: int, depth: int) -> float:
+        """What the model predicts for a pass of `tokens` after `depth` draft steps (0: a plain step)."""
+        if depth == 0:
+            return self.plain_seconds()
+        return self.pass_seconds(tokens) + depth * self.draft_step
+
+    def observe_round_time(self, tokens: int, depth: int, seconds: float) -> None:
+        """A whole round's (depth > 0) or plain step's wall time, after its pass and draft were observed."""
+        speculative = depth > 0
+        ratio = seconds / self.round_seconds(tokens, depth)
+        old = self.time_ratio[speculative]
+        self.time_ratio[speculative] = ratio if old is None else old + RATIO_WEIGHT * (ratio - old)
 
     def observe_round(self, shape: TreeShape, accepted: int) -> None:
         for width in self.hits:
@@ -111,14 +141,15 @@ class Planner:
         return self._plan
 
     def _best(self) -> TreeShape | None:
-        plain = 1.0 / self.pass_seconds(1)
+        plain = 1.0 / (self.plain_seconds() * (self.time_ratio[False] or 1.0))
+        spec_ratio = self.time_ratio[True] or 1.0
         best, best_rate = None, plain * MIN_GAIN
         for width in self.widths:
             for depth in DEPTHS:
                 shape = TreeShape(depth, width)
                 if shape.budget > self.max_tokens:
                     break
-                cost = self.pass_seconds(shape.budget) + depth * self.draft_step
+                cost = self.round_seconds(shape.budget, depth) * spec_ratio
                 rate = expected_tokens(depth, self.alpha(width)) / cost
                 if rate > best_rate:
                     best, best_rate = shape, rate
@@ -126,7 +157,7 @@ class Planner:
             self._announced = True
             what = best.describe() if best is not None else "off (plain decoding is faster here)"
             self.announce(
-                f"speculation: {what}; target pass {1e3 * self.pass_seconds(1):.1f} ms for 1 token, "
+                f"speculation: {what}; target pass {1e3 * self.plain_seconds():.1f} ms for 1 token, "
                 f"{1e3 * self.pass_seconds(self.max_tokens):.1f} ms for {self.max_tokens}; "
                 f"draft {1e3 * self.draft_step:.2f} ms/step"
             )

@@ -1,0 +1,52 @@
+"""The planner's choices from synthetic measurements: big trees where passes are flat, none where they are not."""
+from __future__ import annotations
+
+from llama.speculative.planner import REPLAN_EVERY, Planner, TreeShape
+
+
+def _planner(plain: float, tree_pass, draft_step: float, max_tokens: int = 256) -> Planner:
+    lines: list[str] = []
+    planner = Planner(max_tokens, has_draft_model=True, announce=lines.append)
+    planner.observe_plain_pass(plain)
+    for n in (2, 8, 64):
+        planner.observe_pass(n, tree_pass(n))
+    planner.observe_draft(4, 4 * draft_step)
+    planner.lines = lines
+    return planner
+
+
+def _replan(planner: Planner) -> TreeShape | None:
+    planner._rounds_left = 0
+    return planner.choose()
+
+
+def test_flat_passes_get_large_trees() -> None:
+    """Streaming: a pass costs 235 ms whatever its size; a draft step 1 ms."""
+    planner = _planner(0.235, lambda n: 0.235, 0.001)
+    shape = planner.choose()
+    assert shape is not None and shape.budget > 32 and shape.budget <= 256
+    assert len(planner.lines) == 1 and "speculation:" in planner.lines[0]
+
+
+def test_passes_that_grow_with_their_tokens_turn_speculation_off() -> None:
+    """A CPU: one token 10 ms, each more 10 ms, and the draft as dear as the target."""
+    planner = _planner(0.010, lambda n: 0.010 * n, 0.010)
+    assert planner.choose() is None
+    assert "off" in planner.lines[0]
+
+
+def test_rounds_slower_than_predicted_turn_it_off_at_the_next_replan() -> None:
+    """Pass times promise a gain, but whole rounds measure 4x what the model predicts (overhead it does not see)."""
+    planner = _planner(0.020, lambda n: 0.020 + 0.0005 * n, 0.002)
+    shape = planner.choose()
+    assert shape is not None
+    for _ in range(REPLAN_EVERY):
+        planner.observe_round(shape, accepted=1)
+        planner.observe_round_time(shape.budget, shape.depth, 4 * planner.round_seconds(shape.budget, shape.depth))
+    assert _replan(planner) is None
+
+
+def test_the_draft_tokens_cap_bounds_the_tree() -> None:
+    planner = _planner(0.235, lambda n: 0.235, 0.001, max_tokens=16)
+    shape = planner.choose()
+    assert shape is not None and shape.budget <= 16
