@@ -90,7 +90,8 @@ class GGUFTokenizer(HFTokenizer):
             raise UserError(f"{source}: GGUF metadata has no tokenizer.ggml.eos_token_id")
         self.bos_token = None if bos is None else self._tok.id_to_token(bos)
         self.eos_token = self._tok.id_to_token(eos)
-        self.bos_id = bos if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") else None
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
+        self.bos_id = bos if self.add_bos else None
         self.eos_id = int(eos)
         eot = meta.get("tokenizer.ggml.eot_token_id")
         self.stop_ids = {self.eos_id} | ({int(eot)} if eot is not None else set())

@@ -109,6 +109,7 @@ def test_tokenizer_from_metadata_gives_transformers_ids(tmp_path, tokenizers, ar
     ours = GGUFTokenizer(model.meta, model.path)
     for text in TEXTS:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+        assert ours.encode(text, bos=True) == theirs.encode(text), text  # BOS only where the file adds it
         assert ours.decode(ours.encode(text)) == theirs.decode(ours.encode(text))
     assert ours.bos_id == (1 if arch == "llama" else None) and ours.eos_id == theirs.eos_token_id
     # Special tokens in rendered template text become their ids, with the text around them split as transformers
