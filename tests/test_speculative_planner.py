@@ -40,13 +40,25 @@ def test_rounds_slower_than_predicted_turn_it_off_at_the_next_replan() -> None:
     planner = _planner(0.020, lambda n: 0.020 + 0.0005 * n, 0.002)
     shape = planner.choose()
     assert shape is not None
-    for _ in range(REPLAN_EVERY):
-        planner.observe_round(shape, accepted=1)
-        planner.observe_round_time(shape.budget, shape.depth, 4 * planner.round_seconds(shape.budget, shape.depth))
-    assert _replan(planner) is None
+    planner.observe_round(shape, accepted=1)
+    planner.observe_round_time(shape.budget, shape.depth, 4 * planner.round_seconds(shape.budget, shape.depth))
+    assert planner.choose() is None  # at once: the next round is planned anew, without waiting for the replan
 
 
 def test_the_draft_tokens_cap_bounds_the_tree() -> None:
     planner = _planner(0.235, lambda n: 0.235, 0.001, max_tokens=16)
     shape = planner.choose()
     assert shape is not None and shape.budget <= 16
+
+
+def test_rounds_that_deliver_fewer_tokens_per_second_than_plain_steps_turn_it_off() -> None:
+    """Rounds cost what the model predicts, but accept nothing: their delivered rate is below plain decoding's."""
+    planner = _planner(0.020, lambda n: 0.020 + 0.0001 * n, 0.0005)
+    shape = planner.choose()
+    assert shape is not None
+    for _ in range(REPLAN_EVERY):
+        planner.observe_round(shape, accepted=0)
+        planner.observe_round_time(shape.budget, shape.depth, planner.round_seconds(shape.budget, shape.depth))
+    planner.hits.clear()  # forget the acceptance: only the delivered rate is left to say no
+    planner.trials.clear()
+    assert _replan(planner) is None

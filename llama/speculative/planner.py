@@ -13,7 +13,8 @@ Each round's wall time is measured too, against what the model above predicted f
 of that ratio (one for speculative rounds, one for plain steps) scales the predicted costs, so time the
 model does not see (building and verifying the tree, sampling, moving keys, a pass of a few tokens
 costing more than the fitted line says) counts, and a plan that only looked good on paper is dropped
-at the next replan.
+at the next replan. Last, the tokens per second that speculative rounds actually delivered (a running
+mean) must beat plain decoding's: when they do not, speculation is off whatever the model promises.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 WIDTHS = (1, 2, 4, 8, 16, 32)
 DECAY = 0.98  # older rounds count less, so the plan follows the conversation
 REPLAN_EVERY = 8  # rounds (or plain steps) between plans
+SURPRISE = 1.5  # a round that takes this many times its prediction replans at once
+MIN_ROUNDS = 2  # speculative rounds measured before their delivered rate can veto speculation
 RATIO_WEIGHT = 0.25  # weight of the newest round in the running mean of measured / predicted time
 
 
@@ -67,6 +70,9 @@ class Planner:
         self.draft_steps = 0
         # measured / predicted seconds, running mean: {True: speculative rounds, False: plain steps}
         self.time_ratio: dict[bool, float | None] = {True: None, False: None}
+        self.spec_rate: float | None = None  # tokens per second that speculative rounds delivered, running mean
+        self.spec_rounds = 0
+        self._last_tokens = 1  # tokens the latest round produced (accepted + the target's own)
         self.hits: dict[int, float] = defaultdict(float)  # width -> levels accepted (decayed)
         self.trials: dict[int, float] = defaultdict(float)  # width -> levels tried (decayed)
         self._announced = False
@@ -105,12 +111,19 @@ class Planner:
         ratio = seconds / self.round_seconds(tokens, depth)
         old = self.time_ratio[speculative]
         self.time_ratio[speculative] = ratio if old is None else old + RATIO_WEIGHT * (ratio - old)
+        if speculative and ratio > SURPRISE:
+            self._rounds_left = 0  # the plan was made on costs that proved wrong: make it again now
+        if speculative:
+            rate = self._last_tokens / seconds
+            self.spec_rate = rate if self.spec_rate is None else self.spec_rate + RATIO_WEIGHT * (rate - self.spec_rate)
+            self.spec_rounds += 1
 
     def observe_round(self, shape: TreeShape, accepted: int) -> None:
         for width in self.hits:
             self.hits[width] *= DECAY
             self.trials[width] *= DECAY
         self.hits[shape.width] += accepted
+        self._last_tokens = accepted + 1
         self.trials[shape.width] += accepted + (accepted < shape.depth)
 
     def alpha(self, width: int) -> float:
@@ -153,6 +166,8 @@ class Planner:
                 rate = expected_tokens(depth, self.alpha(width)) / cost
                 if rate > best_rate:
                     best, best_rate = shape, rate
+        if self.spec_rounds >= MIN_ROUNDS and self.spec_rate is not None and self.spec_rate < plain * MIN_GAIN:
+            best = None  # measured, speculation delivers less than plain decoding here
         if not self._announced:
             self._announced = True
             what = best.describe() if best is not None else "off (plain decoding is faster here)"
