@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
@@ -49,10 +49,11 @@ class Engine:
         return self.generator.max_seq_len
 
 
-def build_engine(cfg: RunConfig, log=sys.stderr) -> Engine:
-    """Load, quantize and place the model cfg describes; every failure the user can fix is a UserError."""
+def build_engine(cfg: RunConfig, log: TextIO | None = None) -> Engine:
+    """Load, quantize and place the model cfg describes; every failure the user can fix is a UserError.
+    log: where progress notes go (default: sys.stderr at call time, which tests replace)."""
     with flag_messages():
-        return _build_engine(cfg, log)
+        return _build_engine(cfg, log or sys.stderr)
 
 
 def _build_engine(cfg: RunConfig, log) -> Engine:

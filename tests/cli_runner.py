@@ -6,9 +6,6 @@ import sys
 from pathlib import Path
 
 import app
-# Imported at collection: their functions' default streams are sys.stdout and sys.stderr as of the import.
-import engine.build  # noqa: F401
-import engine.console  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_GREEDY = ["--temperature", "0", "--device", "cpu", "--dtype", "float32"]
