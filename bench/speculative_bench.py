@@ -33,6 +33,7 @@ from engine.config import BUNDLED_MODEL, RunConfig
 from engine.flag_values import parse_device
 from engine.llama_offload import offload_transformer
 from engine.llama_units import BLOCK_LINEARS
+from engine.speculative import MAX_TREE_TOKENS
 from llama.generation import Generator
 from llama.kv_cache import KVCache
 from llama.loader import load_model
@@ -159,7 +160,7 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
     for name, prompts in workloads(tokenizer, ns).items():
         gen.speculator = None
         plain_tps, _, want = decode(gen, prompts, ns.new_tokens)
-        planner = Planner(256 if target_device.type == "cuda" else 32, True, lambda line: print("  " + line, flush=True))
+        planner = Planner(MAX_TREE_TOKENS[target_device.type], True, lambda line: print("  " + line, flush=True))
         gen.speculator = Speculator(DraftModel(draft.generator), PromptLookup(), planner, planner.announce)
         spec_tps, per_pass, got = decode(gen, prompts, ns.new_tokens)
         row[name] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 from tqdm import tqdm
@@ -32,6 +32,9 @@ from llama.loader import load_model, read_model_args
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 from offload.quant_mode import QuantMode
+
+if TYPE_CHECKING:
+    from offload.policy import OffloadConfig
 
 @dataclass
 class Engine:
@@ -106,17 +109,13 @@ def _load_gguf(
     cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
 ) -> tuple[Transformer, torch.device]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
-    from offload.policy import OffloadConfig
 
     if cfg.quant is QuantMode.BNB:
         raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
     quant = cfg.quant.value if cfg.quant is not None else None
     if not cfg.use_offload:
         return load_gguf_resident(gguf, quant, dtype, device), device
-    config = OffloadConfig(dtype=dtype, device=device, exclusions=cfg.offload_exclusion, gpu_mem=cfg.gpu_mem,
-                           n_slots=cfg.prefetch, max_seq_len=ctx, prefill_chunk=cfg.prefill_chunk or
-                           RESIDENT_PREFILL_CHUNK)
-    model, offloaded = load_gguf_offloaded(gguf, quant, config)
+    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, quant=None))
     return model, offloaded.device
 
 
@@ -138,9 +137,22 @@ def _load_offloaded(
     """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
     whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
     from engine.llama_offload import build_offloaded_model
+
+    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, cfg.quant))
+    if cfg.prefill_chunk is not None:
+        return model, offloaded.device, cfg.prefill_chunk
+    chunk = offloaded.plan.prefill_chunk(ctx)
+    print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
+    return model, offloaded.device, chunk
+
+
+def _offload_config(
+    cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, quant: QuantMode | None
+) -> OffloadConfig:
+    """The streaming settings the flags give (quant None: the weights arrive already in their formats)."""
     from offload.policy import OffloadConfig
 
-    config = OffloadConfig(
+    return OffloadConfig(
         dtype=dtype,
         device=device,
         exclusions=cfg.offload_exclusion,
@@ -148,14 +160,8 @@ def _load_offloaded(
         n_slots=cfg.prefetch,
         max_seq_len=ctx,
         prefill_chunk=cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK,
-        quant=cfg.quant,
+        quant=quant,
     )
-    model, offloaded = build_offloaded_model(model_dir, config)
-    if cfg.prefill_chunk is not None:
-        return model, offloaded.device, cfg.prefill_chunk
-    chunk = offloaded.plan.prefill_chunk(ctx)
-    print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
-    return model, offloaded.device, chunk
 
 
 def _load_resident(
