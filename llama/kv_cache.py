@@ -26,6 +26,13 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
 
+    @classmethod
+    def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
+        """A cache over existing per-layer tensors (batch, n_kv_heads, max_seq_len, head_dim)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.max_seq_len = keys, values, keys[0].shape[2]
+        return cache
+
     def update(
         self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,8 @@ def _llama3_scale(inv: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (batch, heads, seqlen, head_dim) by cos/sin (seqlen, head_dim // 2)."""
+    """Rotate interleaved pairs of x (batch, heads, seqlen, head_dim) by cos/sin (seqlen, head_dim // 2),
+    or per sequence by cos/sin (batch, 1, seqlen, head_dim // 2)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (batch, heads, seqlen, head_dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -90,7 +91,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
-        if mask is not None:  # a token tree: the caller says which cached keys each query sees
+        if mask is not None:  # a token tree or a batch: the caller says which cached keys each query sees
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif seqlen == 1:
             if windowed:
@@ -185,10 +186,13 @@ class Transformer(nn.Module):
 
         The keys and values of `tokens` go to cache slots start_pos .. start_pos + seqlen - 1. A token
         tree also gives each token's RoPE position, `positions` (seqlen,), and which slots each token
-        attends to, `mask` (seqlen, start_pos + seqlen) bool (see llama/speculative/tree.py).
+        attends to, `mask` (seqlen, start_pos + seqlen) bool (see llama/speculative/tree.py). A batch of
+        sequences, each at its own position, gives `positions` (batch, seqlen) and `mask`
+        (batch, seqlen, cached keys), and a cache that writes each row where its positions say
+        (llama/slot_cache.py); start_pos is then unused.
         """
         seqlen = tokens.shape[1]
-        if start_pos + seqlen > self.rope_cos.shape[0]:
+        if (positions is None or positions.dim() == 1) and start_pos + seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
         h = self.tok_embeddings(tokens)  # (batch, seqlen, dim)
         if positions is None:
@@ -198,6 +202,8 @@ class Transformer(nn.Module):
             positions = positions.to(self.rope_cos.device)
             cos, sin = self.rope_cos[positions].to(h.device), self.rope_sin[positions].to(h.device)
             mask = mask.to(h.device)
+            if positions.dim() == 2:  # one row per sequence: broadcast over the heads
+                cos, sin, mask = cos.unsqueeze(1), sin.unsqueeze(1), mask.unsqueeze(1)
         for block in self.layers:
             h = block(h, cos, sin, start_pos, cache, mask)
         if last_only:
