@@ -12,5 +12,9 @@ static int64_t vector_width_op() {
 TORCH_LIBRARY(llama_offload, m) {
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale) -> Tensor", &llama_offload::int8_matmul);
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor zeros) -> Tensor", &llama_offload::int4_matmul);
+  m.def("linear(Tensor x, Tensor[] weight) -> Tensor", &llama_offload::linear);
+  m.def("decode_block(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, "
+        "Tensor[] wo, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
+        "Tensor cos, Tensor sin, int n_heads, int window) -> Tensor", &llama_offload::decode_block);
   m.def("vector_width() -> int", &vector_width_op);
 }

@@ -12,6 +12,19 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& qweight, const at:
 at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros);
 
+// One decode step of a pre-norm attention + SwiGLU block for x [B, D] (one new token per sequence, at
+// position pos): RMSNorm, q/k/v, interleaved RoPE (cos, sin: float32 [head_dim / 2]), k and v written to
+// the caches [B, kv_heads, positions, head_dim] at pos, attention over positions (pos - window, pos]
+// (window 0: all), wo and the residual, RMSNorm, silu(w1) * w3, w2 and the residual. Each weight is a
+// tensor list as linears.h describes. Returns the block's output [B, D] in x's dtype.
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& ffn_norm, double eps,
+                        at::TensorList wq, at::TensorList wk, at::TensorList wv, at::TensorList wo, at::TensorList w1,
+                        at::TensorList w3, at::TensorList w2, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        int64_t pos, const at::Tensor& cos, const at::Tensor& sin, int64_t n_heads, int64_t window);
+
+// x [T, K] through one linear in any CPU format (linears.h) -> [T, N] in x's dtype.
+at::Tensor linear(const at::Tensor& x, at::TensorList weight);
+
 // Activation checks shared by both entry points: a 2-D CPU tensor of a supported float dtype.
 void check_activations(const char* op, const at::Tensor& x);
 

@@ -23,6 +23,11 @@ void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K,
                     const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
                     int64_t n1);
 
+// y[t][n] = sum_k w[n][k] * x[t][k] for n in [n0, n1), accumulated in float32; w is [N][K] of `type`.
+enum class DenseType { kF32, kBF16, kF16 };
+void dense_gemv_rows(DenseType type, const float* x, int64_t T, int64_t K, const void* w, float* y, int64_t N,
+                     int64_t n0, int64_t n1);
+
 int vector_width();
 
 }  // namespace llama_offload

@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#include <c10/util/Half.h>
+
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -52,6 +54,34 @@ inline vfloat load_i8_as_f(const int8_t* p) {
 #endif
 }
 
+// kW bfloat16 values -> floats: a bfloat16 is the high half of a float32, so widen and shift.
+inline vfloat load_bf16_as_f(const uint16_t* p) {
+#if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return (vfloat)_mm512_slli_epi32(v, 16);
+#elif LLAMA_OFFLOAD_VEC_WIDTH == 8 && defined(__AVX2__)
+  const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return (vfloat)_mm256_slli_epi32(v, 16);
+#else
+  vint v;
+  for (int i = 0; i < kW; ++i) v[i] = int32_t(uint32_t(p[i]) << 16);
+  return (vfloat)v;
+#endif
+}
+
+// kW float16 values -> floats (F16C where the CPU has it).
+inline vfloat load_f16_as_f(const uint16_t* p) {
+#if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
+  return (vfloat)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif LLAMA_OFFLOAD_VEC_WIDTH == 8 && defined(__F16C__)
+  return (vfloat)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  vfloat v;
+  for (int i = 0; i < kW; ++i) v[i] = float(c10::Half(p[i], c10::Half::from_bits()));
+  return v;
+#endif
+}
+
 // kW packed bytes -> their high nibbles (hi) and the whole bytes (byte = 16 * hi + lo) as floats.
 inline void load_hi_and_byte_as_f(const uint8_t* p, vfloat& hi, vfloat& byte) {
 #if LLAMA_OFFLOAD_VEC_WIDTH == 16 && defined(__AVX512F__)
@@ -69,6 +99,29 @@ inline void load_hi_and_byte_as_f(const uint8_t* p, vfloat& hi, vfloat& byte) {
   byte = __builtin_convertvector(v, vfloat);
 #endif
 }
+
+// Element loaders for float32, bfloat16 and float16 storage (bfloat16 and float16 as raw uint16 bits):
+// load() widens kW elements to floats, one() a single element.
+struct LoadF32 {
+  using T = float;
+  static vfloat load(const float* p) { return load_f(p); }
+  static float one(const float* p) { return *p; }
+};
+struct LoadBF16 {
+  using T = uint16_t;
+  static vfloat load(const uint16_t* p) { return load_bf16_as_f(p); }
+  static float one(const uint16_t* p) {
+    const uint32_t bits = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+};
+struct LoadF16 {
+  using T = uint16_t;
+  static vfloat load(const uint16_t* p) { return load_f16_as_f(p); }
+  static float one(const uint16_t* p) { return float(c10::Half(*p, c10::Half::from_bits())); }
+};
 
 inline float hsum(vfloat v) {
   float s = 0.f;

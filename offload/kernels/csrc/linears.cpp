@@ -1,0 +1,149 @@
+#include "linears.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+#include "ext.h"
+
+namespace llama_offload {
+
+namespace {
+
+void check_plain(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, ": weight tensors must be contiguous CPU tensors");
+}
+
+bool is_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+DenseType dense_type(at::ScalarType t) {
+  return t == at::kFloat ? DenseType::kF32 : t == at::kBFloat16 ? DenseType::kBF16 : DenseType::kF16;
+}
+
+int64_t row_bytes(const Linear& l) {
+  return l.kind == LinearKind::kInt4 ? l.K / 2 : l.kind == LinearKind::kInt8 ? l.K : l.K * (l.dense == DenseType::kF32 ? 4 : 2);
+}
+
+// Rows [n0, n1) of one linear into y (row stride ldy); xperm/xsum are its int4 activations.
+void linear_rows(const Linear& l, const float* x, const float* xperm, const float* xsum, int64_t T, float* y,
+                 int64_t ldy, int64_t n0, int64_t n1) {
+  switch (l.kind) {
+    case LinearKind::kDense: dense_gemv_rows(l.dense, x, T, l.K, l.weight, y, ldy, n0, n1); break;
+    case LinearKind::kInt8:
+      int8_gemv_rows(x, T, l.K, static_cast<const int8_t*>(l.weight), l.scale.data_ptr<float>(), y, ldy, n0, n1);
+      break;
+    case LinearKind::kInt4: {
+      const auto* p = static_cast<const uint8_t*>(l.weight);
+      switch (l.scale.scalar_type()) {
+        case at::kFloat:
+          int4_gemv_rows<float>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<float>(), l.zeros.data_ptr<float>(),
+                                y, ldy, n0, n1);
+          break;
+        case at::kBFloat16:
+          int4_gemv_rows<c10::BFloat16>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<c10::BFloat16>(),
+                                        l.zeros.data_ptr<c10::BFloat16>(), y, ldy, n0, n1);
+          break;
+        default:
+          int4_gemv_rows<c10::Half>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<c10::Half>(),
+                                    l.zeros.data_ptr<c10::Half>(), y, ldy, n0, n1);
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+Linear linear_from(at::TensorList ts, const char* what) {
+  TORCH_CHECK(!ts.empty(), what, ": no weight tensors");
+  const at::Tensor& w = ts[0];
+  TORCH_CHECK(w.dim() == 2, what, ": the weight must be 2-D, got ", w.sizes());
+  check_plain(w, what);
+  Linear l{};
+  l.N = w.size(0);
+  size_t used = 1;
+  if (is_float(w.scalar_type())) {
+    l.kind = LinearKind::kDense;
+    l.dense = dense_type(w.scalar_type());
+    l.K = w.size(1);
+  } else if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(ts.size() >= 2 && ts[1].dim() == 1 && ts[1].size(0) == l.N && is_float(ts[1].scalar_type()),
+                what, ": int8 needs a float scale [", l.N, "] after qweight");
+    l.kind = LinearKind::kInt8;
+    l.K = w.size(1);
+    l.scale = ts[1].to(at::kFloat).contiguous();
+    used = 2;
+  } else if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(ts.size() >= 3, what, ": int4 needs packed, scales and zeros");
+    const at::Tensor &s = ts[1], &z = ts[2];
+    l.kind = LinearKind::kInt4;
+    l.K = 2 * w.size(1);
+    TORCH_CHECK(s.dim() == 2 && s.size(0) == l.N && s.size(1) > 0 && l.K % s.size(1) == 0 && is_float(s.scalar_type()),
+                what, ": int4 scales must be float [", l.N, ", in/group], got ", s.sizes());
+    TORCH_CHECK(z.sizes() == s.sizes() && z.scalar_type() == s.scalar_type(), what,
+                ": int4 zeros must match scales");
+    check_plain(s, what);
+    check_plain(z, what);
+    l.G = l.K / s.size(1);
+    TORCH_CHECK(l.G % 2 == 0, what, ": int4 group size must be even, got ", l.G);
+    l.scale = s;
+    l.zeros = z;
+    used = 3;
+  } else {
+    TORCH_CHECK(false, what, ": unsupported weight dtype ", w.scalar_type());
+  }
+  l.weight = w.data_ptr();
+  TORCH_CHECK(ts.size() <= used + 1, what, ": ", ts.size(), " tensors, expected the format's ", used,
+              " and at most a bias");
+  if (ts.size() == used + 1) {
+    TORCH_CHECK(ts[used].dim() == 1 && ts[used].size(0) == l.N, what, ": bias must be [", l.N, "], got ",
+                ts[used].sizes());
+    l.bias = ts[used].to(at::kFloat).contiguous();
+  }
+  return l;
+}
+
+void run_linears(const std::vector<const Linear*>& linears, const float* x, int64_t T, float* y) {
+  const int64_t K = linears.at(0)->K;
+  std::vector<int64_t> offsets;
+  int64_t total = 0, widest = 0;
+  // int4 reads its activations permuted, once per group size (all of a layer's linears share one).
+  std::vector<std::pair<int64_t, std::pair<at::Tensor, at::Tensor>>> permuted;
+  for (const Linear* l : linears) {
+    TORCH_CHECK(l->K == K, "linears sharing an input must have the same in_features: ", l->K, " != ", K);
+    offsets.push_back(total);
+    total += l->N;
+    widest = std::max(widest, row_bytes(*l));
+    if (l->kind != LinearKind::kInt4) continue;
+    if (std::none_of(permuted.begin(), permuted.end(), [&](const auto& p) { return p.first == l->G; })) {
+      at::Tensor xp = at::empty({T, K}, at::kFloat), xs = at::empty({T, K / l->G}, at::kFloat);
+      int4_permute_activations(x, T, K, l->G, xp.data_ptr<float>(), xs.data_ptr<float>());
+      permuted.push_back({l->G, {xp, xs}});
+    }
+  }
+  auto activations = [&](const Linear& l) -> std::pair<const float*, const float*> {
+    for (const auto& p : permuted)
+      if (p.first == l.G) return {p.second.first.data_ptr<float>(), p.second.second.data_ptr<float>()};
+    return {nullptr, nullptr};
+  };
+  at::parallel_for(0, total, row_grain(widest), [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < linears.size(); ++i) {
+      const Linear& l = *linears[i];
+      const int64_t lo = std::max(r0, offsets[i]) - offsets[i], hi = std::min(r1, offsets[i] + l.N) - offsets[i];
+      if (lo >= hi) continue;
+      const auto [xp, xs] = activations(l);  // null for the formats that read x as it is
+      linear_rows(l, x, xp, xs, T, y + offsets[i], total, lo, hi);
+    }
+  });
+  for (size_t i = 0; i < linears.size(); ++i) {
+    if (!linears[i]->bias.defined()) continue;
+    const float* b = linears[i]->bias.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < linears[i]->N; ++n) y[t * total + offsets[i] + n] += b[n];
+  }
+}
+
+}  // namespace llama_offload
