@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
+from engine.cpu_decode import use_cpu_decode_blocks
 from engine.gguf_model import GGUFModel, open_gguf_model
 from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
@@ -97,6 +98,8 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
+    if device.type == "cpu":
+        use_cpu_decode_blocks(model)
     template = find_chat_template(model_dir)
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")

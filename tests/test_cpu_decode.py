@@ -1,0 +1,131 @@
+"""The CpuDecodeBlock swap (engine/cpu_decode.py): greedy tokens equal to the unfused model's on tiny models
+of every family and format, names unchanged, unsupported blocks left alone, and wired into CPU engines and
+app.py (the same text as a run whose kernels cannot build, which leaves every block unfused)."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cli_runner import CPU_GREEDY, ROOT
+from conftest import greedy
+from fixtures import random_state, tiny_args
+from tiny_model import build_tiny_engine, make_tiny_model_dir
+
+from engine.cpu_decode import CpuDecodeBlock, use_cpu_decode_blocks
+from llama.kv_cache import KVCache
+from llama.model import Transformer
+from offload.kernels import Int8Linear, cpu_extension, quantize_int8
+from offload.kernels.cpu_ext import build_directory
+from offload.kernels.linear import quantize_linears
+from offload.quant_mode import QuantMode
+
+PROMPT = [1, 5, 9, 33, 7]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_extension() -> None:
+    assert cpu_extension() is not None, "the CPU kernels did not build on this machine"
+
+
+def tiny_model(arch: str, fmt: str, **shape) -> Transformer:
+    args = tiny_args(arch, ffn_dim=256, **shape)
+    model = Transformer(args)
+    model.load_state_dict(random_state(args), strict=False)  # rope tables are not in the state
+    model = model.to(torch.bfloat16 if fmt == "bfloat16" else torch.float32).eval()
+    if fmt in ("int8", "int4"):
+        quantize_linears(model.layers, QuantMode(fmt), progress=False)
+    return model
+
+
+def fused_copy(model: Transformer) -> Transformer:
+    fused = copy.deepcopy(model)
+    assert use_cpu_decode_blocks(fused) == len(fused.layers)
+    assert all(isinstance(b, CpuDecodeBlock) for b in fused.layers)
+    return fused
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
+def test_greedy_tokens_equal_the_unfused_model(arch: str, fmt: str) -> None:
+    model = tiny_model(arch, fmt)
+    tokens, logits = greedy(model, PROMPT, 24)
+    fused_tokens, fused_logits = greedy(fused_copy(model), PROMPT, 24)
+    assert fused_tokens == tokens
+    assert ((fused_logits - logits).norm() / logits.norm()).item() < 1e-4
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
+    """Logits (len(tokens) - len(PROMPT), vocab) float32 of each next token, fed `tokens` one at a time."""
+    dtype = model.output.weight.dtype
+    cache = KVCache(model.args, len(tokens), dtype)
+    out = [model(torch.tensor([PROMPT]), 0, cache, last_only=True)[0, -1]]
+    for pos in range(len(PROMPT), len(tokens) - 1):
+        out.append(model(torch.tensor([[tokens[pos]]]), pos, cache, last_only=True)[0, -1])
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_is_at_least_as_close_to_float32_as_unfused(arch: str) -> None:
+    """In bfloat16 the unfused block rounds after every operator and the fused one only at the residuals, so
+    greedy tokens may part where two logits are within bfloat16's rounding; on the same tokens, the fused
+    logits are as close to the float32 model's as the unfused ones, or closer."""
+    model = tiny_model(arch, "float32")
+    tokens, _ = greedy(model, PROMPT, 24)
+    exact = teacher_forced_logits(model, PROMPT + tokens)
+    unfused = tiny_model(arch, "bfloat16")
+    err = lambda m: ((teacher_forced_logits(m, PROMPT + tokens) - exact).norm() / exact.norm()).item()  # noqa: E731
+    unfused_err, fused_err = err(unfused), err(fused_copy(unfused))
+    assert fused_err < 2e-2 and fused_err <= 1.05 * unfused_err
+
+
+def test_sliding_window_past_its_end() -> None:
+    model = tiny_model("mistral", "float32", sliding_window=6)
+    tokens, logits = greedy(model, PROMPT, 20)
+    fused_tokens, fused_logits = greedy(fused_copy(model), PROMPT, 20)
+    assert fused_tokens == tokens
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_names_and_tensors_are_unchanged() -> None:
+    model = tiny_model("qwen2", "int4")
+    fused = fused_copy(model)
+    assert list(fused.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), model.state_dict().values()))
+
+
+def test_blocks_the_kernel_cannot_take_stay_unfused() -> None:
+    model = tiny_model("llama", "float32")
+    w = model.layers[1].feed_forward.w2.weight.detach()
+    grouped = quantize_int8(w)  # one scale per 16 inputs, as GGUF Q8_0 arrives: no kernel takes it
+    grouped = type(grouped)(grouped.qweight, grouped.scale[:, None].expand(-1, w.shape[1] // 16).contiguous())
+    model.layers[1].feed_forward.w2 = Int8Linear(grouped, None)
+    assert use_cpu_decode_blocks(model) == 1
+    assert isinstance(model.layers[0], CpuDecodeBlock) and not isinstance(model.layers[1], CpuDecodeBlock)
+
+
+def test_the_cpu_engine_uses_fused_blocks(tmp_path) -> None:
+    engine = build_tiny_engine(tmp_path, quant=QuantMode.INT8)
+    assert all(isinstance(b, CpuDecodeBlock) for b in engine.model.layers)
+
+
+def test_app_prints_the_same_reply_as_the_unfused_path(tmp_path) -> None:
+    """The same greedy reply through app.py with the kernels and with a compiler that does not exist (then
+    the kernels cannot build, no block is swapped, and the int8 matmuls take their torch reference)."""
+    model_dir = make_tiny_model_dir(tmp_path)
+
+    def reply(**env: str) -> str:
+        args = [str(model_dir), "--prompt", "the cat", "--max_new_tokens", "24", "--quant", "int8", *CPU_GREEDY]
+        env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1", **env}
+        done = subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    fused = reply(TORCH_EXTENSIONS_DIR=str(build_directory().parent))  # this process's build
+    unfused = reply(CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "no-ext"))
+    assert fused.strip() and fused == unfused

@@ -1,0 +1,131 @@
+"""The fused CPU decode step (offload/kernels/decode_block.py) against its pure-torch twin, on fresh random
+inputs: every weight format, GQA, batches, biases, sliding windows, and the cache it writes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from offload.kernels import cpu_extension, quantize_int4, quantize_int8
+from offload.kernels.decode_block import cpu_linear, decode_block_reference, linear_reference
+
+# Relative error of the output, set by rounding to the activation dtype (the kernel and the twin both
+# compute in float32 between the residuals).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = cpu_extension()
+    assert ext is not None, "the CPU kernels did not build on this machine"
+    return ext
+
+
+def linear_tensors(fmt: str, out_f: int, in_f: int, bias: bool = False) -> list[torch.Tensor]:
+    w = torch.randn(out_f, in_f) / math.sqrt(in_f)
+    if fmt == "int8":
+        q = quantize_int8(w)
+        tensors = [q.qweight, q.scale]
+    elif fmt == "int4":
+        q = quantize_int4(w, 32)
+        tensors = [q.packed, q.scales, q.zeros]
+    else:
+        tensors = [w.to(getattr(torch, fmt))]
+    return tensors + ([0.1 * torch.randn(out_f)] if bias else [])
+
+
+def activation_dtype(fmt: str) -> torch.dtype:
+    return getattr(torch, fmt) if fmt in ("bfloat16", "float16") else torch.float32
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference(ext, fmt: str, tokens: int, bias: bool) -> None:
+    weight = linear_tensors(fmt, 83, 160, bias)  # odd rows: blocks of rows and single rows; tails past 16
+    x = torch.randn(tokens, 160).to(activation_dtype(fmt))
+    y = cpu_linear(x, weight)
+    assert y.dtype == x.dtype and y.shape == (tokens, 83)
+    assert rel_err(y, linear_reference(x.float(), weight)) < TOL[x.dtype]
+
+
+def block_inputs(fmt: str, batch: int, n_heads: int, n_kv: int, head_dim: int, pos: int, bias: bool):
+    dim, ffn = 96, 160
+    dtype = activation_dtype(fmt)
+    q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
+    shapes = [(q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim), (ffn, dim), (ffn, dim), (dim, ffn)]
+    weights = [linear_tensors(fmt, o, i, bias and n < 3) for n, (o, i) in enumerate(shapes)]
+    cache = (batch, n_kv, pos + 5, head_dim)
+    angles = pos * torch.rand(head_dim // 2)
+    return dict(
+        x=torch.randn(batch, dim).to(dtype),
+        attn_norm=(1 + 0.1 * torch.randn(dim)).to(dtype),
+        ffn_norm=(1 + 0.1 * torch.randn(dim)).to(dtype),
+        eps=1e-5,
+        weights=weights,
+        k_cache=torch.randn(cache).to(dtype),
+        v_cache=torch.randn(cache).to(dtype),
+        pos=pos,
+        cos=angles.cos(),
+        sin=angles.sin(),
+        n_heads=n_heads,
+    )
+
+
+def run_both(ext, inputs: dict, window: int = 0):
+    """(kernel output, its caches), (twin output, its caches), each on its own copy of the caches."""
+    mine = {**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()}
+    twin = {**inputs, "k_cache": inputs["k_cache"].clone(), "v_cache": inputs["v_cache"].clone()}
+    w = mine.pop("weights")
+    y = ext.decode_block(mine["x"], mine["attn_norm"], mine["ffn_norm"], mine["eps"], *w, mine["k_cache"],
+                         mine["v_cache"], mine["pos"], mine["cos"], mine["sin"], mine["n_heads"], window)
+    ref = decode_block_reference(**twin, window=window)
+    return (y, mine["k_cache"], mine["v_cache"]), (ref, twin["k_cache"], twin["v_cache"])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch, n_heads, n_kv, head_dim", [(1, 4, 4, 24), (1, 6, 2, 16), (2, 3, 1, 32)])
+def test_decode_block_matches_reference(ext, fmt: str, batch: int, n_heads: int, n_kv: int, head_dim: int) -> None:
+    inputs = block_inputs(fmt, batch, n_heads, n_kv, head_dim, pos=11, bias=False)
+    (y, k, v), (ref, k_ref, v_ref) = run_both(ext, inputs)
+    assert y.dtype == inputs["x"].dtype and y.shape == inputs["x"].shape
+    assert rel_err(y, ref) < TOL[y.dtype]
+    tol = TOL[k.dtype]
+    assert rel_err(k[:, :, 11], k_ref[:, :, 11]) < tol and rel_err(v[:, :, 11], v_ref[:, :, 11]) < tol
+    untouched = torch.ones(k.shape[2], dtype=torch.bool)
+    untouched[11] = False
+    assert torch.equal(k[:, :, untouched], inputs["k_cache"][:, :, untouched])  # only position 11 written
+    assert torch.equal(v[:, :, untouched], inputs["v_cache"][:, :, untouched])
+
+
+def test_decode_block_with_biases_and_a_window(ext) -> None:
+    inputs = block_inputs("float32", 2, 4, 2, 16, pos=20, bias=True)
+    (y, _, _), (ref, _, _) = run_both(ext, inputs, window=6)
+    assert rel_err(y, ref) < TOL[torch.float32]
+    (unwindowed, _, _), _ = run_both(ext, inputs, window=0)
+    assert rel_err(y, unwindowed) > 1e-3  # the window changed what was attended to
+
+
+def test_decode_block_at_position_zero(ext) -> None:
+    inputs = block_inputs("bfloat16", 1, 2, 1, 16, pos=0, bias=False)
+    (y, _, _), (ref, _, _) = run_both(ext, inputs)
+    assert rel_err(y, ref) < TOL[torch.bfloat16]
+
+
+def test_decode_block_rejects_what_does_not_fit(ext) -> None:
+    inputs = block_inputs("float32", 1, 4, 2, 16, pos=3, bias=False)
+    args = lambda **over: {**inputs, **over}  # noqa: E731
+    call = lambda a: ext.decode_block(a["x"], a["attn_norm"], a["ffn_norm"], a["eps"], *a["weights"],  # noqa: E731
+                                      a["k_cache"], a["v_cache"], a["pos"], a["cos"], a["sin"], a["n_heads"], 0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        call(args(pos=inputs["k_cache"].shape[2]))
+    with pytest.raises(RuntimeError, match="attention weights do not fit"):
+        call(args(n_heads=2))
+    with pytest.raises(RuntimeError, match="wq: int8 needs a float scale"):
+        call(args(weights=[[torch.zeros(64, 96, dtype=torch.int8)], *inputs["weights"][1:]]))
