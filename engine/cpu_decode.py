@@ -10,12 +10,18 @@ stay as they are. Without the compiled kernels nothing is swapped: the unfused p
 """
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
+from torch import nn
 
 from llama.kv_cache import KVCache
 from llama.model import Transformer, TransformerBlock
 from offload.kernels import cpu_extension
-from offload.kernels.decode_block import LinearTensors, cpu_weight_tensors, decode_block
+from offload.kernels.decode_block import LinearTensors, cpu_linear, cpu_weight_tensors, decode_block
+
+DECODE_TOKENS = 4  # the head's calls up to this many tokens take the compiled GEMV; larger ones torch's GEMM
+M = TypeVar("M", bound=nn.Module)
 
 
 class CpuDecodeBlock(TransformerBlock):
@@ -25,13 +31,22 @@ class CpuDecodeBlock(TransformerBlock):
     def takes(cls, block: TransformerBlock) -> bool:
         """Whether every linear of the block is a format the kernel reads and both norms share one eps."""
         return (type(block) is TransformerBlock and block.attention_norm.eps == block.ffn_norm.eps
-                and all(cpu_weight_tensors(m) is not None for m in _linears(block)))
+                and _weight_lists(block) is not None)
 
     @classmethod
     def from_block(cls, block: TransformerBlock) -> CpuDecodeBlock:
-        fused = cls.__new__(cls)
-        fused.__dict__ = block.__dict__.copy()  # the same submodules, parameters and buffers, by name
+        fused = _same_state(cls, block)
+        fused._bind_weights()
         return fused
+
+    def _bind_weights(self) -> None:
+        # Gathered once: gathering them per step cost 50-100 us a block in Python, a tenth of a token.
+        self.weight_lists = _weight_lists(self)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), .cuda() rebind tensors: gather them anew
+        out = super()._apply(fn, recurse)
+        self._bind_weights()
+        return out
 
     def forward(
         self,
@@ -42,25 +57,53 @@ class CpuDecodeBlock(TransformerBlock):
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if x.shape[1] != 1 or mask is not None or type(cache) is not KVCache or torch.is_grad_enabled():
+        if (x.shape[1] != 1 or mask is not None or type(cache) is not KVCache or self.weight_lists is None
+                or torch.is_grad_enabled()):
             return super().forward(x, cos, sin, start_pos, cache, mask)
         if start_pos + 1 > cache.max_seq_len:
             raise ValueError(f"KV cache overflow: position {start_pos + 1} > {cache.max_seq_len}")
-        weights: list[LinearTensors] = [cpu_weight_tensors(m) for m in _linears(self)]  # type: ignore[misc]
         attention = self.attention
         out = decode_block(x.view(x.shape[0], -1), self.attention_norm.weight, self.ffn_norm.weight,
-                           self.attention_norm.eps, weights, cache.keys[self.layer], cache.values[self.layer],
-                           start_pos, cos[0].float(), sin[0].float(), attention.n_heads, attention.window or 0)
+                           self.attention_norm.eps, self.weight_lists, cache.keys[self.layer],
+                           cache.values[self.layer], start_pos, cos[0].float(), sin[0].float(), attention.n_heads,
+                           attention.window or 0)
         return out.view_as(x)
 
 
-def _linears(block: TransformerBlock) -> tuple[torch.nn.Module, ...]:
+class CpuDecodeHead(nn.Linear):
+    """The output head (an nn.Linear, tied or not), its decode-sized calls through the compiled linear."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> CpuDecodeHead:
+        return _same_state(cls, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[:-1].numel()
+        if tokens > DECODE_TOKENS or self.bias is not None or torch.is_grad_enabled() or x.device.type != "cpu":
+            return super().forward(x)
+        return cpu_linear(x.reshape(tokens, -1), [self.weight]).view(*x.shape[:-1], -1)
+
+
+def _same_state(cls: type[M], module: nn.Module) -> M:
+    """An instance of cls over module's own submodules, parameters and buffers, under the same names."""
+    swapped = cls.__new__(cls)
+    swapped.__dict__ = module.__dict__.copy()
+    return swapped
+
+
+def _weight_lists(block: TransformerBlock) -> list[LinearTensors] | None:
+    lists = [cpu_weight_tensors(m) for m in _linears(block)]
+    return None if any(w is None for w in lists) else lists  # type: ignore[return-value]
+
+
+def _linears(block: TransformerBlock) -> tuple[nn.Module, ...]:
     a, f = block.attention, block.feed_forward
     return a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2
 
 
 def use_cpu_decode_blocks(model: Transformer) -> int:
-    """Swap the blocks of a CPU model that the fused kernel takes (module docstring); returns how many."""
+    """Swap the blocks of a CPU model that the fused kernel takes, and a plain CPU output head, for their
+    fused forms (module docstring); returns how many blocks were swapped."""
     if cpu_extension() is None:
         return 0
     swapped = 0
@@ -68,4 +111,6 @@ def use_cpu_decode_blocks(model: Transformer) -> int:
         if CpuDecodeBlock.takes(block):
             model.layers[i] = CpuDecodeBlock.from_block(block)
             swapped += 1
+    if type(model.output) is nn.Linear and cpu_weight_tensors(model.output) is not None:
+        model.output = CpuDecodeHead.from_linear(model.output)
     return swapped

@@ -15,7 +15,7 @@ from conftest import greedy
 from fixtures import random_state, tiny_args
 from tiny_model import build_tiny_engine, make_tiny_model_dir
 
-from engine.cpu_decode import CpuDecodeBlock, use_cpu_decode_blocks
+from engine.cpu_decode import CpuDecodeBlock, CpuDecodeHead, use_cpu_decode_blocks
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from offload.kernels import Int8Linear, cpu_extension, quantize_int8
@@ -94,8 +94,24 @@ def test_sliding_window_past_its_end() -> None:
 def test_names_and_tensors_are_unchanged() -> None:
     model = tiny_model("qwen2", "int4")
     fused = fused_copy(model)
+    assert isinstance(fused.output, CpuDecodeHead)
     assert list(fused.state_dict()) == list(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_tied_head_stays_tied() -> None:
+    model = tiny_model("llama", "float32", tie_embeddings=True)
+    fused = fused_copy(model)
+    assert fused.output.weight is fused.tok_embeddings.weight
+    assert greedy(fused, PROMPT, 8)[0] == greedy(model, PROMPT, 8)[0]
+
+
+def test_moving_the_model_gathers_its_weights_anew() -> None:
+    """.to() rebinds every tensor: the fused blocks must read the new ones (here bfloat16), not the old."""
+    fused = fused_copy(tiny_model("llama", "float32")).to(torch.bfloat16)
+    assert all(w.dtype == torch.bfloat16 for b in fused.layers for ws in b.weight_lists for w in ws)
+    tokens, _ = greedy(fused, PROMPT, 4, dtype=torch.bfloat16)
+    assert len(tokens) == 4
 
 
 def test_blocks_the_kernel_cannot_take_stay_unfused() -> None:
