@@ -1,13 +1,14 @@
 """CPU decode speed of a real shape: ours with fused decode blocks, ours unfused (as before the swap), and
 Hugging Face transformers, on the same weights, same machine, same run.
 
-    python bench/cpu_decode.py [--shape smollm2-135m|small] [--modes float32 bfloat16 int8 int4]
+    python bench/cpu_decode.py [--shape smollm2-135m|small] [--modes float32 bfloat16 int8 int4 int8+bf16 int4+bf16]
                                [--threads N] [--tokens 64] [--repeats 5]
 
 Random weights (speed does not depend on values; shapes in bench/shapes.py). Each engine runs greedy
 decode with its own KV cache after the same 32-token prompt; the median of --repeats runs is reported, the
 engines taking turns so that drifts in machine load hit all alike. int8 and int4 are `--quant int8|int4`
-(block linears quantized, activations and the head in float32, as app.py runs them on the CPU);
+(block linears quantized, activations and the head in float32, as app.py runs them on the CPU by default),
+int8+bf16 and int4+bf16 the same with `--dtype bfloat16` (activations, head and int4 scales in bfloat16);
 transformers has no CPU counterpart for those, so its column is empty there.
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ from llama.model import Transformer  # noqa: E402
 from offload.kernels.linear import quantize_linears  # noqa: E402
 from offload.quant_mode import QuantMode  # noqa: E402
 
-MODES = ("float32", "bfloat16", "int8", "int4")
+MODES = ("float32", "bfloat16", "int8", "int4", "int8+bf16", "int4+bf16")
+DEFAULT_MODES = MODES[:4]
 PROMPT_TOKENS = 32
 Decoder = Callable[[int], float]  # tokens to decode -> tokens per second
 
@@ -81,10 +83,10 @@ def median_tps(decoders: dict[str, Decoder], tokens: int, repeats: int) -> dict[
 
 
 def mode_decoders(mode: str, checkpoint: Path, hf, prompt: torch.Tensor) -> dict[str, Decoder]:
-    dtype = torch.bfloat16 if mode == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if "bf" in mode else torch.float32
     model = load_model(checkpoint, dtype=dtype)
-    if mode in ("int8", "int4"):
-        quantize_linears(model.layers, QuantMode(mode), progress=False)
+    if mode.startswith("int"):
+        quantize_linears(model.layers, QuantMode(mode.removesuffix("+bf16")), progress=False)
     unfused = nn.ModuleList(list(model.layers))
     if use_cpu_decode_blocks(model) != len(unfused):
         raise SystemExit("the CPU kernels did not build or do not take these blocks; nothing fused to measure")
@@ -97,7 +99,7 @@ def mode_decoders(mode: str, checkpoint: Path, hf, prompt: torch.Tensor) -> dict
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)

@@ -86,7 +86,9 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
     check_kv_cache_fits(args, ctx, dtype, device)
-    print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""  # what --threads set
+    print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}{threads}",
+          file=log)
     chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if gguf is not None:
         model, device = _load_gguf(cfg, gguf, dtype, device, ctx)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import app
+from offload.kernels.cpu_ext import build_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_GREEDY = ["--temperature", "0", "--device", "cpu", "--dtype", "float32"]
@@ -20,7 +21,8 @@ def run_app(*args: str, stdin: str | bytes = "", timeout: float = 120) -> subpro
         text=isinstance(stdin, str),
         timeout=timeout,
         cwd=ROOT,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        # The compiled CPU kernels of this checkout, wherever this process keeps them: built once, not per run.
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TORCH_EXTENSIONS_DIR": str(build_directory().parent)},
     )
 
 

@@ -95,6 +95,17 @@ def test_threads_flag_sets_torch_threads(model_dir, capsys, restore_threads):
     assert torch.get_num_threads() == 3
 
 
+def test_threads_flag_is_honoured_in_a_user_run(model_dir):
+    """As a user runs it (a fresh process, OMP_NUM_THREADS=1 in its environment): the loading line reports
+    torch.get_num_threads() after the flag took effect."""
+    import psutil
+
+    for flag, threads in (["--threads", "3"], 3), ([], psutil.cpu_count(logical=False)):
+        done = run_app(str(model_dir), "--prompt", "hi", "--max_new_tokens", "1", *flag, *CPU_GREEDY)
+        assert done.returncode == 0, done.stderr
+        assert f"on cpu ({threads} threads)" in done.stderr
+
+
 def test_threads_default_is_the_physical_cores():
     import psutil
 

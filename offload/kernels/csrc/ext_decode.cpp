@@ -4,6 +4,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "decode_steps.h"
@@ -14,6 +15,8 @@
 namespace llama_offload {
 
 namespace {
+
+constexpr int64_t kAttentionGrain = 1 << 16;  // multiply-adds of q.k and p.v per parallel task, at least
 
 // Writes n floats to storage of `type` (the KV cache's dtype), rounding as a tensor conversion does.
 void store_row(at::ScalarType type, const float* src, int64_t n, void* dst) {
@@ -35,7 +38,9 @@ void attend_all(const float* q, const at::Tensor& k_cache, const at::Tensor& v_c
   const auto* keys = static_cast<const typename L::T*>(k_cache.data_ptr());
   const auto* values = static_cast<const typename L::T*>(v_cache.data_ptr());
   const float scale = 1.f / std::sqrt(float(hd));
-  at::parallel_for(0, B * n_heads, 1, [&](int64_t i0, int64_t i1) {
+  // Heads per task: a short context is a few microseconds of work, less than waking a second thread.
+  const int64_t grain = std::max<int64_t>(1, kAttentionGrain / std::max<int64_t>(1, (end - lo) * hd));
+  at::parallel_for(0, B * n_heads, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(end - lo);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / n_heads, h = i % n_heads;
