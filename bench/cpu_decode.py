@@ -2,14 +2,15 @@
 Hugging Face transformers, on the same weights, same machine, same run.
 
     python bench/cpu_decode.py [--shape smollm2-135m|small] [--modes float32 bfloat16 int8 int4 int8+bf16 int4+bf16]
-                               [--threads N] [--tokens 64] [--repeats 5]
+                               [--threads N] [--tokens 64] [--repeats 5] [--wait_idle SECONDS]
 
 Random weights (speed does not depend on values; shapes in bench/shapes.py). Each engine runs greedy
 decode with its own KV cache after the same 32-token prompt; the median of --repeats runs is reported, the
 engines taking turns so that drifts in machine load hit all alike. int8 and int4 are `--quant int8|int4`
 (block linears quantized, activations and the head in float32, as app.py runs them on the CPU by default),
 int8+bf16 and int4+bf16 the same with `--dtype bfloat16` (activations, head and int4 scales in bfloat16);
-transformers has no CPU counterpart for those, so its column is empty there.
+transformers has no CPU counterpart for those, so its column is empty there. On a machine shared with
+others, --wait_idle makes each run first wait (up to SECONDS) for a second in which the CPUs were idle.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from offload.quant_mode import QuantMode  # noqa: E402
 MODES = ("float32", "bfloat16", "int8", "int4", "int8+bf16", "int4+bf16")
 DEFAULT_MODES = MODES[:4]
 PROMPT_TOKENS = 32
+IDLE_ENOUGH = 0.9  # --wait_idle: a second with at least this share of the CPUs idle
 Decoder = Callable[[int], float]  # tokens to decode -> tokens per second
 
 
@@ -72,12 +74,33 @@ def transformers_decoder(model, prompt: torch.Tensor) -> Decoder:
     return decode
 
 
-def median_tps(decoders: dict[str, Decoder], tokens: int, repeats: int) -> dict[str, float]:
+def cpu_idle_fraction(seconds: float) -> float:
+    """The share of all CPUs' time spent idle over the next `seconds` (Linux /proc/stat)."""
+    def idle_and_total() -> tuple[int, int]:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
+
+    idle0, total0 = idle_and_total()
+    time.sleep(seconds)
+    idle1, total1 = idle_and_total()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_idle(limit: float) -> None:
+    """On a shared machine: wait (at most `limit` seconds) for a second in which others left the CPUs idle."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and cpu_idle_fraction(1.0) < IDLE_ENOUGH:
+        pass
+
+
+def median_tps(decoders: dict[str, Decoder], tokens: int, repeats: int, wait_idle: float) -> dict[str, float]:
     for decode in decoders.values():
         decode(4)  # warm up
     runs: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(repeats):  # interleaved
         for name, decode in decoders.items():
+            if wait_idle:
+                wait_until_idle(wait_idle)
             runs[name].append(decode(tokens))
     return {name: statistics.median(tps) for name, tps in runs.items()}
 
@@ -103,6 +126,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--wait_idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run wait up to this long for the CPUs to be idle (machines shared with others)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     import transformers
@@ -121,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         for mode in a.modes:
-            tps = median_tps(mode_decoders(mode, Path(tmp), hf, prompt), a.tokens, a.repeats)
+            tps = median_tps(mode_decoders(mode, Path(tmp), hf, prompt), a.tokens, a.repeats, a.wait_idle)
             rows.append((mode, tps))
             print(f"{mode}: " + ", ".join(f"{name} {v:.2f}" for name, v in tps.items()) + " tok/s", flush=True)
     print("\n| mode | ours tok/s | ours unfused | transformers | ours / unfused | ours / transformers |")

@@ -1,6 +1,6 @@
-"""CPU GEMV speed: bf16 F.linear against our int8 and int4 kernels, as ratios and GB/s of weights read.
+"""CPU GEMV speed: bf16 F.linear against our bf16, int8 and int4 kernels, as ratios and GB/s of weights read.
 
-    python bench/cpu_kernels.py [--threads N] [--runs 50] [--tokens 1 4]
+    python bench/cpu_kernels.py [--threads N] [--runs 50] [--tokens 1 4] [--shapes llama2-7b|smollm2-135m]
 
 Like decode, where each layer's weights are read once per token, every call reads a weight matrix that is
 not in the caches: each kernel cycles through enough copies of its weights (ROTATION_BYTES, several times
@@ -28,9 +28,13 @@ from offload.kernels import (
     quantize_int4,
     quantize_int8,
 )
+from offload.kernels.decode_block import cpu_linear
 from offload.kernels.tinygemm import tinygemm_scales_and_zeros
 
-SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # (out, in): Llama-2-7B wq/wo, w1/w3, w2
+SHAPES = {  # (out, in) of each model's matrices
+    "llama2-7b": ((4096, 4096), (11008, 4096), (4096, 11008)),  # wq/wo, w1/w3, w2
+    "smollm2-135m": ((576, 576), (1536, 576), (576, 1536), (49152, 576)),  # wq/wo, w1/w3, w2, the tied head
+}
 ROTATION_BYTES = 256 * 2**20
 
 Kernel = Callable[[torch.Tensor, int], torch.Tensor]  # (activation, which weight copy) -> output
@@ -44,6 +48,7 @@ def kernels(w: torch.Tensor, tokens: int) -> list[tuple[str, Kernel, int]]:
     """(name, kernel, bytes of weights one call reads) for bf16, ours, and torch's own CPU int4 op; for
     several tokens also the alternative for prefill, dequantizing (pure torch) then bf16 F.linear."""
     w8, w4 = quantize_int8(w), quantize_int4(w, 128)
+    g = w4.group_size  # 128, or 64 for 576-wide inputs
     b16 = [w.clone() for _ in range(copies(w.numel() * 2))]
     i8 = [Int8Weight.from_tensors({n: t.clone() for n, t in w8.tensors().items()}) for _ in range(copies(w8.nbytes()))]
     i4 = [Int4Weight.from_tensors({n: t.clone() for n, t in w4.tensors().items()}) for _ in range(copies(w4.nbytes()))]
@@ -59,10 +64,11 @@ def kernels(w: torch.Tensor, tokens: int) -> list[tuple[str, Kernel, int]]:
     ]
     return [
         ("bf16 F.linear", lambda x, i: F.linear(x, b16[i % len(b16)]), w.numel() * 2),
+        ("bf16 (ours, the decode step's GEMV)", lambda x, i: cpu_linear(x, [b16[i % len(b16)]]), w.numel() * 2),
         ("int8 (ours)", lambda x, i: int8_matmul(x, i8[i % len(i8)]), w8.nbytes()),
-        ("int4 g128 (ours)", lambda x, i: int4_matmul(x, i4[i % len(i4)]), w4.nbytes()),
-        ("int4 g128 (torch's CPU tinygemm op)",
-         lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *tg[i % len(tg)][:1], 128, tg[i % len(tg)][1]),
+        (f"int4 g{g} (ours)", lambda x, i: int4_matmul(x, i4[i % len(i4)]), w4.nbytes()),
+        (f"int4 g{g} (torch's CPU tinygemm op)",
+         lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, tg[i % len(tg)][0], g, tg[i % len(tg)][1]),
          tg_bytes),
     ] + (dequantized if tokens > 1 else [])
 
@@ -87,6 +93,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--tokens", type=int, nargs="+", default=[1])
+    p.add_argument("--shapes", default="llama2-7b", choices=sorted(SHAPES))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ext = cpu_extension()
@@ -96,7 +103,7 @@ def main() -> None:
           f"{args.runs} calls per row, weights cycled through {ROTATION_BYTES >> 20} MB so each call reads RAM")
     print("| out x in | tokens | kernel | median ms | x bf16 | GB/s of weights |")
     print("|---|---|---|---|---|---|")
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in SHAPES[args.shapes]:
         w = torch.randn(out_f, in_f, dtype=torch.bfloat16)
         for tokens in args.tokens:
             ks = kernels(w, tokens)

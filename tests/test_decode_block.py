@@ -3,6 +3,8 @@ inputs: every weight format, GQA, batches, biases, sliding windows, and the cach
 from __future__ import annotations
 
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -129,3 +131,35 @@ def test_decode_block_rejects_what_does_not_fit(ext) -> None:
         call(args(n_heads=2))
     with pytest.raises(RuntimeError, match="wq: int8 needs a float scale"):
         call(args(weights=[[torch.zeros(64, 96, dtype=torch.int8)], *inputs["weights"][1:]]))
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_work_shared_over_threads_gives_the_same_bits_every_call(ext, two_threads) -> None:
+    """Many chunks over two threads, calls back to back (helpers spinning) and after a pause (asleep)."""
+    weight = linear_tensors("float32", 3001, 256)  # some 47 chunks of 64 rows
+    x = torch.randn(2, 256)
+    first = cpu_linear(x, weight)
+    assert rel_err(first, linear_reference(x, weight)) < TOL[torch.float32]
+    for i in range(60):
+        if i == 30:
+            time.sleep(0.01)  # longer than the helpers spin: they sleep, and must wake for the next call
+        assert torch.equal(cpu_linear(x, weight), first)
+
+
+def test_calls_from_several_python_threads(ext, two_threads) -> None:
+    weight = linear_tensors("int4", 1024, 256)
+    xs = [torch.randn(1, 256) for _ in range(3)]
+    expected = [cpu_linear(x, weight) for x in xs]
+
+    def work(i: int) -> bool:
+        return all(torch.equal(cpu_linear(xs[i], weight), expected[i]) for _ in range(40))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(pool.map(work, range(3)))

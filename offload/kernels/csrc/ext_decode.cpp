@@ -1,6 +1,5 @@
 // decode_block: one new token per sequence through a whole pre-norm attention + SwiGLU block in one call,
 // where the unfused block costs some sixty operator calls; and linear, any CPU weight format as one call.
-#include <ATen/Parallel.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 
@@ -11,6 +10,7 @@
 #include "ext.h"
 #include "linears.h"
 #include "vec.h"
+#include "work_sharing.h"
 
 namespace llama_offload {
 
@@ -38,11 +38,12 @@ void attend_all(const float* q, const at::Tensor& k_cache, const at::Tensor& v_c
   const auto* keys = static_cast<const typename L::T*>(k_cache.data_ptr());
   const auto* values = static_cast<const typename L::T*>(v_cache.data_ptr());
   const float scale = 1.f / std::sqrt(float(hd));
-  // Heads per task: a short context is a few microseconds of work, less than waking a second thread.
-  const int64_t grain = std::max<int64_t>(1, kAttentionGrain / std::max<int64_t>(1, (end - lo) * hd));
-  at::parallel_for(0, B * n_heads, grain, [&](int64_t i0, int64_t i1) {
+  // Heads per chunk: a short context is a few microseconds of work, less than waking a second thread.
+  const int64_t per_chunk = std::max<int64_t>(1, kAttentionGrain / std::max<int64_t>(1, (end - lo) * hd));
+  const int64_t n = B * n_heads;
+  share_chunks((n + per_chunk - 1) / per_chunk, [&](int64_t c) {
     std::vector<float> scores(end - lo);
-    for (int64_t i = i0; i < i1; ++i) {
+    for (int64_t i = c * per_chunk; i < std::min(n, (c + 1) * per_chunk); ++i) {
       const int64_t b = i / n_heads, h = i % n_heads;
       const int64_t kv_row = (b * n_kv + h / rep) * S * hd;  // query heads h*rep.. share kv head h / rep
       attend_one_query<L>(q + b * (n_heads + 2 * n_kv) * hd + h * hd, keys + kv_row, values + kv_row, lo, end, hd,

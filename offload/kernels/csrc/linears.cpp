@@ -1,15 +1,17 @@
 #include "linears.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
 
 #include "ext.h"
+#include "work_sharing.h"
 
 namespace llama_offload {
 
 namespace {
+
+constexpr int64_t kChunkBytes = 64 * 1024;
 
 void check_plain(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, ": weight tensors must be contiguous CPU tensors");
@@ -129,7 +131,11 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
       if (p.first == l.G) return {p.second.first.data_ptr<float>(), p.second.second.data_ptr<float>()};
     return {nullptr, nullptr};
   };
-  at::parallel_for(0, total, row_grain(widest), [&](int64_t r0, int64_t r1) {
+  // Chunks of whole 8-row tiles, each some 64 KB of weights: small enough that a thread held up by another
+  // process delays little, large enough that claiming one costs nothing.
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, widest) / 8) * 8;
+  share_chunks((total + chunk_rows - 1) / chunk_rows, [&](int64_t c) {
+    const int64_t r0 = c * chunk_rows, r1 = std::min(total, r0 + chunk_rows);
     for (size_t i = 0; i < linears.size(); ++i) {
       const Linear& l = *linears[i];
       const int64_t lo = std::max(r0, offsets[i]) - offsets[i], hi = std::min(r1, offsets[i] + l.N) - offsets[i];
