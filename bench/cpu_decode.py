@@ -27,6 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from idle_wait import wait_until_idle  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from engine.cpu_decode import use_cpu_decode_blocks  # noqa: E402
@@ -39,7 +40,6 @@ from offload.quant_mode import QuantMode  # noqa: E402
 MODES = ("float32", "bfloat16", "int8", "int4", "int8+bf16", "int4+bf16")
 DEFAULT_MODES = MODES[:4]
 PROMPT_TOKENS = 32
-IDLE_ENOUGH = 0.9  # --wait_idle: a second with at least this share of the CPUs idle
 Decoder = Callable[[int], float]  # tokens to decode -> tokens per second
 
 
@@ -72,25 +72,6 @@ def transformers_decoder(model, prompt: torch.Tensor) -> Decoder:
             return n / (time.perf_counter() - start)
 
     return decode
-
-
-def cpu_idle_fraction(seconds: float) -> float:
-    """The share of all CPUs' time spent idle over the next `seconds` (Linux /proc/stat)."""
-    def idle_and_total() -> tuple[int, int]:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-    idle0, total0 = idle_and_total()
-    time.sleep(seconds)
-    idle1, total1 = idle_and_total()
-    return (idle1 - idle0) / max(1, total1 - total0)
-
-
-def wait_until_idle(limit: float) -> None:
-    """On a shared machine: wait (at most `limit` seconds) for a second in which others left the CPUs idle."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline and cpu_idle_fraction(1.0) < IDLE_ENOUGH:
-        pass
 
 
 def median_tps(decoders: dict[str, Decoder], tokens: int, repeats: int, wait_idle: float) -> dict[str, float]:

@@ -2,18 +2,22 @@
 
     python bench/llama_cpp_compare.py --llama_bench PATH [--shape smollm2-135m] [--types F32 F16 Q4_1]
                                       [--threads 2] [--tokens 128] [--repeats 5] [--dir /tmp]
+                                      [--wait_idle SECONDS]
 
 llama-bench is llama.cpp's own benchmark (built from its sources; no wheel or Debian package of it exists
-for this machine). One GGUF per type is written with random weights (speed does not depend on values) and a
-placeholder SentencePiece vocabulary of the shape's size: the block linears in the type; the tied embedding
-in the same type for F32/F16 and in Q8_0 for quantized types, as llama.cpp's quantizer stores a tied
-embedding whose rows are not a multiple of 256; norms in F32. Prints llama-bench's mean decode tok/s
-(`-p 0 -n TOKENS`, a generation of TOKENS tokens from an empty context, --repeats times).
+for this machine). One GGUF per type is written with random weights (speed does not depend on values) and
+a placeholder SentencePiece vocabulary of the shape's size: the block linears in the type; the tied
+embedding in the same type for F32/F16 and in Q8_0 for quantized types (llama.cpp's quantizer gives a tied
+embedding Q6_K, which falls back to Q8_0 for rows that are not a multiple of 256, as SmolLM2's 576 are);
+norms in F32. Prints the median of --repeats runs of llama-bench's decode tok/s (`-p 0 -n TOKENS -r 1`:
+one generation of TOKENS tokens from an empty context), each after --wait_idle's wait for a quiet second,
+as bench/cpu_decode.py does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gguf_bench import random_blocks  # noqa: E402
+from idle_wait import wait_until_idle  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from llama.checkpoint_gguf import _IN_BLOCK  # noqa: E402
@@ -85,12 +90,11 @@ def write_gguf(path: Path, args: ModelArgs, kind: str) -> None:
     w.close()
 
 
-def decode_tps(llama_bench: Path, model: Path, threads: int, tokens: int, repeats: int) -> tuple[float, float]:
-    """(mean, standard deviation) of llama-bench's decode tok/s."""
+def decode_tps(llama_bench: Path, model: Path, threads: int, tokens: int) -> float:
+    """llama-bench's decode tok/s of one generation of `tokens` tokens."""
     done = subprocess.run([str(llama_bench), "-m", str(model), "-t", str(threads), "-p", "0", "-n", str(tokens),
-                           "-r", str(repeats), "-o", "json"], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout)[0]
-    return result["avg_ts"], result["stddev_ts"]
+                           "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)[0]["avg_ts"]
 
 
 def main() -> None:
@@ -102,17 +106,24 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", type=Path, default=Path("/tmp"))
+    p.add_argument("--wait_idle", type=float, default=0.0, metavar="SECONDS",
+                   help="before each run wait up to this long for the CPUs to be idle (machines shared with others)")
     a = p.parse_args()
     args = SHAPES[a.shape]
-    print(f"llama.cpp (llama-bench) on {a.shape}, {a.threads} threads, {a.tokens} tokens, {a.repeats} repeats")
-    print("| type | file MB | decode tok/s | stddev |\n|---|---|---|---|")
+    print(f"llama.cpp (llama-bench) on {a.shape}, {a.threads} threads, {a.tokens} tokens, median of {a.repeats}")
+    print("| type | file MB | decode tok/s (median) | min | max |\n|---|---|---|---|---|")
     for kind in a.types:
         path = a.dir / f"{a.shape}-{kind}.gguf"
         if not path.exists():
             write_gguf(path, args, kind)
-        mean, std = decode_tps(a.llama_bench, path, a.threads, a.tokens, a.repeats)
-        print(f"| {kind} | {path.stat().st_size / 1e6:.0f} | {mean:.2f} | {std:.2f} |", flush=True)
-
+        decode_tps(a.llama_bench, path, a.threads, 8)  # warm up: the file in the page cache
+        runs = []
+        for _ in range(a.repeats):
+            if a.wait_idle:
+                wait_until_idle(a.wait_idle)
+            runs.append(decode_tps(a.llama_bench, path, a.threads, a.tokens))
+        print(f"| {kind} | {path.stat().st_size / 1e6:.0f} | {statistics.median(runs):.2f} | {min(runs):.2f} | "
+              f"{max(runs):.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()
