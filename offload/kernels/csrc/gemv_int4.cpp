@@ -15,6 +15,7 @@
 namespace llama_offload {
 
 constexpr int64_t kChunk = 2 * kW;  // weights per vector step: kW bytes, two nibbles each
+constexpr int64_t kAhead = 2048;  // bytes to prefetch ahead
 
 void int4_permute_activations(const float* x, int64_t T, int64_t K, int64_t G, float* xperm, float* xsum) {
   const int64_t ng = K / G;
@@ -66,8 +67,9 @@ static void int4_block(const float* xp, int64_t K, int64_t G, const uint8_t* p, 
     const uint8_t* pg = p + kb / 2;
     const float* xg = xp + kb;
     vfloat acc[R][TB] = {};
-    // The same group of the next block's rows: one block ahead, and each new row's stream starts warm.
-    for (int r = R; r < 2 * R; ++r) __builtin_prefetch(pg + r * ldp);
+    // kAhead bytes ahead of each row's group: rows are contiguous, so this runs ahead of the whole stream
+    // (the block's next groups, then the next blocks' rows) far enough for memory's latency.
+    for (int r = 0; r < R; ++r) __builtin_prefetch(pg + r * ldp + kAhead);
     for (int64_t c = 0; c < full; c += kChunk) {
       vfloat xh[TB], xb[TB];  // paired with the high nibbles and with the whole bytes
       for (int t = 0; t < TB; ++t) {

@@ -6,6 +6,7 @@
 namespace llama_offload {
 
 constexpr int64_t kLine = 64;  // bytes per cache line: one prefetch each
+constexpr int64_t kAhead = 2048;  // how far ahead in a row stream to prefetch, in bytes
 
 template <int R, int TB>
 static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, int64_t ldq,
@@ -46,8 +47,33 @@ static void int8_rows(const float* x, int64_t K, const int8_t* q, const float* s
   for (; n < n1; ++n) int8_block<1, TB>(x, K, K, q + n * K, K, scale + n, y + n, N);
 }
 
+// One token: rows one after another, a single sequential stream for the prefetchers (which follow one
+// stream far better than several interleaved ones), prefetching kAhead bytes ahead, four sums in flight.
+static void int8_row_stream(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t n0,
+                            int64_t n1) {
+  constexpr int64_t step = 4 * kW;
+  const int64_t kv = K - K % step;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* qr = q + n * K;
+    vfloat acc[4] = {};
+    int64_t k = 0;
+    for (; k < kv; k += step) {
+      for (int64_t b = 0; b < step; b += kLine) __builtin_prefetch(qr + k + kAhead + b);
+      for (int u = 0; u < 4; ++u) acc[u] += load_i8_as_f(qr + k + u * kW) * load_f(x + k + u * kW);
+    }
+    for (; k + kW <= K; k += kW) acc[0] += load_i8_as_f(qr + k) * load_f(x + k);
+    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; k < K; ++k) s += float(qr[k]) * x[k];
+    y[n] = s * scale[n];
+  }
+}
+
 void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
                     int64_t N, int64_t n0, int64_t n1) {
+  if (T == 1) {
+    int8_row_stream(x, K, q, scale, y, n0, n1);
+    return;
+  }
   // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
   for (int64_t nb = n0; nb < n1; nb += 8) {
     const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;

@@ -24,9 +24,12 @@ void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K,
                     int64_t n1);
 
 // y[t][n] = sum_k w[n][k] * x[t][k] for n in [n0, n1), accumulated in float32; w is [N][K] of `type`.
+// x_bf16: x rounded to bfloat16 (raw bits, [T][K]), read instead of x for bfloat16 weights when
+// bf16_dot_products(); may be null otherwise.
 enum class DenseType { kF32, kBF16, kF16 };
-void dense_gemv_rows(DenseType type, const float* x, int64_t T, int64_t K, const void* w, float* y, int64_t N,
-                     int64_t n0, int64_t n1);
+bool bf16_dot_products();
+void dense_gemv_rows(DenseType type, const float* x, const uint16_t* x_bf16, int64_t T, int64_t K, const void* w,
+                     float* y, int64_t N, int64_t n0, int64_t n1);
 
 int vector_width();
 

@@ -1,5 +1,6 @@
 #include "linears.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@ namespace llama_offload {
 namespace {
 
 constexpr int64_t kChunkBytes = 64 * 1024;
+constexpr int64_t kChunksPerThread = 4;
 
 void check_plain(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), what, ": weight tensors must be contiguous CPU tensors");
@@ -29,11 +31,12 @@ int64_t row_bytes(const Linear& l) {
   return l.kind == LinearKind::kInt4 ? l.K / 2 : l.kind == LinearKind::kInt8 ? l.K : l.K * (l.dense == DenseType::kF32 ? 4 : 2);
 }
 
-// Rows [n0, n1) of one linear into y (row stride ldy); xperm/xsum are its int4 activations.
-void linear_rows(const Linear& l, const float* x, const float* xperm, const float* xsum, int64_t T, float* y,
-                 int64_t ldy, int64_t n0, int64_t n1) {
+// Rows [n0, n1) of one linear into y (row stride ldy); x_bf16, xperm/xsum: x as bfloat16 dense weights and
+// int4 read it.
+void linear_rows(const Linear& l, const float* x, const uint16_t* x_bf16, const float* xperm, const float* xsum,
+                 int64_t T, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (l.kind) {
-    case LinearKind::kDense: dense_gemv_rows(l.dense, x, T, l.K, l.weight, y, ldy, n0, n1); break;
+    case LinearKind::kDense: dense_gemv_rows(l.dense, x, x_bf16, T, l.K, l.weight, y, ldy, n0, n1); break;
     case LinearKind::kInt8:
       int8_gemv_rows(x, T, l.K, static_cast<const int8_t*>(l.weight), l.scale.data_ptr<float>(), y, ldy, n0, n1);
       break;
@@ -126,14 +129,24 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
       permuted.push_back({l->G, {xp, xs}});
     }
   }
+  std::vector<uint16_t> x_bf16;
+  const bool any_bf16 = std::any_of(linears.begin(), linears.end(), [](const Linear* l) {
+    return l->kind == LinearKind::kDense && l->dense == DenseType::kBF16;
+  });
+  if (any_bf16 && bf16_dot_products()) {
+    x_bf16.resize(T * K);
+    for (int64_t i = 0; i < T * K; ++i) x_bf16[i] = c10::BFloat16(x[i]).x;
+  }
   auto activations = [&](const Linear& l) -> std::pair<const float*, const float*> {
     for (const auto& p : permuted)
       if (p.first == l.G) return {p.second.first.data_ptr<float>(), p.second.second.data_ptr<float>()};
     return {nullptr, nullptr};
   };
-  // Chunks of whole 8-row tiles, each some 64 KB of weights: small enough that a thread held up by another
-  // process delays little, large enough that claiming one costs nothing.
-  const int64_t chunk_rows = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, widest) / 8) * 8;
+  // Chunks of whole 8-row tiles: a few per thread, so that a thread held up by another process leaves its
+  // chunks to the others, and each at least kChunkBytes of weights, long streams for the prefetchers.
+  const int64_t per_thread = (total + kChunksPerThread * at::get_num_threads() - 1) /
+                             (kChunksPerThread * at::get_num_threads());
+  const int64_t chunk_rows = (std::max(per_thread, kChunkBytes / std::max<int64_t>(1, widest)) + 7) / 8 * 8;
   share_chunks((total + chunk_rows - 1) / chunk_rows, [&](int64_t c) {
     const int64_t r0 = c * chunk_rows, r1 = std::min(total, r0 + chunk_rows);
     for (size_t i = 0; i < linears.size(); ++i) {
@@ -141,7 +154,7 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
       const int64_t lo = std::max(r0, offsets[i]) - offsets[i], hi = std::min(r1, offsets[i] + l.N) - offsets[i];
       if (lo >= hi) continue;
       const auto [xp, xs] = activations(l);  // null for the formats that read x as it is
-      linear_rows(l, x, xp, xs, T, y + offsets[i], total, lo, hi);
+      linear_rows(l, x, x_bf16.data(), xp, xs, T, y + offsets[i], total, lo, hi);
     }
   });
   for (size_t i = 0; i < linears.size(); ++i) {
