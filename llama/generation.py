@@ -16,6 +16,7 @@ import torch
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.sampling import Sampler
+from llama.stop_strings import find_stop, partial_stop_len
 from llama.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -67,13 +68,14 @@ class Generator:
         max_seq_len: int,
         cache_dtype: torch.dtype,
         prefill_chunk: int = 512,
+        cache: KVCache | None = None,  # default: a cache of its own; the server passes one slot of its many
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(model.args, max_seq_len, cache_dtype, self.device)
+        self.cache = cache if cache is not None else KVCache(model.args, max_seq_len, cache_dtype, self.device)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.speculator: Speculator | None = None  # set when a draft source is configured
 
@@ -153,12 +155,12 @@ class Generator:
                 history.append(token)
                 stats.new_tokens += 1
                 held += decoder.push(token)
-                hit = _find_stop(held, stop_strings)
+                hit = find_stop(held, stop_strings)
                 if hit is not None:
                     held = held[:hit]
                     stats.stop_reason = "stop_string"
                     break
-                safe = len(held) - _partial_stop_len(held, stop_strings)
+                safe = len(held) - partial_stop_len(held, stop_strings)
                 if safe > 0:
                     result.text += held[:safe]
                     yield held[:safe]
@@ -203,20 +205,3 @@ class Generator:
         for _ in self.stream(prompt, sampler, max_new_tokens, result=result, **kwargs):
             pass
         return result
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in text, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
