@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from tqdm import tqdm
 
+from engine.batch_size import batch_slots
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.gguf_model import GGUFModel, open_gguf_model
@@ -30,6 +31,7 @@ from llama.generation_config import checkpoint_eos_ids
 from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
+from llama.slot_cache import SlotKVCache
 from llama.tokenizer import Tokenizer
 from offload.quant_mode import QuantMode
 
@@ -43,9 +45,10 @@ class Engine:
     model: Transformer
     tokenizer: Tokenizer
     chat_format: ChatFormat
-    generator: Generator
+    generator: Generator  # one sequence, over slot 0 of kv
     device: torch.device
     dtype: torch.dtype
+    kv: SlotKVCache  # the KV cache: one slot for the console, --max_batch for the server
 
     @property
     def ctx(self) -> int:
@@ -84,15 +87,16 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
-    check_kv_cache_fits(args, ctx, dtype, device)
+    slots = batch_slots(cfg, args, ctx, dtype, device)
+    check_kv_cache_fits(args, ctx, dtype, device, slots)
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}", file=log)
     chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if gguf is not None:
-        model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
+        model, device = _load_gguf(cfg, gguf, dtype, device, ctx, slots)
     elif gptq is not None:
         model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
     elif cfg.use_offload:
-        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
+        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, slots, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
@@ -101,12 +105,15 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
     fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
-    generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
-    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
+    kv = SlotKVCache(model.args, slots, ctx, dtype, device)
+    if cfg.serve is not None:
+        print(f"serving up to {slots} sequences at once (--max_batch; KV cache {kv.nbytes() / 2**30:.2f} GiB)", file=log)
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk, cache=kv.slot(0))
+    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype, kv)
 
 
 def _load_gguf(
-    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
+    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int, slots: int
 ) -> tuple[Transformer, torch.device]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
 
@@ -115,7 +122,7 @@ def _load_gguf(
     quant = cfg.quant.value if cfg.quant is not None else None
     if not cfg.use_offload:
         return load_gguf_resident(gguf, quant, dtype, device), device
-    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, quant=None))
+    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
     return model, offloaded.device
 
 
@@ -132,13 +139,13 @@ def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfi
 
 
 def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, log
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, log
 ) -> tuple[Transformer, torch.device, int]:
     """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
     whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
     from engine.llama_offload import build_offloaded_model
 
-    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, cfg.quant))
+    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, slots, cfg.quant))
     if cfg.prefill_chunk is not None:
         return model, offloaded.device, cfg.prefill_chunk
     chunk = offloaded.plan.prefill_chunk(ctx)
@@ -147,9 +154,10 @@ def _load_offloaded(
 
 
 def _offload_config(
-    cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, quant: QuantMode | None
+    cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, quant: QuantMode | None
 ) -> OffloadConfig:
-    """The streaming settings the flags give (quant None: the weights arrive already in their formats)."""
+    """The streaming settings the flags give (quant None: the weights arrive already in their formats;
+    slots: sequences the KV cache holds)."""
     from offload.policy import OffloadConfig
 
     return OffloadConfig(
@@ -159,6 +167,7 @@ def _offload_config(
         gpu_mem=cfg.gpu_mem,
         n_slots=cfg.prefetch,
         max_seq_len=ctx,
+        kv_sequences=slots,
         prefill_chunk=cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK,
         quant=quant,
     )

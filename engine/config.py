@@ -55,6 +55,7 @@ class RunConfig:
     ppl: Path | None = None
     serve: str | None = None  # [HOST:]PORT, checked by server.serve_spec
     shared_secret: str | None = None
+    max_batch: int | None = None  # sequences the server decodes at once; None: what the memory holds (1 unserved)
     # speculative decoding (issue 10)
     draft: Path | None = None  # a draft model directory
     draft_quant: QuantMode | None = None  # INT8 or INT4: the draft's blocks in that format
