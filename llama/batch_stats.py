@@ -13,7 +13,7 @@ class BatchStats:
     running: int  # sequences decoding or prefilling now
     queued: int  # requests waiting for a slot (first come, first served)
     decode_tokens_per_s: float  # tokens all sequences together got per second of decoding, recent steps
-    generated_tokens: int  # tokens decoded since the start
+    decoded_tokens: int  # tokens of decode steps since the start (each reply's first comes from its prefill)
 
 
 class RecentRate:

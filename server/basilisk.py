@@ -123,7 +123,7 @@ def newline_ids(tokenizer: Tokenizer) -> set[int]:
 
 def public_settings(state: ServerState) -> dict[str, Any]:
     """The server's settings without paths or secrets, plus what the client may want to know of the model,
-    and `batch`: the engine's load now (max_batch, running, queued, decode_tokens_per_s, generated_tokens)."""
+    and `batch`: the engine's load now (max_batch, running, queued, decode_tokens_per_s, decoded_tokens)."""
     engine = state.engine
     settings: dict[str, Any] = {}
     for f in fields(engine.cfg):

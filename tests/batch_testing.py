@@ -1,9 +1,12 @@
 """Shared plumbing for the batch decoder tests: requests that can be made twice (batched and alone), a decoder
-over a tiny model, and the reply the Generator gives a request alone."""
+over a tiny model, the reply the Generator gives a request alone, and a decoder that records what it did."""
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -38,10 +41,11 @@ class Request:
 
 
 def decoder_over(model: Transformer, tokenizer: Tokenizer, slots: int, ctx: int, prefill_chunk: int = 512,
-                 ) -> BatchDecoder:
+                 kind: type[BatchDecoder] = BatchDecoder) -> Any:
+    """A `kind` of BatchDecoder over a float32 CPU cache of `slots` sequences of `ctx` positions."""
     cache = SlotKVCache(model.args, slots, ctx, torch.float32)
     generator = Generator(model, tokenizer, "cpu", ctx, torch.float32, prefill_chunk, cache=cache.slot(0))
-    return BatchDecoder(generator, cache)
+    return kind(generator, cache)
 
 
 def alone(model: Transformer, tokenizer: Tokenizer, request: Request, ctx: int,
@@ -63,3 +67,34 @@ class Listener:
 
     def submit(self, decoder: BatchDecoder, job: Job, should_stop: Callable[[], bool] | None = None) -> None:
         decoder.submit(job, self.pieces.append, self.ends.append, should_stop)
+
+
+class RecordingDecoder(BatchDecoder):
+    """A BatchDecoder that records every job submitted, the order they were admitted in, and (running, queued)
+    after each step. Its steps wait for `go` (set unless a test clears it) and sleep `delay` seconds after."""
+
+    def __init__(self, generator: Generator, cache: SlotKVCache) -> None:
+        super().__init__(generator, cache)
+        self.jobs: list[Job] = []
+        self.admitted: list[Job] = []
+        self.loads: list[tuple[int, int]] = []
+        self.go = threading.Event()
+        self.go.set()
+        self.delay = 0.0
+
+    def submit(self, job: Job, *args: Any, **kwargs: Any) -> Any:
+        self.jobs.append(job)
+        return super().submit(job, *args, **kwargs)
+
+    def step(self) -> None:
+        assert self.go.wait(timeout=60), "the test never let the decoder go"
+        before = list(self.queue)
+        super().step()
+        self.admitted += [seq.job for seq in before if seq not in self.queue and not seq.cancelled]
+        self.loads.append((self.running, self.waiting))
+        time.sleep(self.delay)
+
+    def forget(self) -> None:
+        self.jobs.clear()
+        self.admitted.clear()
+        self.loads.clear()

@@ -133,7 +133,7 @@ def test_full_slots_make_requests_wait_first_come_first_served(engine, requests)
     decoder.drain()
     assert started == list(range(6))
     stats = decoder.stats()
-    assert stats.running == stats.queued == 0 and stats.generated_tokens > 0 and stats.decode_tokens_per_s > 0
+    assert stats.running == stats.queued == 0 and stats.decoded_tokens > 0 and stats.decode_tokens_per_s > 0
 
 
 def test_a_waiting_request_whose_client_left_never_runs(engine, requests):
