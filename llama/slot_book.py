@@ -36,7 +36,9 @@ class SlotBook:
 
     def wrote(self, slot: int, start: int, tokens: list[int]) -> None:
         """The keys of `tokens` are now at positions start.. of `slot` (what was after them is stale)."""
-        self.held[slot] = self.held[slot][:start] + tokens
+        held = self.held[slot]
+        del held[start:]  # in place: a decode step appends one token to each of a batch of long lists
+        held.extend(tokens)
         self.touch(slot)
 
     def set(self, slot: int, tokens: list[int]) -> None:
