@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from llama.checkpoint_files import read_json, short_reason
 from llama.checkpoint_hf import CONFIG, canonical_name, hf_weight_files
-from llama.errors import UserError
+from llama.errors import UserError, first_named
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 GROUP_SIZES = (32, 64, 128, -1)
@@ -89,5 +89,4 @@ def iter_gptq_tensors(model_dir: Path, linears: set[str]) -> Iterator[PackedLaye
             yield layers.pop(module)
     missing = sorted(linears - done)
     if missing:
-        raise UserError(f"{model_dir}: no packed tensors for {missing[0]!r}" +
-                        (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        raise UserError(f"{model_dir}: no packed tensors for {first_named(missing)}")
