@@ -34,7 +34,7 @@ def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, 
     start = time.perf_counter()
     with tqdm(total=weight_bytes(model), unit="B", unit_scale=True, desc=f"reading {model.path.name}",
               file=log) as bar:
-        state = dict(iter_gguf_weights(model, modes, dtype, bar.update, _gpu_or_none(device)))
+        state = dict(iter_gguf_weights(model, modes, dtype, bar.update))
     print(f"read {weight_bytes(model) / 1e9:.2f} GB from {model.path.name} in {time.perf_counter() - start:.1f} s",
           file=log)
     return fill_resident(net, state, device)
@@ -61,13 +61,6 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
     net = empty_model(model.args)
     quantized_shell(model, modes, net)
     # The weights arrive already in their formats: the offload engine only places them.
-    weights = iter_gguf_weights(model, modes, config.dtype, work=_gpu_or_none(config.device))
-    offloaded = offload_transformer(net, weights, replace(config, quant=None))
+    offloaded = offload_transformer(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))
     print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model.path.name})", file=log)
     return net, offloaded
-
-
-def _gpu_or_none(device: torch.device) -> torch.device | None:
-    """Where quantized blocks are converted: the GPU when there is one (the offload engine then puts streamed
-    ones in pinned RAM), else the CPU that reads the file."""
-    return device if device.type == "cuda" else None

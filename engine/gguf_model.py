@@ -115,16 +115,12 @@ def float_weight(t: GGUFTensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return w if dtype is None else w.to(dtype)
 
 
-def linear_weight(t: GGUFTensor, mode: str | None,
-                  work: torch.device | None = None) -> torch.Tensor | Int8Weight | Int4Weight:
-    """A block linear's weight in its format: converted natively, or (de)quantized, on `work` (a GPU does
-    the repacking ~10x faster than the CPU's elementwise passes) or where the file's bytes are."""
+def linear_weight(t: GGUFTensor, mode: str | None) -> torch.Tensor | Int8Weight | Int4Weight:
+    """A block linear's weight in its format: converted natively, or (de)quantized."""
     if mode is not None and NATIVE.get(t.type_name) == mode:
-        return CONVERTERS[t.type_name](t.raw if work is None else t.raw.to(work), *t.shape)
+        return CONVERTERS[t.type_name](t.raw, *t.shape)
     w = float_weight(t)
-    if mode is None:
-        return w
-    return QUANTIZERS[mode](w.float() if work is None else w.to(work, torch.float32))
+    return w if mode is None else QUANTIZERS[mode](w.float())
 
 
 def quantized_shell(model: GGUFModel, modes: dict[str, str | None], base: nn.Module) -> None:
@@ -142,17 +138,17 @@ def quantized_shell(model: GGUFModel, modes: dict[str, str | None], base: nn.Mod
 
 def iter_gguf_weights(
     model: GGUFModel, modes: dict[str, str | None], dtype: torch.dtype,
-    read: Callable[[int], object] = lambda nbytes: None, work: torch.device | None = None,
+    read: Callable[[int], object] = lambda nbytes: None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the model as quantized_shell laid it out: a quantized linear's
-    format tensors under `{module}.{field}` (made on `work` when given), every float in `dtype` (the
-    formats' own dtypes are kept). read(nbytes) is called after each file tensor (a progress bar's update)."""
+    format tensors under `{module}.{field}`, every float in `dtype` (the formats' own dtypes are kept).
+    read(nbytes) is called after each file tensor (a progress bar's update)."""
     for name, t in model.tensors.items():
         module = name.removesuffix(".weight")
         if modes.get(module) is None or not name.endswith(".weight"):
             yield name, float_weight(t, dtype)
         else:
-            for field, tensor in linear_weight(t, modes[module], work).tensors().items():
+            for field, tensor in linear_weight(t, modes[module]).tensors().items():
                 yield f"{module}.{field}", tensor
         read(t.raw.numel() * t.raw.element_size())
 
