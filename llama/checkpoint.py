@@ -128,9 +128,9 @@ def _checked_values(w: Weight, converted: set[torch.dtype]) -> Weight:
         t = t.to(torch.float32)
         w.release()
         w = replace(w, tensor=t, mapped=False)
-    # One reduction is cheap and NaN or Inf anywhere makes it non-finite; only then look element by element
-    # (a float32 sum can also overflow on huge but finite values).
-    if not torch.isfinite(t.sum(dtype=torch.float32)) and not bool(torch.isfinite(t).all()):
+    # NaN anywhere makes both extremes NaN, and an infinity is one of them: one pass at memory speed
+    # (aminmax reads fp16 at ~10 GB/s on 2 cores; a float32 sum ran at 0.75 and took 2/3 of a load).
+    if t.numel() and not all(bool(torch.isfinite(x)) for x in torch.aminmax(t)):
         raise UserError(f"{w.file}: tensor {_label(w.name, w.file)} holds NaN or infinite values")
     return w
 
