@@ -15,10 +15,14 @@ way: what the numbers depend on is the bucket, not whether the step was captured
 with one note, when the step synchronizes with the host (bitsandbytes' LLM.int8 finds its outlier
 columns there): a warm-up run under torch's sync debug mode finds that before anything is captured.
 Outputs of a captured step live in the graph's memory: they are valid until the next step.
+
+Measured (bench/decode_bench.py, H200): the 7B shape decodes at 176.7 tok/s in fp16 (55% of the HBM limit;
+35.5 op by op) and 252 tok/s in int4 (23%; tinygemm's one-row matmul is what remains slow).
 """
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -157,7 +161,9 @@ class DecodeSteps:
 def _host_syncs_raise() -> Iterator[None]:
     """torch raises on any operation that waits for the device (a capture would fail, or worse, on those)."""
     previous = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
+    with warnings.catch_warnings():  # torch calls the mode a prototype, once per process: not the user's concern
+        warnings.simplefilter("ignore")
+        torch.cuda.set_sync_debug_mode("error")
     try:
         yield
     finally:

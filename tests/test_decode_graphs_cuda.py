@@ -107,11 +107,14 @@ def test_sampling_copies_logits_back_and_draws_the_same_tokens(base):
 @pytest.mark.parametrize("draft_quant", [None, QuantMode.INT4])
 def test_a_draft_models_captured_steps_propose_what_its_eager_steps_do(base, tmp_path, draft_quant):
     draft = make_tiny_model_dir(tmp_path, name="draft", ctx=CTX, dim=32, n_heads=2, n_kv_heads=2, ffn_dim=128)
-    cfg = replace(base, dtype="bfloat16")
+    # float32: the target's tree passes and its one-token steps are different kernels, and in bfloat16 their
+    # rounding flipped a near-tie of this long random prompt (at token 25, whatever the draft proposed)
+    cfg = replace(base, dtype="float32")
     plain, _ = _generate(cfg)
     on, engine = _generate(cfg, shape=TreeShape(4, 3), draft=draft, draft_quant=draft_quant)
     off, _ = _generate(replace(cfg, graphs=False), shape=TreeShape(4, 3), draft=draft, draft_quant=draft_quant)
-    assert on == off == plain
+    assert on == off
+    assert on == plain
     draft_steps = engine.generator.speculator.draft.generator.steps
     assert any(tree for tree, _, _ in draft_steps._graphs)  # tree levels were replayed from graphs
 
