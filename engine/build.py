@@ -91,7 +91,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if gguf is not None:
         model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
     elif gptq is not None:
-        model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
+        model, device = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx)
     elif cfg.use_offload:
         model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
     else:
@@ -133,15 +133,15 @@ def _load_gguf(
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
-               device: torch.device) -> Transformer:
-    from engine.gptq_model import load_gptq_resident
+               device: torch.device, ctx: int) -> tuple[Transformer, torch.device]:
+    from engine.gptq_model import load_gptq_offloaded, load_gptq_resident
 
-    if cfg.use_offload:
-        raise UserError(f"{model_dir} is {gptq.method.upper()}: it runs resident or on the CPU; streaming it "
-                        "is not supported yet")
     if cfg.quant not in (None, QuantMode.INT4):
         raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
-    return load_gptq_resident(model_dir, args, gptq, dtype, device)
+    if not cfg.use_offload:
+        return load_gptq_resident(model_dir, args, gptq, dtype, device), device
+    model, offloaded = load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, quant=None))
+    return model, offloaded.device
 
 
 def _load_offloaded(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.kernels.cpu_ext import cpu_extension
+from offload.kernels.int4_dequant_cuda import dequantize_int4
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm, prepare_for_cuda, tinygemm_supports
@@ -69,9 +70,11 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
 
 
 def _dequantized_linear(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
-    """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype."""
+    """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype (int4 on a GPU
+    by one kernel pass: int4_dequant_cuda.py)."""
     parts = []
     for r in range(0, w.out_features, DEQUANT_ROWS):
         rows = type(w).from_tensors({n: t[r : r + DEQUANT_ROWS] for n, t in w.tensors().items()})
-        parts.append(F.linear(x, rows.dequantize(x.dtype)))
+        weight = dequantize_int4(rows, x.dtype) if isinstance(rows, Int4Weight) else rows.dequantize(x.dtype)
+        parts.append(F.linear(x, weight))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
