@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill_chunk", type=int, help="prompt tokens per forward (default: 512, or with "
                    "--use_offload the largest chunk the GPU budget holds)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the machine's physical cores)")
+    g.add_argument("--no_graphs", action="store_true", help="decode op by op, without CUDA graphs (same tokens)")
     g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
     g.add_argument("--system", help="system prompt")
     s = p.add_argument_group(
@@ -127,6 +128,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
         threads=ns.threads or default_threads(),
+        graphs=not ns.no_graphs,
         chat_format=ns.chat_format,
         system=ns.system,
         sampling=sampling,

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from engine.batch_size import batch_slots
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
+from engine.fused_projections import fuse_projections
 from engine.gguf_model import GGUFModel, open_gguf_model
 from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
@@ -108,8 +109,20 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     kv = SlotKVCache(model.args, slots, ctx, dtype, device)
     if cfg.serve is not None:
         print(f"serving up to {slots} sequences at once (--max_batch; KV cache {kv.nbytes() / 2**30:.2f} GiB)", file=log)
-    generator = Generator(model, tokenizer, device, ctx, dtype, chunk, cache=kv.slot(0))
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk, graphs=_graphs(cfg, device, log),
+                          notify=lambda line: print(line, file=log), cache=kv.slot(0))
+    generator.warm_up()
     return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype, kv)
+
+
+def _graphs(cfg: RunConfig, device: torch.device, log) -> bool:
+    """Whether resident decode steps are captured as CUDA graphs (the Generator captures only a model that is
+    entirely on the GPU)."""
+    if device.type == "cuda" and cfg.graphs and cfg.quant is QuantMode.BNB and not cfg.use_offload:
+        print("note: decode steps run without CUDA graphs: bitsandbytes' LLM.int8 finds its outlier columns on "
+              "the host, which a graph cannot record", file=log)
+        return False
+    return cfg.graphs
 
 
 def _load_gguf(
@@ -188,7 +201,10 @@ def _load_resident(
         mode = QuantMode(quantization["format"])
         model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
     elif mode is None:
-        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
+        model = load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
+        if device.type == "cuda":
+            fuse_projections(model)
+        return model
     else:
         model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
         if mode is QuantMode.BNB:
@@ -197,6 +213,8 @@ def _load_resident(
                 quantize_linears(block.to(device), mode, progress=False)
         else:
             quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
+    if device.type == "cuda":
+        fuse_projections(model)  # before tinygemm's layout, which does not stack; LLM.int8 stays unfused
     model.to(device)
     if device.type == "cuda" and mode is QuantMode.INT4:
         prepare_linears_for_cuda(model.layers, device)

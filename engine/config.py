@@ -37,6 +37,7 @@ class RunConfig:
     ctx: int | None = None  # context length; None: the model's, capped at 4096
     prefill_chunk: int | None = None  # None: RESIDENT_PREFILL_CHUNK, or with use_offload what the budget holds
     threads: int | None = None  # CPU threads for torch; None: leave torch's setting
+    graphs: bool = True  # capture resident decode steps as CUDA graphs (--no_graphs: False)
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)

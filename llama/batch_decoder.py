@@ -12,7 +12,8 @@ Sequences join and leave between steps:
     3. prefill: one chunk of that prompt through its slot's one-sequence view, so that a long prompt
        delays the others by one chunk per step; after its last chunk the first token is sampled and the
        sequence joins the batch;
-    4. decode: one batched forward for all decoding sequences, then each samples and streams its token.
+    4. decode: one batched forward for all decoding sequences, then each samples and streams its token
+       (a lone sequence takes the Generator's own one-sequence step instead: its CUDA graph, where captured).
 
 Speculation composes by taking turns: when exactly one sequence decodes, nobody prefills or waits, and
 the Generator has a Speculator that applies to its sampler, that sequence decodes through the Speculator
@@ -31,7 +32,7 @@ import torch
 
 from llama.batch_job import ActiveSequence, EndSink, Job, TextSink
 from llama.batch_stats import BatchStats, RecentRate
-from llama.generation import Generator
+from llama.generation import GenerationStats, Generator
 from llama.slot_book import SlotBook
 from llama.slot_cache import SlotKVCache
 
@@ -179,7 +180,7 @@ class BatchDecoder:
             seq.close_speculation()
         begin = time.perf_counter()
         try:
-            logits = self._batched_logits()
+            logits = self._alone_logits(self.decoding[0])[None] if len(self.decoding) == 1 else self._batched_logits()
         except Exception as e:  # noqa: BLE001 - the pass failed for every sequence in it
             for seq in self.decoding:
                 self.slots.set(seq.slot, [])
@@ -203,6 +204,16 @@ class BatchDecoder:
         for seq in self.decoding:
             self.slots.wrote(seq.slot, len(seq.history) - 1, seq.history[-1:])
         return rows
+
+    def _alone_logits(self, seq: ActiveSequence) -> torch.Tensor:
+        """The lone sequence's next-token logits (vocab,) through the Generator's own one-sequence step over
+        slot 0 (a captured CUDA graph where it has one): a request served alone decodes exactly as the
+        Generator decodes it."""
+        gen = self.generator
+        gen.cached = list(self.slots.held[0])
+        logits = gen.prefill(seq.history, GenerationStats())  # the cache holds all but the last token: one runs
+        self.slots.set(0, list(gen.cached))
+        return logits
 
     @staticmethod
     def _deliver(seq: ActiveSequence, choose: Callable[[], int]) -> None:
@@ -228,8 +239,7 @@ class BatchDecoder:
         try:
             if seq.speculation is None:  # a plain pass gives the logits the Speculator starts from
                 seq.stats.decode_passes += 1
-                logits = self._batched_logits()[0]
-                gen.cached = list(self.slots.held[0])
+                logits = self._alone_logits(seq)
                 seq.speculation = gen.speculator.tokens(gen, logits, seq.sampler, seq.history, seq.stats)
                 seq.stats.speculative = True
             token = next(seq.speculation)
