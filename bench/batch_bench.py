@@ -113,8 +113,8 @@ def generator_alone(decoder: BatchDecoder, prompt: list[int], steps: int) -> flo
 
 def markdown(mode: str, rows: list[Row], alone: float, limit: float | None, header: str) -> str:
     single = rows[0]
-    lines = [header, "", "| streams | aggregate tok/s | per-stream tok/s | x 1-stream aggregate | per-stream / 1-stream |"
-             + (" aggregate / 1-stream link limit |" if limit else ""),
+    columns = "| streams | aggregate tok/s | per-stream tok/s | x 1-stream aggregate | per-stream / 1-stream |"
+    lines = [header, "", columns + (" aggregate / 1-stream link limit |" if limit else ""),
              "|---|---|---|---|---|" + ("---|" if limit else "")]
     for r in rows:
         lines.append(f"| {r.streams} | {r.aggregate:.2f} | {r.per_stream:.2f} | {r.aggregate / single.aggregate:.2f} | "
@@ -163,8 +163,8 @@ def main() -> None:
     rows = []
     for n in counts:
         rows.append(measure(decoder, prompts, n, ns))
-        print(f"[{ns.mode}] {n} streams: {rows[-1].aggregate:.2f} tok/s aggregate, {rows[-1].per_stream:.2f} per stream",
-              flush=True)
+        r = rows[-1]
+        print(f"[{ns.mode}] {n} streams: {r.aggregate:.2f} tok/s aggregate, {r.per_stream:.2f} per stream", flush=True)
     alone = generator_alone(decoder, prompts[0], ns.steps)
     link = probe_link_gbps(device, True, 512 * 2**20, repeats=5) if streamed and device.type == "cuda" else None
     limit = link * 1e9 / streamed if link else None
@@ -172,8 +172,8 @@ def main() -> None:
     shape = "models/pytiny" if ns.mode == "cpu" else f"dim {ns.dim}, {ns.layers} layers, FFN {ns.ffn}, random weights"
     header = (f"{time.strftime('%Y-%m-%d')}, {card}, torch {torch.__version__}; {ns.mode} ({shape}, {str(dtype)[6:]}); "
               f"prompt {ns.prompt}, {ns.steps} timed steps"
-              + (f"; {streamed / 1e9:.2f} GB streamed per pass, link {link:.1f} GB/s -> 1-stream limit {limit:.2f} tok/s"
-                 if limit else "")
+              + (f"; {streamed / 1e9:.2f} GB streamed per pass, link {link:.1f} GB/s -> 1-stream limit "
+                 f"{limit:.2f} tok/s" if limit else "")
               + f"; command: python bench/batch_bench.py {' '.join(sys.argv[1:])}")
     text = markdown(ns.mode, rows, alone, limit, header)
     if ns.markdown:

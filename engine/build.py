@@ -108,7 +108,8 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
     kv = SlotKVCache(model.args, slots, ctx, dtype, device)
     if cfg.serve is not None:
-        print(f"serving up to {slots} sequences at once (--max_batch; KV cache {kv.nbytes() / 2**30:.2f} GiB)", file=log)
+        gib = kv.nbytes() / 2**30
+        print(f"serving up to {slots} sequences at once (--max_batch; KV cache {gib:.2f} GiB)", file=log)
     generator = Generator(model, tokenizer, device, ctx, dtype, chunk, graphs=_graphs(cfg, device, log),
                           notify=lambda line: print(line, file=log), cache=kv.slot(0))
     generator.warm_up()

@@ -83,7 +83,8 @@ def test_sequences_join_and_leave_mid_batch(engine, requests):
 def test_seeded_sampling_is_the_same_alone_and_batched(engine):
     tok = engine.tokenizer
     warm = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
-    extras = [(), (PresenceFrequencyPenalty(0.5, 0.3),), (DecayingRepetitionPenalty(1.3, 8, 4),), (LogitBias({5: 2.0}),)]
+    extras = [(), (PresenceFrequencyPenalty(0.5, 0.3),), (DecayingRepetitionPenalty(1.3, 8, 4),),
+              (LogitBias({5: 2.0}),)]
     requests = [
         Request(tok.encode(TEXTS[i], bos=True), 12 + i, replace(warm, seed=100 + i, top_k=[0, 20][i % 2]),
                 processors=extras[i % 4])

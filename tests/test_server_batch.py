@@ -29,7 +29,8 @@ MIXED = [
     ("/v1/completions", {"prompt": "hello world", "max_tokens": 16}),
     ("/v1/completions", {"prompt": "the cat sat on", "max_tokens": 25, "stop": ["at", "psp"], "stream": True}),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 9}),
-    ("/v1/chat/completions", {"messages": TURNS, "max_tokens": 18, "stream": True, "stop": "el", "presence_penalty": 0.5}),
+    ("/v1/chat/completions", {"messages": TURNS, "max_tokens": 18, "stream": True, "stop": "el",
+                              "presence_penalty": 0.5}),
 ]
 
 
@@ -58,7 +59,8 @@ def send(url: str, path: str, body: dict[str, Any]) -> list[tuple[str, str]]:
             reply = response.json()
             if path == "/basilisk/infer":
                 return [(reply["text"], str(reply["tokens"]))]
-            return [(c["text"] if "text" in c else c["message"]["content"], c["finish_reason"]) for c in reply["choices"]]
+            choices = reply["choices"]
+            return [(c["text"] if "text" in c else c["message"]["content"], c["finish_reason"]) for c in choices]
         with http.stream("POST", path, json=body) as response:
             assert response.status_code == 200
             events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
