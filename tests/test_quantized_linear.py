@@ -7,7 +7,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from offload.errors import FormatError
-from offload.kernels.int4_triton import triton_kernels_available
 from offload.quant_mode import QuantMode
 from offload.kernels import (
     Int4CudaWeight,
@@ -147,8 +146,7 @@ def test_cuda_layers_match_cpu(dtype: torch.dtype) -> None:
     ref = block(x).detach()
     block = block.to(device="cuda", dtype=dtype)  # before preparing: tinygemm's pairs stay bfloat16
     prepare_linears_for_cuda(block)
-    # tinygemm's layout, unless the Triton kernels multiply the plain one
-    assert isinstance(block.w1.weight_format(), Int4Weight if triton_kernels_available() else Int4CudaWeight)
+    assert isinstance(block.w1.weight_format(), Int4CudaWeight)
     assert isinstance(block.attention["wq"].weight_format(), Int8Weight)
     y = block(x.to(device="cuda", dtype=dtype))
     assert y.dtype == dtype

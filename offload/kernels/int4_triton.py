@@ -97,10 +97,6 @@ def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def triton_kernels_available() -> bool:
-    return _kernels() is not None
-
-
 def small_batch_supported(x: torch.Tensor, w: Int4Weight) -> bool:
     """Whether int4_small_batch takes x [tokens, in] @ w: CUDA, fp16/bf16, at most SMALL_BATCH tokens."""
     return (x.is_cuda and w.packed.is_cuda and x.dtype in (torch.float16, torch.bfloat16)

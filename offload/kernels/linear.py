@@ -17,7 +17,6 @@ import torch.nn as nn
 from offload.errors import FormatError
 from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.int4_format import Int4Weight, quantize_int4
-from offload.kernels.int4_triton import triton_kernels_available
 from offload.kernels.int8_format import Int8Weight, quantize_int8
 from offload.kernels.matmul import int4_matmul, int8_matmul
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
@@ -74,11 +73,9 @@ class Int4Linear(QuantizedLinear):
         return cls(quantize_int4(linear.weight.detach(), group_size), linear.bias)
 
     def prepare_for_cuda(self, device: torch.device | str = "cuda") -> None:
-        """Rebind the weight in tinygemm's layout (made on `device`) if tinygemm supports its shape, unless
-        the Triton kernels are there: they multiply the plain layout faster for decode and prefill alike
-        (bench/int4_kernels_bench.py)."""
+        """Rebind the weight in tinygemm's layout (made on `device`) if tinygemm supports its shape."""
         w = self.weight_format()
-        if isinstance(w, Int4Weight) and tinygemm_supports(w) and not triton_kernels_available():
+        if isinstance(w, Int4Weight) and tinygemm_supports(w):
             self._bind(prepare_for_cuda(w, device))
 
 
