@@ -2,10 +2,10 @@
 
 CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ahead of dequantize-then-
 matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
-CUDA: int4 through tinygemm (tinygemm.py) for a prepared weight; a plain Int4Weight (what streams) goes
-through int4_triton.py's small-batch kernel for decode-sized fp16/bf16 inputs (else tinygemm's layout made
-per call), and for prefill-sized inputs is dequantized in row chunks (one Triton pass each) and multiplied
-by cuBLAS. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
+CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain Int4Weight (what streams)
+is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
+and for prefill-sized inputs dequantized in row chunks (one Triton pass each: int4_triton.py) and
+multiplied by cuBLAS, since tinygemm is a small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
 (a transient copy, freed after the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
 CPU kernel (ours takes one scale per row): on the CPU it is dequantized DEQUANT_ROWS rows at a time.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.kernels.cpu_ext import cpu_extension
-from offload.kernels.int4_triton import dequantize_int4, int4_small_batch, small_batch_supported
+from offload.kernels.int4_triton import dequantize_int4
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm, prepare_for_cuda, tinygemm_supports
@@ -58,8 +58,6 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
     x2 = _tokens(x)
     if isinstance(w, Int4CudaWeight):
         y = int4_matmul_tinygemm(x2, w)
-    elif w.packed.device.type == "cuda" and small_batch_supported(x2, w):
-        y = int4_small_batch(x2, w)
     elif w.packed.device.type == "cuda" and x2.shape[0] <= TINYGEMM_MAX_TOKENS and tinygemm_supports(w):
         y = int4_matmul_tinygemm(x2, prepare_for_cuda(w, w.packed.device))
     elif w.packed.device.type == "cuda":
