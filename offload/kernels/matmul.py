@@ -4,8 +4,8 @@ CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ah
 matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
 CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain Int4Weight (what streams)
 is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
-and for prefill-sized inputs dequantized in row chunks and multiplied by cuBLAS, since tinygemm is a
-small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
+and for prefill-sized inputs dequantized in row chunks (one Triton pass each: int4_triton.py) and
+multiplied by cuBLAS, since tinygemm is a small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
 (a transient copy, freed after the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
 CPU kernel (ours takes one scale per row): on the CPU it is dequantized DEQUANT_ROWS rows at a time.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.kernels.cpu_ext import cpu_extension
-from offload.kernels.int4_dequant_cuda import dequantize_int4
+from offload.kernels.int4_triton import dequantize_int4
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm, prepare_for_cuda, tinygemm_supports

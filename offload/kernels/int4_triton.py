@@ -1,10 +1,10 @@
-"""int4 dequantized on the GPU in one pass: a Triton kernel reads the packed bytes, scales and zeros once and
-writes the weight in the compute dtype.
+"""int4 dequantized on the GPU in one Triton pass, for prefill-sized inputs (then multiplied by cuBLAS).
 
 The torch twin (Int4Weight.dequantize) runs ~7 full-size passes through float32 temporaries; on an H200 that
-made a streamed int4 pass of more than TINYGEMM_MAX_TOKENS tokens (a speculative tree, a batch) cost 2.2x a
-one-token pass. Same arithmetic as the twin: (q - zero) * scale in float32, then one rounding to the dtype,
-so the two agree bit for bit. Without Triton (or off CUDA) the twin runs.
+made a streamed int4 pass of more than 16 tokens cost 2.2x a one-token pass. Same arithmetic as the twin
+((q - zero) * scale in float32, one rounding to the dtype), so the two agree bit for bit. Without Triton (or
+off CUDA) the twin runs. (A Triton small-batch matmul on this layout, tried for decode, read weights at
+80-170 GB/s against tinygemm's ~1 TB/s on the H200, so decode stays with tinygemm.)
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 
 from offload.kernels.int4_format import Int4Weight
 
-BLOCK_ROWS, BLOCK_COLS = 16, 256  # one program's tile of the output [out, in]
+DEQUANT_ROWS, DEQUANT_COLS = 16, 256  # one dequantize program's tile of the output [out, in]
 
 
 @functools.cache
 def _kernel():
-    """The compiled Triton kernel, or None where Triton cannot be imported."""
+    """The compiled Triton dequantize kernel, or None where Triton cannot be imported."""
     try:
         import triton
         import triton.language as tl
@@ -43,6 +43,10 @@ def _kernel():
     return dequant
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The full-size weight [out, in] in dtype, on w's device; the Triton kernel on CUDA when it is there."""
     kernel = _kernel() if w.packed.device.type == "cuda" else None
@@ -51,11 +55,7 @@ def dequantize_int4(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     packed, scales, zeros = w.packed.contiguous(), w.scales.contiguous(), w.zeros.contiguous()
     n, k = w.out_features, w.in_features
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    grid = (_cdiv(n, BLOCK_ROWS), _cdiv(k, BLOCK_COLS))
+    grid = (_cdiv(n, DEQUANT_ROWS), _cdiv(k, DEQUANT_COLS))
     kernel[grid](packed, scales, zeros, out, n, k, w.group_size, packed.stride(0), scales.stride(0),
-                 ROWS=BLOCK_ROWS, COLS=BLOCK_COLS)
+                 ROWS=DEQUANT_ROWS, COLS=DEQUANT_COLS)
     return out
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
