@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prefill_chunk", type=int, help="prompt tokens per forward (default: 512, or with "
                    "--use_offload the largest chunk the GPU budget holds)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the machine's physical cores)")
+    g.add_argument("--no_graphs", action="store_true", help="decode op by op, without CUDA graphs (same tokens)")
     g.add_argument("--chat_format", help="llama2, llama3, chatml or raw (default: detected)")
     g.add_argument("--system", help="system prompt")
     s = p.add_argument_group(
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ppl", type=Path, help="print the perplexity of this text file and exit")
     m.add_argument("--serve", metavar="[HOST:]PORT", help="serve the HTTP API instead of the console")
     m.add_argument("--shared_secret", help="required Authorization for every HTTP request")
+    m.add_argument("--max_batch", type=int, metavar="N", help="server: sequences decoded together, one KV cache "
+                   "slot each (default: as many as half the free memory holds, at most 16; 1: one at a time)")
     m.add_argument("--allowed_hosts", default="", help="comma-separated Host names the server answers to besides "
                    "localhost and its address ('*': any); without --shared_secret others are refused")
     m.add_argument("--max_body", metavar="SIZE", help="largest HTTP request body, e.g. 16MiB "
@@ -98,6 +101,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         raise UserError(f"--draft: model directory not found: {ns.draft}")
     if ns.serve is not None:
         parse_serve_spec(ns.serve)
+    elif ns.max_batch is not None:
+        raise UserError("--max_batch only applies with --serve (the console holds one conversation)")
     max_body = RunConfig.max_body if ns.max_body is None else parse_size(ns.max_body, "--max_body")
     if max_body < 1:
         raise UserError("--max_body must be at least 1 byte")
@@ -123,6 +128,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
         threads=ns.threads or default_threads(),
+        graphs=not ns.no_graphs,
         chat_format=ns.chat_format,
         system=ns.system,
         sampling=sampling,
@@ -138,6 +144,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         ppl=ns.ppl,
         serve=ns.serve,
         shared_secret=ns.shared_secret,
+        max_batch=ns.max_batch,
         draft=ns.draft,
         draft_quant=parse_quant(ns.draft_quant, False, False),
         lookup=ns.lookup,

@@ -31,6 +31,9 @@ bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json
 bench cpu_kernels "$PY" bench/cpu_kernels.py --runs 50
 bench cpu_decode "$PY" bench/cpu_decode.py --shape smollm2-135m --repeats 3 --tokens 48  # all cores: 16 on the lent host
 bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
+bench decode_bench "$PY" bench/decode_bench.py --modes fp16,int4,pytiny,app --json "$OUT/decode_bench.json" \
+    --markdown "$OUT/decode_bench.md"
+bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"
 
 echo
 echo "== summary =="

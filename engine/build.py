@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 from tqdm import tqdm
 
+from engine.batch_size import batch_slots
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.cpu_decode import use_cpu_decode_blocks
+from engine.fused_projections import fuse_projections
 from engine.gguf_model import GGUFModel, open_gguf_model
 from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
@@ -31,6 +33,7 @@ from llama.generation_config import checkpoint_eos_ids
 from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import load_model, read_model_args
 from llama.model import Transformer
+from llama.slot_cache import SlotKVCache
 from llama.tokenizer import Tokenizer
 from offload.quant_mode import QuantMode
 
@@ -44,9 +47,10 @@ class Engine:
     model: Transformer
     tokenizer: Tokenizer
     chat_format: ChatFormat
-    generator: Generator
+    generator: Generator  # one sequence, over slot 0 of kv
     device: torch.device
     dtype: torch.dtype
+    kv: SlotKVCache  # the KV cache: one slot for the console, --max_batch for the server
 
     @property
     def ctx(self) -> int:
@@ -85,17 +89,18 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
     if ctx > args.max_seq_len:
         print(f"note: --ctx {ctx} is beyond the model's trained {args.max_seq_len} positions", file=log)
-    check_kv_cache_fits(args, ctx, dtype, device)
+    slots = batch_slots(cfg, args, ctx, dtype, device)
+    check_kv_cache_fits(args, ctx, dtype, device, slots)
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""  # what --threads set
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}{threads}",
           file=log)
     chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
     if gguf is not None:
-        model, device = _load_gguf(cfg, gguf, dtype, device, ctx)
+        model, device = _load_gguf(cfg, gguf, dtype, device, ctx, slots)
     elif gptq is not None:
-        model = _load_gptq(cfg, model_dir, args, gptq, dtype, device)
+        model, device = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx)
     elif cfg.use_offload:
-        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, log)
+        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, slots, log)
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
     if ctx > model.rope_cos.shape[0]:
@@ -106,12 +111,28 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
     fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
-    generator = Generator(model, tokenizer, device, ctx, dtype, chunk)
-    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype)
+    kv = SlotKVCache(model.args, slots, ctx, dtype, device)
+    if cfg.serve is not None:
+        gib = kv.nbytes() / 2**30
+        print(f"serving up to {slots} sequences at once (--max_batch; KV cache {gib:.2f} GiB)", file=log)
+    generator = Generator(model, tokenizer, device, ctx, dtype, chunk, graphs=_graphs(cfg, device, log),
+                          notify=lambda line: print(line, file=log), cache=kv.slot(0))
+    generator.warm_up()
+    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype, kv)
+
+
+def _graphs(cfg: RunConfig, device: torch.device, log) -> bool:
+    """Whether resident decode steps are captured as CUDA graphs (the Generator captures only a model that is
+    entirely on the GPU)."""
+    if device.type == "cuda" and cfg.graphs and cfg.quant is QuantMode.BNB and not cfg.use_offload:
+        print("note: decode steps run without CUDA graphs: bitsandbytes' LLM.int8 finds its outlier columns on "
+              "the host, which a graph cannot record", file=log)
+        return False
+    return cfg.graphs
 
 
 def _load_gguf(
-    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int
+    cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int, slots: int
 ) -> tuple[Transformer, torch.device]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
 
@@ -120,30 +141,30 @@ def _load_gguf(
     quant = cfg.quant.value if cfg.quant is not None else None
     if not cfg.use_offload:
         return load_gguf_resident(gguf, quant, dtype, device), device
-    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, quant=None))
+    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
     return model, offloaded.device
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
-               device: torch.device) -> Transformer:
-    from engine.gptq_model import load_gptq_resident
+               device: torch.device, ctx: int) -> tuple[Transformer, torch.device]:
+    from engine.gptq_model import load_gptq_offloaded, load_gptq_resident
 
-    if cfg.use_offload:
-        raise UserError(f"{model_dir} is {gptq.method.upper()}: it runs resident or on the CPU; streaming it "
-                        "is not supported yet")
     if cfg.quant not in (None, QuantMode.INT4):
         raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
-    return load_gptq_resident(model_dir, args, gptq, dtype, device)
+    if not cfg.use_offload:
+        return load_gptq_resident(model_dir, args, gptq, dtype, device), device
+    model, offloaded = load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, quant=None))
+    return model, offloaded.device
 
 
 def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, log
+    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, log
 ) -> tuple[Transformer, torch.device, int]:
     """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
     whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
     from engine.llama_offload import build_offloaded_model
 
-    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, cfg.quant))
+    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, slots, cfg.quant))
     if cfg.prefill_chunk is not None:
         return model, offloaded.device, cfg.prefill_chunk
     chunk = offloaded.plan.prefill_chunk(ctx)
@@ -152,9 +173,10 @@ def _load_offloaded(
 
 
 def _offload_config(
-    cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, quant: QuantMode | None
+    cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, quant: QuantMode | None
 ) -> OffloadConfig:
-    """The streaming settings the flags give (quant None: the weights arrive already in their formats)."""
+    """The streaming settings the flags give (quant None: the weights arrive already in their formats;
+    slots: sequences the KV cache holds)."""
     from offload.policy import OffloadConfig
 
     return OffloadConfig(
@@ -164,6 +186,7 @@ def _offload_config(
         gpu_mem=cfg.gpu_mem,
         n_slots=cfg.prefetch,
         max_seq_len=ctx,
+        kv_sequences=slots,
         prefill_chunk=cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK,
         quant=quant,
     )
@@ -184,7 +207,10 @@ def _load_resident(
         mode = QuantMode(quantization["format"])
         model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
     elif mode is None:
-        return load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
+        model = load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
+        if device.type == "cuda":
+            fuse_projections(model)
+        return model
     else:
         model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
         if mode is QuantMode.BNB:
@@ -193,6 +219,8 @@ def _load_resident(
                 quantize_linears(block.to(device), mode, progress=False)
         else:
             quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
+    if device.type == "cuda":
+        fuse_projections(model)  # before tinygemm's layout, which does not stack; LLM.int8 stays unfused
     model.to(device)
     if device.type == "cuda" and mode is QuantMode.INT4:
         prepare_linears_for_cuda(model.layers, device)

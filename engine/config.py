@@ -37,6 +37,7 @@ class RunConfig:
     ctx: int | None = None  # context length; None: the model's, capped at 4096
     prefill_chunk: int | None = None  # None: RESIDENT_PREFILL_CHUNK, or with use_offload what the budget holds
     threads: int | None = None  # CPU threads for torch; None: leave torch's setting
+    graphs: bool = True  # capture resident decode steps as CUDA graphs (--no_graphs: False)
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -55,6 +56,7 @@ class RunConfig:
     ppl: Path | None = None
     serve: str | None = None  # [HOST:]PORT, checked by server.serve_spec
     shared_secret: str | None = None
+    max_batch: int | None = None  # sequences the server decodes at once; None: what the memory holds (1 unserved)
     # speculative decoding (issue 10)
     draft: Path | None = None  # a draft model directory
     draft_quant: QuantMode | None = None  # INT8 or INT4: the draft's blocks in that format

@@ -31,6 +31,7 @@ class CpuDecodeBlock(TransformerBlock):
     def takes(cls, block: TransformerBlock) -> bool:
         """Whether every linear of the block is a format the kernel reads and both norms share one eps."""
         return (type(block) is TransformerBlock and block.attention_norm.eps == block.ffn_norm.eps
+                and block.attention.wqkv is None and block.feed_forward.w13 is None  # the GPU's fused layout
                 and _weight_lists(block) is not None)
 
     @classmethod
@@ -51,22 +52,22 @@ class CpuDecodeBlock(TransformerBlock):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
         start_pos: int,
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if (x.shape[1] != 1 or mask is not None or type(cache) is not KVCache or self.weight_lists is None
                 or torch.is_grad_enabled()):
-            return super().forward(x, cos, sin, start_pos, cache, mask)
+            return super().forward(x, rotation, start_pos, cache, mask)
         if start_pos + 1 > cache.max_seq_len:
             raise ValueError(f"KV cache overflow: position {start_pos + 1} > {cache.max_seq_len}")
+        # rope_rotation's factors (1, 1, head_dim // 2, 2): (cos, cos) and (-sin, sin) per pair.
+        cos, sin = rotation[0][0, 0, :, 0].float().contiguous(), rotation[1][0, 0, :, 1].float().contiguous()
         attention = self.attention
         out = decode_block(x.view(x.shape[0], -1), self.attention_norm.weight, self.ffn_norm.weight,
                            self.attention_norm.eps, self.weight_lists, cache.keys[self.layer],
-                           cache.values[self.layer], start_pos, cos[0].float(), sin[0].float(), attention.n_heads,
-                           attention.window or 0)
+                           cache.values[self.layer], start_pos, cos, sin, attention.n_heads, attention.window or 0)
         return out.view_as(x)
 
 

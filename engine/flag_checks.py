@@ -13,6 +13,7 @@ from llama.errors import UserError
 MAX_THREADS = 1024  # torch accepts far more and crashes later (a million threads segfaults)
 CONSOLE_MAX_NEW_TOKENS = 256  # the console's default reply length: small models rarely emit EOS
 PROMPT_MAX_NEW_TOKENS = 512  # --prompt's default
+MAX_BATCH = 256  # each sequence holds a KV cache slot of the whole context; the step's host work grows with it
 
 # flag -> (least, most or None); None values mean "not given" and are left to their defaults.
 INT_RANGES: dict[str, tuple[int, int | None]] = {
@@ -24,6 +25,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     "top_k": (0, None),
     "repetition_window": (0, None),
     "draft_tokens": (2, None),
+    "max_batch": (1, MAX_BATCH),
 }
 
 

@@ -19,6 +19,7 @@ from engine.gguf_model import GGUFModel, iter_gguf_weights, linear_modes, quanti
 from llama.loader import empty_model
 from llama.model import Transformer
 from engine.llama_offload import offload_transformer
+from engine.read_ahead import read_ahead
 from offload.placement import OffloadedModel
 from offload.kernels.linear import prepare_linears_for_cuda
 from offload.policy import OffloadConfig
@@ -61,6 +62,7 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
     net = empty_model(model.args)
     quantized_shell(model, modes, net)
     # The weights arrive already in their formats: the offload engine only places them.
-    offloaded = offload_transformer(net, iter_gguf_weights(model, modes, config.dtype), replace(config, quant=None))
+    weights = read_ahead(iter_gguf_weights(model, modes, config.dtype))  # converting overlaps with placing
+    offloaded = offload_transformer(net, weights, replace(config, quant=None))
     print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model.path.name})", file=log)
     return net, offloaded

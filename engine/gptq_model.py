@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -15,15 +16,19 @@ import torch
 from torch import nn
 
 from engine.gguf_build import fill_resident
+from engine.llama_offload import offload_transformer
 from llama.checkpoint_gptq import GPTQConfig, PackedLayer, iter_gptq_tensors
 from llama.checkpoint_hf import hf_to_meta_rows, rope_heads
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.loader import empty_model
+from llama.model import Transformer
 from offload.kernels.gptq_convert import awq_to_int4, gptq_to_int4
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.linear import Int4Linear
 from offload.kernels.permuted_linear import PermutedInt4Linear
+from offload.placement import OffloadedModel
+from offload.policy import OffloadConfig
 
 
 def block_linears(args: ModelArgs) -> set[str]:
@@ -66,11 +71,15 @@ def iter_gptq_layers(model_dir: Path, args: ModelArgs, config: GPTQConfig,
         yield name, t.to(dtype)
 
 
-def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dtype: torch.dtype,
-                       device: torch.device, log: TextIO | None = None) -> torch.nn.Module:
+def _announce(config: GPTQConfig, log: TextIO | None) -> None:
     group = "one per row" if config.group_size < 0 else f"group {config.group_size}"
     print(f"{config.method.upper()} 4-bit ({group}{', act-order' if config.desc_act else ''}) read into our int4",
           file=log or sys.stderr)
+
+
+def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dtype: torch.dtype,
+                       device: torch.device, log: TextIO | None = None) -> torch.nn.Module:
+    _announce(config, log)
     net = empty_model(args)
     state: dict[str, torch.Tensor] = {}
     for name, item in iter_gptq_layers(model_dir, args, config, dtype):
@@ -90,3 +99,51 @@ def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dty
     if missing:
         raise UserError(f"{model_dir}: missing tensor {missing[0]!r}")
     return fill_resident(net, state, device)
+
+
+def load_gptq_offloaded(model_dir: Path, args: ModelArgs, config: GPTQConfig, offload: OffloadConfig,
+                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel]:
+    """Blocks streamed in 4 bits from pinned RAM as the plan says: the model is built with int4 shells of
+    the converted layers' shapes, then filled by the offload engine as each layer is converted."""
+    _announce(config, log)
+    net = empty_model(args)
+    shells = int4_shells(net, args, config)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, item in iter_gptq_layers(model_dir, args, config, offload.dtype):
+            if not isinstance(item, nn.Module):
+                yield name, item
+                continue
+            tensors = item.state_dict()
+            if "perm" in shells[name] and "perm" not in tensors:  # an act-order file's layer in plain order
+                tensors["perm"] = torch.arange(item.in_features)
+            for field, t in tensors.items():
+                expected = shells[name].get(field)
+                if expected is None or expected.shape != t.shape:
+                    raise UserError(f"{model_dir}: {name}.{field} has shape {tuple(t.shape)}, not the "
+                                    f"{tuple(expected.shape) if expected is not None else 'absent'} its "
+                                    f"quantization_config implies")
+                yield f"{name}.{field}", t
+
+    offloaded = offload_transformer(net, weights(), replace(offload, quant=None))
+    print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model_dir.name})", file=log or sys.stderr)
+    return net, offloaded
+
+
+def int4_shells(net: Transformer, args: ModelArgs, config: GPTQConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Swap each block linear of `net` (on the meta device) for the int4 layer its conversion will give:
+    act-order files give PermutedInt4Linear. Returns each module's meta tensors by field."""
+    shells = {}
+    for module in sorted(block_linears(args)):
+        base = net.get_submodule(module)
+        n_out, n_in = base.out_features, base.in_features
+        group = n_in if config.group_size < 0 else min(config.group_size, n_in)
+        scales = torch.empty(n_out, n_in // group, dtype=torch.float16, device="meta")
+        weight = Int4Weight(torch.empty(n_out, n_in // 2, dtype=torch.uint8, device="meta"), scales,
+                            torch.empty_like(scales))
+        perm = torch.empty(n_in, dtype=torch.long, device="meta")
+        layer = PermutedInt4Linear(weight, perm, base.bias) if config.desc_act else Int4Linear(weight, base.bias)
+        parent, _, child = module.rpartition(".")
+        setattr(net.get_submodule(parent), child, layer)
+        shells[module] = dict(layer.state_dict())
+    return shells

@@ -73,7 +73,7 @@ def llama_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
         block_other_bytes=other,
         head_bytes=args.vocab_size * args.dim * elem,
         fixed_bytes=args.dim * elem + rope,
-        kv_cache_bytes=args.kv_cache_bytes(config.max_seq_len, config.dtype, config.batch),
+        kv_cache_bytes=args.kv_cache_bytes(config.max_seq_len, config.dtype, config.batch * config.kv_sequences),
         activation_bytes=activation_bytes(args, config.prefill_chunk, config.dtype, config.batch),
         prefill_tokens=config.prefill_chunk,
         activation_bytes_per_token=config.batch * _activation_bytes_per_token(args, config.dtype),

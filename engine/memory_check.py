@@ -15,13 +15,16 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_kv_cache_fits(args: ModelArgs, ctx: int, dtype: torch.dtype, device: torch.device) -> None:
-    """UserError naming --ctx when the KV cache alone needs more than the free memory of `device`."""
-    need, free = args.kv_cache_bytes(ctx, dtype), free_bytes(device)
+def check_kv_cache_fits(args: ModelArgs, ctx: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
+    """UserError naming --ctx (and --max_batch when it holds several sequences) when the KV cache of `slots`
+    sequences alone needs more than the free memory of `device`."""
+    need, free = args.kv_cache_bytes(ctx, dtype, slots), free_bytes(device)
     if need > free:
         where = "VRAM" if device.type == "cuda" else "RAM"
+        sequences = f"{slots} sequences (--max_batch) x " if slots > 1 else ""
+        fix = "a smaller --ctx or --max_batch" if slots > 1 else "a smaller --ctx"
         raise UserError(
-            f"--ctx {ctx}: the KV cache would need {need / 2**30:.1f} GiB (2 x {args.n_layers} layers x {ctx} "
-            f"positions x {args.n_kv_heads} KV heads x {args.head_dim} x {dtype.itemsize} bytes), more than the "
-            f"{free / 2**30:.1f} GiB of free {where}; use a smaller --ctx"
+            f"--ctx {ctx}: the KV cache would need {need / 2**30:.1f} GiB ({sequences}2 x {args.n_layers} layers x "
+            f"{ctx} positions x {args.n_kv_heads} KV heads x {args.head_dim} x {dtype.itemsize} bytes), more than "
+            f"the {free / 2**30:.1f} GiB of free {where}; use {fix}"
         )

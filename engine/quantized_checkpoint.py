@@ -26,7 +26,7 @@ from llama.checkpoint_files import Weight, read_json
 from llama.checkpoint_hf import CONFIG, hf_name, iter_hf_weights
 from llama.checkpoint_writer import write_hf_checkpoint
 from llama.config import ModelArgs
-from llama.errors import UserError
+from llama.errors import UserError, first_named
 from llama.loader import empty_model, load_model
 from llama.model import Transformer
 from offload.kernels.int4_format import Int4Weight, int4_group_size
@@ -172,8 +172,7 @@ def load_quantized_model(model_dir: Path, args: ModelArgs, quant: dict[str, Any]
     missing = [hf_name(n) for n in expected if n not in seen and not (args.tie_embeddings and n == "output.weight")]
     missing += [f"{_hf_module(n)}.*" for n, tensors in layer_tensors.items() if not tensors]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{model_dir}: missing tensor {missing[0]!r}{more}")
+        raise UserError(f"{model_dir}: missing tensor {first_named(missing)}")
     for name, tensors in layer_tensors.items():
         layer = _quantized_layer(tensors, linears[name], quant, dtype, f"{layer_files[name]}: {_hf_module(name)}")
         parent, _, child = name.rpartition(".")

@@ -41,6 +41,7 @@ def build_draft(engine: Engine, log: TextIO) -> Engine:
         prefill_chunk=cfg.prefill_chunk,
         chat_format="raw",
         quant=cfg.draft_quant,
+        graphs=cfg.graphs,
     )
     try:
         draft = build_engine(draft_cfg, log)

@@ -21,7 +21,7 @@ from llama.checkpoint_files import Weight
 from llama.checkpoint_hf import CONFIG, INDEX, hf_name, iter_hf_weights, read_hf_args
 from llama.checkpoint_meta import PARAMS, iter_meta_weights, meta_shard_files, read_meta_args
 from llama.config import ModelArgs
-from llama.errors import UserError
+from llama.errors import UserError, first_named
 
 MODEL_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -110,8 +110,7 @@ def _check_one(
 def _check_missing(seen: Mapping[str, object], expected: Mapping[str, tuple[int, ...]], source: Path) -> None:
     missing = [name for name in expected if name not in seen]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"{source}: missing weight {_label(missing[0], source)}{more}")
+        raise UserError(f"{source}: missing weight {first_named(missing, lambda name: _label(name, source))}")
 
 
 def _checked_values(w: Weight, converted: set[torch.dtype]) -> Weight:
@@ -129,9 +128,9 @@ def _checked_values(w: Weight, converted: set[torch.dtype]) -> Weight:
         t = t.to(torch.float32)
         w.release()
         w = replace(w, tensor=t, mapped=False)
-    # One reduction is cheap and NaN or Inf anywhere makes it non-finite; only then look element by element
-    # (a float32 sum can also overflow on huge but finite values).
-    if not torch.isfinite(t.sum(dtype=torch.float32)) and not bool(torch.isfinite(t).all()):
+    # NaN anywhere makes both extremes NaN, and an infinity is one of them: one pass at memory speed
+    # (aminmax reads fp16 at ~10 GB/s on 2 cores; a float32 sum ran at 0.75 and took 2/3 of a load).
+    if t.numel() and not all(bool(torch.isfinite(x)) for x in torch.aminmax(t)):
         raise UserError(f"{w.file}: tensor {_label(w.name, w.file)} holds NaN or infinite values")
     return w
 

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from llama.checkpoint_files import read_json, short_reason
 from llama.checkpoint_hf import CONFIG, canonical_name, hf_weight_files
-from llama.errors import UserError
+from llama.errors import UserError, first_named
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 GROUP_SIZES = (32, 64, 128, -1)
@@ -67,9 +67,11 @@ class PackedLayer:
 
 
 def iter_gptq_tensors(model_dir: Path, linears: set[str]) -> Iterator[PackedLayer | tuple[str, torch.Tensor, Path]]:
-    """PackedLayers for the modules in `linears` (canonical names), then (canonical name, tensor, file) for
-    every other tensor, as the files hold them."""
+    """(canonical name, tensor, file) for every tensor not in `linears` (canonical module names), and a
+    PackedLayer for each of those modules after the file that completes it (so a streamed load holds one
+    shard's layers at a time, not the model's)."""
     layers: dict[str, PackedLayer] = {}
+    done: set[str] = set()
     for path in hf_weight_files(Path(model_dir)):
         try:
             with safe_open(path, framework="pt") as f:
@@ -82,8 +84,9 @@ def iter_gptq_tensors(model_dir: Path, linears: set[str]) -> Iterator[PackedLaye
                         yield name, f.get_tensor(key), path
         except (SafetensorError, OSError) as e:
             raise UserError(f"{path}: not a valid safetensors file ({short_reason(e)})") from None
-    missing = sorted(linears - set(layers))
+        for module in [m for m, layer in layers.items() if {"qweight", "qzeros", "scales"} <= set(layer.tensors)]:
+            done.add(module)
+            yield layers.pop(module)
+    missing = sorted(linears - done)
     if missing:
-        raise UserError(f"{model_dir}: no packed tensors for {missing[0]!r}" +
-                        (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    yield from layers.values()
+        raise UserError(f"{model_dir}: no packed tensors for {first_named(missing)}")

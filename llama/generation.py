@@ -3,9 +3,15 @@
 The Generator remembers which tokens its cache holds. A new request shares the longest common
 prefix with them, so a chat turn only prefills its new tokens and a rerun of the same prompt
 prefills one token.
+
+When the whole model sits on one CUDA device, one-token steps (and a draft's token-tree levels) go
+through DecodeSteps (llama/decode_graphs.py): replayed CUDA graphs, or with graphs=False the same steps
+op by op. Greedy decoding then takes the argmax on the device and copies one token id back per token;
+a sampler that needs the distribution gets the logits copied back instead.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Generator as Gen, Iterator
 from dataclasses import dataclass, field
@@ -13,9 +19,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llama.decode_graphs import DecodeSteps
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.sampling import Sampler
+from llama.stop_strings import find_stop, partial_stop_len
 from llama.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
@@ -67,18 +75,32 @@ class Generator:
         max_seq_len: int,
         cache_dtype: torch.dtype,
         prefill_chunk: int = 512,
+        graphs: bool = True,
+        notify: Callable[[str], None] | None = None,
+        cache: KVCache | None = None,
     ) -> None:
+        """graphs: capture decode steps as CUDA graphs when the whole model is on the CUDA device; notify:
+        where a note goes if they cannot be captured (default: stderr); cache: default, a cache of its own
+        (the server passes one slot of its many)."""
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(model.args, max_seq_len, cache_dtype, self.device)
+        self.cache = cache if cache is not None else KVCache(model.args, max_seq_len, cache_dtype, self.device)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.speculator: Speculator | None = None  # set when a draft source is configured
+        self.steps = DecodeSteps(model, self.cache, graphs, notify) if _all_on_cuda(model, self.device) else None
 
     def reset(self) -> None:
         self.cached = []
+
+    def warm_up(self) -> None:
+        """Capture the first bucket's decode step now (part of loading) rather than inside the first reply; it
+        writes the cache's first slot, which holds nothing yet."""
+        if self.steps is not None:
+            self.cached = []
+            self.steps.decode(0, 0)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -87,10 +109,22 @@ class Generator:
     @torch.inference_mode()
     def _forward(self, ids: list[int], start_pos: int) -> torch.Tensor:
         """Run ids at start_pos through the model; return the last position's logits (vocab,) in float32."""
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        logits = self.model(tokens, start_pos, self.cache, last_only=True)
+        if len(ids) == 1 and self.steps is not None:
+            logits = self.steps.decode(ids[0], start_pos).logits
+        else:
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, start_pos, self.cache, last_only=True)
         self.cached = self.cached[:start_pos] + ids  # only after the forward completed
         return logits[0, -1].float().cpu()
+
+    @torch.inference_mode()
+    def tree_logits(self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits (n, vocab), on the device, of token-tree nodes at cache slots start, start + 1, ... with RoPE
+        positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward."""
+        if self.steps is not None:
+            return self.steps.tree(tokens, start, positions, mask).logits[0]
+        ids = torch.tensor([tokens], device=self.device)
+        return self.model(ids, start, self.cache, positions=positions, mask=mask)[0]
 
     def prefill(self, prompt: list[int], stats: GenerationStats) -> torch.Tensor:
         """Make the cache hold `prompt`, reusing the common prefix; return the next-token logits."""
@@ -153,12 +187,12 @@ class Generator:
                 history.append(token)
                 stats.new_tokens += 1
                 held += decoder.push(token)
-                hit = _find_stop(held, stop_strings)
+                hit = find_stop(held, stop_strings)
                 if hit is not None:
                     held = held[:hit]
                     stats.stop_reason = "stop_string"
                     break
-                safe = len(held) - _partial_stop_len(held, stop_strings)
+                safe = len(held) - partial_stop_len(held, stop_strings)
                 if safe > 0:
                     result.text += held[:safe]
                     yield held[:safe]
@@ -192,11 +226,26 @@ class Generator:
             stats.speculative = True
             yield from self.speculator.tokens(self, logits, sampler, history, stats)
             return
+        token = sampler.sample(logits, history)
+        if self.steps is not None and _is_greedy(sampler):
+            yield from self._greedy_on_device(token, history, stats)
+            return
         while True:
-            token = sampler.sample(logits, history)
             yield token
             logits = self._forward([token], len(history) - 1)
             stats.decode_passes += 1
+            token = sampler.sample(logits, history)
+
+    def _greedy_on_device(self, token: int, history: list[int], stats: GenerationStats) -> Gen[int, None, None]:
+        """Greedy decoding whose argmax is taken by the step on the device: one token id crosses back per token."""
+        assert self.steps is not None
+        while True:
+            yield token
+            pos = len(history) - 1  # the caller appended `token`: it goes to this slot
+            chosen = self.steps.decode(token, pos).argmax
+            self.cached = self.cached[:pos] + [token]
+            stats.decode_passes += 1
+            token = int(chosen[0, -1])  # the one copy back (and the wait for the step)
 
     def generate(self, prompt: list[int], sampler: Sampler, max_new_tokens: int, **kwargs) -> Generation:
         result = Generation()
@@ -205,18 +254,13 @@ class Generator:
         return result
 
 
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    """Index where the earliest stop string starts in text, or None."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+def _all_on_cuda(model: Transformer, device: torch.device) -> bool:
+    """Whether every weight and table of the model is on the CUDA device (a streamed or host-held part is not)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return device.type == "cuda" and all(t.device.type == "cuda" for t in tensors)
 
 
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+def _is_greedy(sampler: Sampler) -> bool:
+    """The sampler takes the plain argmax of the logits (no penalty that would change them first)."""
+    p = sampler.params
+    return p.temperature == 0.0 and (p.repetition_penalty == 1.0 or p.repetition_window == 0)

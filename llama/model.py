@@ -3,6 +3,12 @@
 Plain nn.Module code: no device placement, no quantization, no offloading. Those are applied to a
 built model from offload/. RoPE uses Meta's interleaved pair layout (HF checkpoints are permuted
 into it when read).
+
+Decode runs a few dozen small kernels per block, so each step is written with few of them: RMSNorm is
+torch's fused rms_norm, RoPE runs in the model's dtype on q and k together when the projections are
+fused, and a boolean mask becomes one additive mask per forward, not one per layer. A loader may fuse
+wq/wk/wv into `attention.wqkv` and w1/w3 into `feed_forward.w13` (engine/fused_projections.py); the
+model reads the fused module when it is there and Meta's names otherwise.
 """
 from __future__ import annotations
 
@@ -23,9 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # Statistics in float32 for half inputs, one kernel on CUDA (was eight: cast, square, mean, ...).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -51,13 +56,26 @@ def _llama3_scale(inv: torch.Tensor, s: Llama3RopeScaling) -> torch.Tensor:
     return torch.where(is_mid, mid, out)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (batch, heads, seqlen, head_dim) by cos/sin (seqlen, head_dim // 2),
-    or per sequence by cos/sin (batch, 1, seqlen, head_dim // 2)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (batch, heads, seqlen, head_dim // 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors apply_rope multiplies by, made once per forward from cos/sin (..., seqlen, head_dim // 2):
+    (cos, cos) and (-sin, sin) per pair, shape (..., seqlen, 1, head_dim // 2, 2) in `dtype` (1 broadcasts
+    over the heads)."""
+    cos2 = torch.stack((cos, cos), dim=-1).unsqueeze(-3)
+    sin2 = torch.stack((-sin, sin), dim=-1).unsqueeze(-3)
+    return cos2.to(dtype), sin2.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1) of x (batch, seqlen, heads, head_dim) to (x0 cos - x1 sin, x0 sin + x1 cos),
+    in x's dtype (three kernels: no float32 copy of x); rotation from rope_rotation."""
+    cos2, sin2 = rotation
+    pairs = x.unflatten(-1, (-1, 2))  # (batch, seqlen, heads, head_dim // 2, 2)
+    return torch.addcmul(pairs * cos2, pairs.flip(-1), sin2).flatten(-2)
+
+
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf in `dtype`, made once per forward (attention would convert it per layer)."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -70,53 +88,71 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, kv_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(q_dim, args.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv stacked on the output dim, when a loader fused them
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
         start_pos: int,
         cache: KVCache | None,
         layer: int,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._rotated_qkv(x, rotation)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
-        if mask is not None:  # a token tree or a batch: the caller says which cached keys each query sees
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif seqlen == 1:
-            if windowed:
+        if seqlen == 1 and (mask is None or gqa):
+            if mask is None and windowed:
                 k, v = k[:, :, -self.window :], v[:, :, -self.window :]
-            out = self._decode_attention(q, k, v)
+            out = self._decode_attention(q, k, v, mask)
+        elif mask is not None:  # a token tree or a batch: the caller says which cached keys each query sees
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         elif k.shape[2] == seqlen and not windowed:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             # After earlier tokens, or with a window: query i sees keys (start_pos + i - window, start_pos + i].
             key_pos = torch.arange(k.shape[2], device=x.device)
             query_pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
+            visible = key_pos[None, :] <= query_pos[:, None]  # (seqlen, start_pos + seqlen)
             if windowed:
-                mask &= key_pos[None, :] > query_pos[:, None] - self.window
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                visible &= key_pos[None, :] > query_pos[:, None] - self.window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
         return self.wo(out)
 
-    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _rotated_qkv(
+        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (RoPE applied) and v, each (batch, heads, seqlen, head_dim)."""
+        bsz, seqlen, _ = x.shape
+        if self.wqkv is not None:  # one matmul, and RoPE over q's and k's heads at once
+            heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], rotation)
+            q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+            v = heads[:, :, self.n_heads + self.n_kv_heads :]
+        else:
+            q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), rotation)
+            k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), rotation)
+            v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _decode_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """One query per sequence: two small matmuls, with no backend dispatch, copies of K/V, or host syncs."""
         bsz, n_rep = q.shape[0], self.n_heads // self.n_kv_heads
         # Query heads j*n_rep .. (j+1)*n_rep-1 share kv head j.
         qg = q.reshape(bsz, self.n_kv_heads, n_rep, self.head_dim)
         scores = (qg @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (batch, n_kv_heads, n_rep, positions)
-        probs = scores.float().softmax(-1).to(v.dtype)
+        if mask is not None:
+            scores = scores + mask.reshape(mask.shape[0], 1, 1, -1)  # (batch or 1, 1, 1, positions)
+        probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
         out = probs @ v  # (batch, n_kv_heads, n_rep, head_dim)
         return out.reshape(bsz, self.n_heads, 1, self.head_dim)
 
@@ -127,9 +163,14 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w13: nn.Module | None = None  # w1 and w3 stacked on the output dim, when a loader fused them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -144,13 +185,12 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
         start_pos: int,
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer, mask)
+        h = x + self.attention(self.attention_norm(x), rotation, start_pos, cache, self.layer, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -196,16 +236,16 @@ class Transformer(nn.Module):
             raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
         h = self.tok_embeddings(tokens)  # (batch, seqlen, dim)
         if positions is None:
-            cos = self.rope_cos[start_pos : start_pos + seqlen].to(h.device)
-            sin = self.rope_sin[start_pos : start_pos + seqlen].to(h.device)
+            cos, sin = self.rope_cos[start_pos : start_pos + seqlen], self.rope_sin[start_pos : start_pos + seqlen]
         else:
             positions = positions.to(self.rope_cos.device)
-            cos, sin = self.rope_cos[positions].to(h.device), self.rope_sin[positions].to(h.device)
-            mask = mask.to(h.device)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (seqlen or batch, seqlen, head_dim // 2)
+            mask = additive_mask(mask.to(h.device), h.dtype)
             if positions.dim() == 2:  # one row per sequence: broadcast over the heads
-                cos, sin, mask = cos.unsqueeze(1), sin.unsqueeze(1), mask.unsqueeze(1)
+                mask = mask.unsqueeze(1)  # (batch, 1, seqlen, cached keys)
+        rotation = rope_rotation(cos.to(h.device), sin.to(h.device), h.dtype)
         for block in self.layers:
-            h = block(h, cos, sin, start_pos, cache, mask)
+            h = block(h, rotation, start_pos, cache, mask)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -37,6 +37,11 @@ class SlotKVCache:
         for layer in self.keys + self.values:
             layer[dst, :, :length] = layer[src, :, :length]
 
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange the first `length` positions of slots a and b (a leaving sequence keeps its keys for reuse)."""
+        for layer in self.keys + self.values:
+            layer[[a, b], :, :length] = layer[[b, a], :, :length]  # the right side is a copy: a safe exchange
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

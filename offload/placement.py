@@ -269,7 +269,7 @@ def place_block(
         store.add_block(i, streamed)
         for name in streamed:
             set_tensor(block, name, store.view(i, name))
-    if config.quant is QuantMode.INT4 and device.type == "cuda":
+    if device.type == "cuda":  # int4 linears, quantized here or arriving in the format (GGUF, GPTQ)
         prepare_resident_int4(block, is_streamed, device)
 
 

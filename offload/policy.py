@@ -39,6 +39,7 @@ class OffloadConfig:
     n_slots: int = 2  # --prefetch: device slots in the ring (blocks in flight while one computes)
     max_seq_len: int = 2048  # KV cache length the budget must hold
     batch: int = 1
+    kv_sequences: int = 1  # sequences the KV cache holds (a server's batch); each prefills alone
     prefill_chunk: int = 2048  # longest forward the activation estimate must hold
     quant: QuantMode | None = None  # INT8 | INT4: linears held, streamed and multiplied in that format
     pin: bool = True  # False: pageable home buffers (for machines that cannot lock memory)

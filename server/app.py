@@ -25,6 +25,7 @@ from server.auth import SharedSecretAuth
 from server.body_limit import BodyLimit
 from server.errors import install_error_handlers
 from server.host_check import HostCheck
+from llama.batch_decoder import BatchDecoder
 from server.queue import EngineQueue
 from server.serve_spec import DEFAULT_HOST, parse_serve_spec
 from server.state import ServerState
@@ -32,11 +33,15 @@ from server.state import ServerState
 SHUTDOWN_GRACE_S = 10  # after SIGTERM, how long responses may take to finish before they are cut off
 
 
-def create_app(engine: Engine, shared_secret: str | None = None, host: str = DEFAULT_HOST) -> FastAPI:
+def create_app(
+    engine: Engine, shared_secret: str | None = None, host: str = DEFAULT_HOST, decoder: BatchDecoder | None = None
+) -> FastAPI:
     """The app serving `engine` on `host`; with a secret, every request must carry it (see server.auth),
-    without one, every request must name this server (see server.host_check)."""
+    without one, every request must name this server (see server.host_check). decoder: the engine's own
+    BatchDecoder over its KV slots unless given (tests give one that records)."""
     app = FastAPI(title="llama-offload", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = ServerState(engine, EngineQueue(engine.generator), model_name=engine.cfg.model_dir.name)
+    decoder = decoder if decoder is not None else BatchDecoder(engine.generator, engine.kv)
+    app.state.server = ServerState(engine, EngineQueue(decoder), model_name=engine.cfg.model_dir.name)
     app.include_router(basilisk.router)
     app.include_router(openai_api.router)
     app.include_router(health.router)
@@ -50,8 +55,8 @@ def create_app(engine: Engine, shared_secret: str | None = None, host: str = DEF
 
 
 class EngineServer(uvicorn.Server):
-    """uvicorn's server, which on shutdown first stops the engine's queue: the running generation ends at its
-    next token and waiting requests get a 503, so in-flight responses finish and the process can exit."""
+    """uvicorn's server, which on shutdown first stops the engine's queue: the running sequences end at their
+    next step and waiting requests get a 503, so in-flight responses finish and the process can exit."""
 
     def __init__(self, app: FastAPI, **config: Any) -> None:
         super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **config))

@@ -34,11 +34,11 @@ from pydantic import AliasChoices, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from llama.batch_job import Job
 from llama.sampling import Sampler
 from llama.tokenizer import StreamDecoder, Tokenizer
 from server.errors import ApiError
 from server.fields import Factor, RequestModel, TokenSpan, ZeroOrFactor, text_fields
-from server.queue import Job
 from server.sampling_extras import (
     DecayingRepetitionPenalty,
     LogitsProcessor,
@@ -122,7 +122,8 @@ def newline_ids(tokenizer: Tokenizer) -> set[int]:
 
 
 def public_settings(state: ServerState) -> dict[str, Any]:
-    """The server's settings without paths or secrets, plus what the client may want to know of the model."""
+    """The server's settings without paths or secrets, plus what the client may want to know of the model,
+    and `batch`: the engine's load now (max_batch, running, queued, decode_tokens_per_s, decoded_tokens)."""
     engine = state.engine
     settings: dict[str, Any] = {}
     for f in fields(engine.cfg):
@@ -137,6 +138,7 @@ def public_settings(state: ServerState) -> dict[str, Any]:
     settings.update(
         model=state.model_name, ctx=state.ctx, vocab_size=engine.tokenizer.vocab_size,
         chat_format=engine.chat_format.name, device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        max_batch=state.queue.decoder.max_batch, batch=state.queue.stats(),
     )
     return settings
 

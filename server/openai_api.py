@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from llama.batch_job import Job
 from llama.chat_format import ROLES, Message
 from llama.errors import UserError
 from llama.sampling import Sampler
@@ -23,7 +24,6 @@ from server.openai_schema import (
     CompletionRequest,
     GenerationRequest,
 )
-from server.queue import Job
 from server.sampling_extras import (
     LogitBias,
     LogitsProcessor,

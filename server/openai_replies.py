@@ -1,13 +1,14 @@
 """How OpenAI responses look, in full and as server-sent events, for completions and chat completions.
 
-A request's choices run one after another through the engine queue. With `stream: true` the reply is
-`data: {chunk}` per text piece, a last chunk with the finish_reason per choice, a usage chunk when
-`stream_options.include_usage` is set, then `data: [DONE]`. An error after the stream has started (a
-failed generation, or the server shutting down) is sent as a `data: {"error": ...}` event, which OpenAI's
-clients raise.
+Without `stream`, a request's choices decode together in the engine's batch; with `stream: true` they run
+one after another, and the reply is `data: {chunk}` per text piece, a last chunk with the finish_reason per
+choice, a usage chunk when `stream_options.include_usage` is set, then `data: [DONE]`. An error after the
+stream has started (a failed generation, or the server shutting down) is sent as a `data: {"error": ...}`
+event, which OpenAI's clients raise.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -18,8 +19,8 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import StreamingResponse
 
+from llama.batch_job import Job
 from server.errors import ApiError, openai_error_body
-from server.queue import Job
 from server.state import ServerState
 
 
@@ -135,7 +136,10 @@ async def respond(state: ServerState, reply: ReplyFormat, request: Request, stre
             stream_events(state, reply, request, with_usage), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    for job in reply.jobs:
-        async for _ in state.queue.stream(job, request.is_disconnected):
-            pass
+    await asyncio.gather(*(_drain(state, job, request) for job in reply.jobs))
     return reply.full()
+
+
+async def _drain(state: ServerState, job: Job, request: Request) -> None:
+    async for _ in state.queue.stream(job, request.is_disconnected):
+        pass

@@ -19,30 +19,36 @@ import httpx
 from tiny_model import build_tiny_engine
 
 from engine.build import Engine
+from llama.batch_decoder import BatchDecoder
 from llama.sampling import SamplingParams
 from server.app import EngineServer, create_app
 
 CTX = 256
+MAX_BATCH = 4  # sequences the test servers decode together
 SECRET = "s3cret-token"
 REPO = Path(__file__).resolve().parent.parent
 PING_BOUND_S = 1.0  # a ping must be answered this soon, whatever else the server is doing
 
 
 def build_server_engine(root: Path, ctx: int = CTX, **overrides: Any) -> Engine:
-    """The shared tiny engine, with the server's default sampling: greedy, repetition penalty left at its default;
-    overrides: other RunConfig fields (max_body, allowed_hosts)."""
+    """The shared tiny engine, with the server's default sampling: greedy, repetition penalty left at its default,
+    MAX_BATCH slots; overrides: other RunConfig fields (max_body, allowed_hosts, max_batch)."""
+    overrides.setdefault("max_batch", MAX_BATCH)
     return build_tiny_engine(root, ctx, sampling=SamplingParams(temperature=0.0), **overrides)
 
 
 @contextmanager
-def running_server(engine: Engine, shared_secret: str | None = None) -> Iterator[str]:
-    """Serve `engine` in a background thread; yields the base URL (http://127.0.0.1:PORT)."""
+def running_server(
+    engine: Engine, shared_secret: str | None = None, decoder: BatchDecoder | None = None
+) -> Iterator[str]:
+    """Serve `engine` in a background thread (through `decoder` if given); yields the base URL
+    (http://127.0.0.1:PORT)."""
     # IPPROTO_TCP given explicitly: asyncio turns Nagle off only on sockets whose proto says TCP
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = EngineServer(create_app(engine, shared_secret), log_level="warning")
+    server = EngineServer(create_app(engine, shared_secret, decoder=decoder), log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: server.started or not thread.is_alive(), "the test server started", timeout=20)

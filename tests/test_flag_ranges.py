@@ -27,6 +27,7 @@ def model_dir(tmp_path_factory) -> Path:
         ("--threads", "0"),
         ("--threads", "1000000"),
         ("--max_new_tokens", "0"),
+        ("--max_batch", "0"),
         ("--top_k", "-1"),
         ("--repetition_window", "-3"),
         ("--temperature", "nan"),

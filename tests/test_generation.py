@@ -5,8 +5,9 @@ import pytest
 import torch
 from tiny_model import GREEDY, build_tiny_engine
 
-from llama.generation import Generation, _partial_stop_len
+from llama.generation import Generation
 from llama.sampling import Sampler
+from llama.stop_strings import partial_stop_len
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +84,9 @@ def test_stop_string_trims_text_and_streams_nothing_past_it(engine):
 
 
 def test_partial_stop_suffix_is_held_back():
-    assert _partial_stop_len("abc</", ["</s>"]) == 2
-    assert _partial_stop_len("abc", ["</s>"]) == 0
-    assert _partial_stop_len("ab<", ["<x>", "<"]) == 0 + 1  # "<" alone is a whole stop, "<x>" a partial
+    assert partial_stop_len("abc</", ["</s>"]) == 2
+    assert partial_stop_len("abc", ["</s>"]) == 0
+    assert partial_stop_len("ab<", ["<x>", "<"]) == 0 + 1  # "<" alone is a whole stop, "<x>" a partial
 
 
 def test_should_stop_interrupts_and_keeps_cache_consistent(engine):

@@ -148,3 +148,39 @@ def test_save_quantized_writes_what_was_read(tmp_path):
         assert torch.equal(build_engine(_cfg(out)).model(tokens), build_engine(_cfg(model_dir)).model(tokens))
     act_order, _ = write_checkpoint(tmp_path, "llama", "gptq", 32, desc_act=True)
     assert app.main([str(act_order), "--save_quantized", str(tmp_path / "no"), "--device", "cpu"]) == 2
+
+
+@pytest.mark.parametrize("method, group, desc_act", [("gptq", 64, True), ("gptq", 32, False), ("awq", 32, False)])
+def test_streamed_gptq_gives_the_resident_logits(tmp_path, method, group, desc_act):
+    """The offload engine stores the converted int4 blocks as they are (4 bits in the host store), and the
+    streamed model computes what the resident one does."""
+    from engine.gptq_model import load_gptq_offloaded
+    from llama.checkpoint_gptq import read_gptq_config
+    from offload.policy import OffloadConfig
+
+    model_dir, _ = write_checkpoint(tmp_path, "qwen2", method, group, desc_act)
+    resident = build_engine(_cfg(model_dir)).model
+    config = OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), verbose=False, max_seq_len=64,
+                           exclusions=frozenset())
+    streamed, offloaded = load_gptq_offloaded(model_dir, resident.args, read_gptq_config(model_dir), config)
+    assert offloaded.streaming is not None and offloaded.store.blocks == [0, 1]
+    packed = resident.layers[0].feed_forward.w1.packed
+    assert offloaded.store.view(0, "feed_forward.w1.packed").dtype == torch.uint8  # streamed in its 4 bits
+    assert offloaded.store.view(0, "feed_forward.w1.packed").shape == packed.shape
+    tokens = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(tokens), resident(tokens), atol=1e-5, rtol=1e-5)
+    offloaded.close()
+
+
+@pytest.mark.cuda
+def test_streamed_gptq_through_the_app_matches_resident(tmp_path):
+    from cli_runner import run_app
+
+    model_dir, _ = write_checkpoint(tmp_path, "llama", "gptq", 64, desc_act=True)
+    common = (str(model_dir), "--prompt", "The quick brown fox", "--temperature", "0", "--max_new_tokens", "16")
+    resident = run_app(*common)
+    streamed = run_app(*common, "--use_offload", "--offload_exclusion", "[]")
+    assert resident.returncode == 0 and streamed.returncode == 0, resident.stderr + streamed.stderr
+    assert "GB of blocks in host RAM" in streamed.stderr
+    assert streamed.stdout == resident.stdout and resident.stdout.strip()

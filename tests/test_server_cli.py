@@ -16,6 +16,7 @@ import pytest
 from server_harness import PING_BOUND_S, REPO, AppProcess, app_process, ping, wait_until
 from tiny_model import make_tiny_model_dir
 
+from engine.batch_size import DEFAULT_BATCH_CAP
 from server.basilisk import MAX_TOKENIZE_TOKENS
 
 MAX_BODY = 2**20
@@ -67,7 +68,9 @@ def test_app_serves_until_interrupted(tmp_path: Path) -> None:
 
 
 def test_sigterm_mid_generation_ends_every_request_and_the_process(tmp_path: Path) -> None:
-    with app_process(make_tiny_model_dir(tmp_path, ctx=LONG_CTX), "--ctx", str(LONG_CTX), "--temperature", "0") as a:
+    # One sequence at a time (today's queue), so that the second request waits while the first decodes.
+    flags = ("--ctx", str(LONG_CTX), "--temperature", "0", "--max_batch", "1")
+    with app_process(make_tiny_model_dir(tmp_path, ctx=LONG_CTX), *flags) as a:
         body = {"prompt": "once", "max_tokens": LONG_CTX - 16, "stream": True, "logit_bias": {"2": -100}}  # no EOS
         with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=a.url, timeout=60) as http:
             with http.stream("POST", "/v1/completions", json=body) as stream:
@@ -86,11 +89,46 @@ def test_sigterm_mid_generation_ends_every_request_and_the_process(tmp_path: Pat
     assert a.proc.returncode == 0, a.output()
 
 
+def test_max_batch_sets_the_slots_and_config_reports_the_load(tmp_path: Path) -> None:
+    with app_process(make_tiny_model_dir(tmp_path), "--temperature", "0", "--max_batch", "3") as a:
+        with httpx.Client(base_url=a.url, timeout=60) as http:
+            with ThreadPoolExecutor(3) as pool:
+                replies = list(pool.map(lambda p: http.post("/v1/completions", json={"prompt": p, "max_tokens": 5}),
+                                        ["one", "two", "three"]))
+            config = http.get("/basilisk/config").json()
+        output = a.stop(signal.SIGINT)
+    assert all(r.status_code == 200 for r in replies)
+    assert config["max_batch"] == 3 and config["batch"]["max_batch"] == 3 and config["batch"]["decoded_tokens"] > 0
+    assert "serving up to 3 sequences at once" in output
+
+
+def test_max_batch_defaults_to_what_the_memory_holds(tmp_path: Path) -> None:
+    with app_process(make_tiny_model_dir(tmp_path), "--temperature", "0") as a:
+        config = httpx.get(a.url + "/basilisk/config", timeout=30).json()
+        a.stop(signal.SIGINT)
+    assert config["max_batch"] == DEFAULT_BATCH_CAP  # a tiny model's slots are small: the cap decides
+
+
+@pytest.mark.parametrize("value", ["0", "257"])
+def test_max_batch_out_of_range_is_one_line_error(tmp_path: Path, value: str) -> None:
+    done = run_serve(tmp_path, "--max_batch", value)
+    assert done.returncode == 2 and "--max_batch must be in [1, 256]" in done.stderr.strip().splitlines()[-1]
+
+
+def test_max_batch_without_serve_is_refused(tmp_path: Path) -> None:
+    done = run_serve(tmp_path, "--max_batch", "4", serve=False)
+    assert done.returncode == 2 and "--max_batch only applies with --serve" in done.stderr.strip().splitlines()[-1]
+
+
+def run_serve(tmp_path: Path, *flags: str, serve: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "app.py"), str(make_tiny_model_dir(tmp_path)), "--device", "cpu",
+           *(["--serve", "8000"] if serve else ["--prompt", "hi"]), *flags]
+    return subprocess.run(cmd, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""}, capture_output=True, text=True,
+                          check=False, timeout=60)
+
+
 @pytest.mark.parametrize("flag, value", [("--serve", "localhost:http"), ("--max_body", "lots")])
 def test_bad_server_flag_is_one_line_error(tmp_path: Path, flag: str, value: str) -> None:
-    cmd = [sys.executable, str(REPO / "app.py"), str(make_tiny_model_dir(tmp_path)), "--device", "cpu",
-           "--serve", "8000", flag, value]
-    done = subprocess.run(cmd, cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": ""}, capture_output=True, text=True,
-                          check=False, timeout=60)
+    done = run_serve(tmp_path, flag, value)
     assert done.returncode == 2
     assert flag in done.stderr.strip().splitlines()[-1]

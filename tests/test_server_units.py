@@ -1,10 +1,7 @@
-"""Server pieces without HTTP: logit processors, basilisk prompt encoding, --serve parsing, the engine queue."""
+"""Server pieces without HTTP: logit processors, basilisk prompt encoding, --serve parsing."""
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
-import time
 
 import pytest
 import torch
@@ -15,7 +12,6 @@ from llama.sampling import SamplingParams
 from llama.tokenizer import load_tokenizer
 from server.app import parse_serve_spec
 from server.basilisk import encode_prompt, fragments, newline_ids
-from server.queue import EngineQueue, Job
 from server.sampling_extras import (
     DecayingRepetitionPenalty,
     ExtendedSampler,
@@ -148,165 +144,3 @@ def test_parse_serve_spec(spec: str, expected: tuple[str, int]) -> None:
 def test_parse_serve_spec_rejects(spec: str) -> None:
     with pytest.raises(UserError, match="--serve"):
         parse_serve_spec(spec)
-
-
-# -- the engine queue ---------------------------------------------------------------------------------
-
-
-class FakeGenerator:
-    """Yields `max_new_tokens` pieces, sleeping between them; records order and overlap of the runs."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.started: list[int] = []
-        self.running = 0
-        self.max_running = 0
-        self.lock = threading.Lock()
-
-    def stream(self, prompt, sampler, max_new_tokens, stop_ids=None, stop_strings=None, result=None,
-               should_stop=None):
-        with self.lock:
-            self.running += 1
-            self.max_running = max(self.max_running, self.running)
-        self.started.append(prompt[0])
-        try:
-            for i in range(max_new_tokens):
-                time.sleep(self.delay)
-                result.stats.new_tokens += 1
-                yield f"{prompt[0]}.{i} "
-                if should_stop is not None and should_stop():
-                    result.stats.stop_reason = "interrupted"
-                    return
-            result.stats.stop_reason = "length"
-        finally:
-            with self.lock:
-                self.running -= 1
-
-
-async def _still_here() -> bool:
-    return False
-
-
-def test_queue_serves_in_arrival_order_one_at_a_time() -> None:
-    gen = FakeGenerator(delay=0.005)
-
-    async def main() -> list[str]:
-        queue = EngineQueue(gen)  # type: ignore[arg-type]
-
-        async def client(i: int) -> str:
-            await asyncio.sleep(0.01 * i)  # arrive in order 0, 1, 2, ...
-            job = Job([i], sampler=None, max_new_tokens=4)  # type: ignore[arg-type]
-            return "".join([piece async for piece in queue.stream(job, _still_here)])
-
-        return await asyncio.gather(*(client(i) for i in range(6)))
-
-    texts = asyncio.run(main())
-    assert gen.started == list(range(6))
-    assert gen.max_running == 1
-    assert texts[3] == "3.0 3.1 3.2 3.3 "
-
-
-def test_queue_stops_a_generation_whose_client_left_and_moves_on() -> None:
-    gen = FakeGenerator(delay=0.01)
-
-    async def main() -> tuple[Job, Job, float]:
-        queue = EngineQueue(gen)  # type: ignore[arg-type]
-        left = asyncio.Event()
-
-        async def gone() -> bool:
-            return left.is_set()
-
-        long_job = Job([1], sampler=None, max_new_tokens=1000)  # type: ignore[arg-type]
-        next_job = Job([2], sampler=None, max_new_tokens=2)  # type: ignore[arg-type]
-
-        async def leaver() -> None:
-            async for _ in queue.stream(long_job, gone):
-                await asyncio.sleep(0.05)  # a slow reader: the watcher, not the reader, notices the leave
-                left.set()
-                await asyncio.sleep(10)
-
-        task = asyncio.create_task(leaver())
-        await asyncio.sleep(0.02)
-        start = time.monotonic()
-        waiter = asyncio.create_task(_drain(queue, next_job))
-        await waiter
-        elapsed = time.monotonic() - start
-        task.cancel()
-        return long_job, next_job, elapsed
-
-    long_job, next_job, elapsed = asyncio.run(main())
-    assert long_job.result.stats.stop_reason == "interrupted"
-    assert long_job.result.stats.new_tokens < 100
-    assert next_job.result.stats.stop_reason == "length"
-    assert elapsed < 2.0
-
-
-async def _drain(queue: EngineQueue, job: Job) -> None:
-    async for _ in queue.stream(job, _still_here):
-        pass
-
-
-def test_queue_releases_the_engine_when_the_reader_is_cancelled_only_after_the_worker_ends() -> None:
-    gen = FakeGenerator(delay=0.01)
-
-    async def main() -> Job:
-        queue = EngineQueue(gen)  # type: ignore[arg-type]
-        first = Job([1], sampler=None, max_new_tokens=1000)  # type: ignore[arg-type]
-
-        async def reader() -> None:
-            async for _ in queue.stream(first, _still_here):
-                pass
-
-        task = asyncio.create_task(reader())
-        await asyncio.sleep(0.05)
-        task.cancel()  # as Starlette does when a streaming client disconnects
-        await _drain(queue, Job([2], sampler=None, max_new_tokens=1))  # type: ignore[arg-type]
-        return first
-
-    first = asyncio.run(main())
-    assert first.result.stats.stop_reason == "interrupted"
-    assert gen.max_running == 1  # the second job never overlapped the stopping first one
-    assert gen.started == [1, 2]
-
-
-def test_queue_skips_a_job_whose_client_left_while_it_waited() -> None:
-    gen = FakeGenerator(delay=0.01)
-
-    async def main() -> Job:
-        queue = EngineQueue(gen)  # type: ignore[arg-type]
-        left = asyncio.Event()
-
-        async def gone() -> bool:
-            return left.is_set()
-
-        running = asyncio.create_task(_drain(queue, Job([1], sampler=None, max_new_tokens=10)))  # type: ignore[arg-type]
-        await asyncio.sleep(0.01)
-        waiting = Job([2], sampler=None, max_new_tokens=10)  # type: ignore[arg-type]
-        pieces = asyncio.create_task(_collect(queue, waiting, gone))
-        left.set()  # its client goes away while job 1 still runs
-        await running
-        assert await pieces == []
-        return waiting
-
-    waiting = asyncio.run(main())
-    assert gen.started == [1]
-    assert waiting.result.stats.stop_reason == "interrupted"
-
-
-async def _collect(queue: EngineQueue, job: Job, is_disconnected) -> list[str]:
-    return [piece async for piece in queue.stream(job, is_disconnected)]
-
-
-def test_queue_reraises_generation_errors() -> None:
-    class Broken:
-        def stream(self, *args, **kwargs):
-            raise ValueError("boom")
-            yield ""  # pragma: no cover
-
-    async def main() -> None:
-        queue = EngineQueue(Broken())  # type: ignore[arg-type]
-        await _drain(queue, Job([1], sampler=None, max_new_tokens=1))  # type: ignore[arg-type]
-
-    with pytest.raises(ValueError, match="boom"):
-        asyncio.run(main())
-

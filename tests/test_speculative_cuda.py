@@ -1,13 +1,18 @@
 """Greedy speculation equals plain greedy on the GPU: resident, streamed (with and without exclusions),
-quantized, LLM.int8; with the target's own weights as the draft (long accepted paths) and with lookup."""
+quantized, LLM.int8; with the target's own weights as the draft (long accepted paths) and with lookup.
+
+On the bundled model: it is trained, so its top two logits are rarely within bf16 rounding of each other
+(on a random tiny model they often are, and a tree pass, whose matmuls take other kernels than a one-token
+step, then flips a near-tie)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from speculative_testing import speculating
-from tiny_model import GREEDY, make_tiny_model_dir
+from tiny_model import GREEDY
 
 from engine.build import build_engine
 from engine.config import DeviceSpec, RunConfig
@@ -31,13 +36,13 @@ MODES = [
     {"use_offload": True, "quant": QuantMode.INT8},  # --use_8bit --use_offload
     {"use_offload": True, "quant": QuantMode.INT4},
 ]
-PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "pytiny"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> RunConfig:
-    model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("cuda-spec"), ffn_dim=256)
-    return RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
+def base() -> RunConfig:
+    return RunConfig(model_dir=BUNDLED, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
 
 
 def _tokens(engine) -> list[int]:

@@ -2,8 +2,11 @@
 and the OpenAI routes reply as without it, and report the mean tokens per target pass."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
+from batch_testing import Request, alone
 from server_harness import SECRET, build_server_engine, running_server
 from speculative_testing import speculating
 from tiny_model import make_tiny_model_dir
@@ -46,3 +49,16 @@ def test_openai_routes(replies, route):
     plain, spec = replies[0][route], replies[1][route]
     assert spec["choices"] == plain["choices"]
     assert "tokens_per_target_pass" not in plain["usage"] and spec["usage"]["tokens_per_target_pass"] > 1.0
+
+
+def test_concurrent_requests_with_speculation_reply_as_plain_greedy(tmp_path):
+    """Several requests at once decode as a plain batch (the last one left speculates): the same greedy replies."""
+    engine = speculating(build_server_engine(tmp_path), TreeShape(4, 1), lookup=True)
+    prompts = [PROMPT, "Hello world, this is a tiny corpus. Hello world, this", "a b c a b c a b"]
+    tok = engine.tokenizer
+    want = [alone(engine.model, tok, Request(tok.encode(p, bos=True), 24), engine.ctx).text for p in prompts]
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    with running_server(engine, SECRET) as url, ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda p: httpx.post(url + "/v1/completions", headers=auth, timeout=60, json={
+            "prompt": p, "max_tokens": 24, **BODY}).json(), prompts))
+    assert [r["choices"][0]["text"] for r in replies] == want

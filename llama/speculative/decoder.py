@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens
 PROBE_TOKENS = 8  # the second pass size timed before the first plan
+PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation
 
 
 class Speculator:
@@ -59,9 +60,16 @@ class Speculator:
         while True:
             yield from pending
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
-            if self.planner.needs_probe():
-                self._probe(gen, history, start)
             begin = time.perf_counter()
+            if self.planner.needs_probe():
+                if plain_run < PROBE_AFTER:
+                    plain_run += 1
+                    pending = [sampler.sample(self._plain_pass(gen, history[-1], start), history)]
+                    stats.decode_passes += 1
+                    continue
+                self._probe(gen, history, start)
+                plain_run = 0
+                begin = time.perf_counter()
             shape = self.planner.choose()
             if shape is None and plain_run >= EXPLORE_EVERY:
                 shape, plain_run = TreeShape(2, 1), 0
@@ -123,12 +131,9 @@ class Speculator:
         return out
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
-        """Time a plain one-token pass, and tree passes of 2 and PROBE_TOKENS tokens, at the current position,
-        after a warm-up of each (the tree's keys are overwritten by the next round; the plain pass leaves the
-        root cached at `start`, as a plain step would), then a draft step."""
-        self._plain_pass(gen, history[-1], start)
-        self.planner.plain_passes.clear()  # that one was the warm-up
-        self._plain_pass(gen, history[-1], start)
+        """Time tree passes of 2 and PROBE_TOKENS tokens at the current position, after a warm-up of each
+        (the tree's keys are overwritten by the next round), then a draft step; the plain passes before it
+        were timed already."""
         room = gen.max_seq_len - start
         small, n = min(2, room), min(PROBE_TOKENS, room)
         for size, timed in ((small, False), (n, False), (small, True), (n, True)):

@@ -47,9 +47,7 @@ class DraftModel:
                 return
             frontier, frontier_logp = list(range(lo, hi)), logp.flatten()[picks]
             positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
-            tokens = torch.tensor([tree.tokens[lo:hi]], device=gen.device)
-            with torch.inference_mode():
-                logits = gen.model(tokens, start + lo, gen.cache, positions=positions, mask=mask)[0]
+            logits = gen.tree_logits(tree.tokens[lo:hi], start + lo, positions, mask)  # a captured step when it can be
             self._ran.update(frontier)
 
     def accept(self, start: int, nodes: list[int], tree: TokenTree) -> None:
