@@ -98,7 +98,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if gguf is not None:
         model, device = _load_gguf(cfg, gguf, dtype, device, ctx, slots)
     elif gptq is not None:
-        model, device = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx)
+        model, device = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx, slots)
     elif cfg.use_offload:
         model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, slots, log)
     else:
@@ -146,14 +146,15 @@ def _load_gguf(
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
-               device: torch.device, ctx: int) -> tuple[Transformer, torch.device]:
+               device: torch.device, ctx: int, slots: int) -> tuple[Transformer, torch.device]:
     from engine.gptq_model import load_gptq_offloaded, load_gptq_resident
 
     if cfg.quant not in (None, QuantMode.INT4):
         raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
     if not cfg.use_offload:
         return load_gptq_resident(model_dir, args, gptq, dtype, device), device
-    model, offloaded = load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, quant=None))
+    model, offloaded = load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, slots,
+                                                                                      quant=None))
     return model, offloaded.device
 
 

@@ -45,10 +45,26 @@ def base() -> RunConfig:
     return RunConfig(model_dir=BUNDLED, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
 
 
+NEAR_TIE = 0.25  # logits: bf16's step at magnitude 8-16 is 0.06, and the kernels of a tree pass (many rows)
+# and of a one-token step (tinygemm at one row, say) round differently
+
+
 def _tokens(engine) -> list[int]:
     engine.generator.reset()
     prompt = engine.tokenizer.encode(PROMPT, bos=True)
     return engine.generator.generate(prompt, Sampler(GREEDY), 48, stop_ids=set()).token_ids
+
+
+def _assert_same_or_near_tie(engine, got: list[int], want: list[int]) -> None:
+    """got == want, or they part where the target's own logits cannot tell the two tokens apart."""
+    if got == want:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    prompt = engine.tokenizer.encode(PROMPT, bos=True) + want[:i]
+    with torch.inference_mode():
+        logits = engine.model(torch.tensor([prompt], device=engine.device))[0, -1].float()
+    margin = float(logits[want[i]] - logits[got[i]])
+    assert abs(margin) <= NEAR_TIE, f"token {i}: {got[i]} instead of {want[i]}, logit margin {margin:.3f}"
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={getattr(v, 'value', v)}" for k, v in m.items()) or "resident")
@@ -58,4 +74,5 @@ def test_greedy_speculation_equals_plain_greedy(base, mode, source):
     want = _tokens(build_engine(cfg))
     draft = {"draft": cfg.model_dir} if source == "draft" else {"lookup": True}
     for shape in (TreeShape(4, 1), TreeShape(4, 4), None):  # None: the planner's own choice
-        assert _tokens(speculating(build_engine(cfg), shape, **draft)) == want
+        engine = speculating(build_engine(cfg), shape, **draft)
+        _assert_same_or_near_tie(engine, _tokens(engine), want)
