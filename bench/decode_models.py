@@ -2,12 +2,12 @@
 depend on the values): fp16/bf16, int4 in tinygemm's layout, and a checkpoint directory app.py can load."""
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
 import torch
 
+from bench.offload_bench import synthetic_weights
 from engine.fused_projections import fuse_projections
 from engine.llama_units import BLOCK_LINEARS
 from llama.checkpoint_writer import write_hf_checkpoint
@@ -22,17 +22,8 @@ INT4_GROUP = 128
 
 
 def random_state(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every canonical weight: matrices N(0, 1/fan_in), norms near 1, embeddings N(0, 1)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, shape in args.weight_shapes().items():
-        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-        if "norm" in name:
-            x = 1.0 + 0.1 * x
-        elif "embeddings" not in name:
-            x /= math.sqrt(shape[1])
-        state[name] = x.to(dtype)
-    return state
+    """Every canonical weight, as offload_bench synthesizes them."""
+    return dict(synthetic_weights(args, device, seed, dtype))
 
 
 def resident_model(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> Transformer:

@@ -96,8 +96,10 @@ def peak_gib(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else 0.0
 
 
-def synthetic_weights(args: ModelArgs, device: torch.device, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random weights by canonical name, made on `device` (N(0, 1/fan_in) matrices, norms near 1)."""
+def synthetic_weights(args: ModelArgs, device: torch.device, seed: int = 0,
+                      dtype: torch.dtype = torch.float16) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights by canonical name in `dtype`, made on `device` (N(0, 1/fan_in) matrices, norms near 1,
+    embeddings N(0, 1))."""
     gen = torch.Generator(device).manual_seed(seed)
     for name, shape in args.weight_shapes().items():
         x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
@@ -105,7 +107,7 @@ def synthetic_weights(args: ModelArgs, device: torch.device, seed: int = 0) -> I
             x = 1.0 + 0.1 * x
         elif "embeddings" not in name:
             x /= math.sqrt(shape[1])
-        yield name, x.to(torch.float16)
+        yield name, x.to(dtype)
 
 
 @torch.inference_mode()
