@@ -173,6 +173,25 @@ def test_streamed_gptq_gives_the_resident_logits(tmp_path, method, group, desc_a
     offloaded.close()
 
 
+def test_streamed_gptq_whose_tensors_disagree_with_its_config_is_one_line(tmp_path):
+    """A file packed with groups of 64 under a config that says 32: the streamed load names the tensor."""
+    from engine.gptq_model import load_gptq_offloaded
+    from llama.checkpoint_gptq import read_gptq_config
+    from llama.errors import UserError
+    from offload.policy import OffloadConfig
+
+    model_dir, _ = write_checkpoint(tmp_path, "llama", "gptq", 64)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 32
+    (model_dir / "config.json").write_text(json.dumps(config))
+    offload = OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), verbose=False, max_seq_len=64,
+                            exclusions=frozenset())
+    args = build_engine(_cfg(model_dir)).args
+    with pytest.raises(UserError, match=r"scales has shape .* not the .* its quantization_config implies") as e:
+        load_gptq_offloaded(model_dir, args, read_gptq_config(model_dir), offload)
+    assert str(model_dir) in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.cuda
 def test_streamed_gptq_through_the_app_matches_resident(tmp_path):
     from cli_runner import run_app
