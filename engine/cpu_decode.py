@@ -41,8 +41,12 @@ class CpuDecodeBlock(TransformerBlock):
         return fused
 
     def _bind_weights(self) -> None:
-        # Gathered once: gathering them per step cost 50-100 us a block in Python, a tenth of a token.
+        # Gathered once: gathering them per step cost 50-100 us a block in Python, a tenth of a token; the
+        # norms and head counts too (each submodule attribute read is a Python-level lookup).
         self.weight_lists = _weight_lists(self)
+        a = self.attention
+        self.step_args = (self.attention_norm.weight, self.ffn_norm.weight, self.attention_norm.eps)
+        self.heads_and_window = (a.n_heads, a.window or 0)
 
     def _apply(self, fn, recurse: bool = True):  # .to(), .float(), .cuda() rebind tensors: gather them anew
         out = super()._apply(fn, recurse)
@@ -62,12 +66,9 @@ class CpuDecodeBlock(TransformerBlock):
             return super().forward(x, rotation, start_pos, cache, mask)
         if start_pos + 1 > cache.max_seq_len:
             raise ValueError(f"KV cache overflow: position {start_pos + 1} > {cache.max_seq_len}")
-        # rope_rotation's factors (1, 1, head_dim // 2, 2): (cos, cos) and (-sin, sin) per pair.
-        cos, sin = rotation[0][0, 0, :, 0].float().contiguous(), rotation[1][0, 0, :, 1].float().contiguous()
-        attention = self.attention
-        out = decode_block(x.view(x.shape[0], -1), self.attention_norm.weight, self.ffn_norm.weight,
-                           self.attention_norm.eps, self.weight_lists, cache.keys[self.layer],
-                           cache.values[self.layer], start_pos, cos, sin, attention.n_heads, attention.window or 0)
+        cos, sin = _rope_row(rotation)
+        out = decode_block(x.view(x.shape[0], -1), *self.step_args, self.weight_lists, cache.keys[self.layer],
+                           cache.values[self.layer], start_pos, cos, sin, *self.heads_and_window)
         return out.view_as(x)
 
 
@@ -83,6 +84,22 @@ class CpuDecodeHead(nn.Linear):
         if tokens > DECODE_TOKENS or self.bias is not None or torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         return cpu_linear(x.reshape(tokens, -1), [self.weight]).view(*x.shape[:-1], -1)
+
+
+_last_rope_row: tuple = (None, None, None, None)  # (rotation's two tensors, cos, sin): one step's, for all blocks
+
+
+def _rope_row(rotation: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin float32 [head_dim // 2] of a one-position rotation (rope_rotation's factors (1, 1, head_dim // 2,
+    2): (cos, cos) and (-sin, sin) per pair), made once per step: every block of the step gets the same
+    rotation. The entry holds its tensors, so an identity match cannot be a later tensor at a reused address."""
+    global _last_rope_row
+    entry = _last_rope_row  # one read: another thread may replace it meanwhile
+    if entry[0] is rotation[0] and entry[1] is rotation[1]:
+        return entry[2], entry[3]
+    cos, sin = rotation[0][0, 0, :, 0].float().contiguous(), rotation[1][0, 0, :, 1].float().contiguous()
+    _last_rope_row = (rotation[0], rotation[1], cos, sin)
+    return cos, sin
 
 
 def _same_state(cls: type[M], module: nn.Module) -> M:

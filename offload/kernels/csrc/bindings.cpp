@@ -2,6 +2,7 @@
 // pybind11's torch/extension.h: the bindings then compile in a third of the time.
 #include <torch/library.h>
 
+#include "cpu_paths.h"
 #include "ext.h"
 #include "kernels.h"
 
@@ -17,4 +18,6 @@ TORCH_LIBRARY(llama_offload, m) {
         "Tensor[] wo, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
         "Tensor cos, Tensor sin, int n_heads, int window) -> Tensor", &llama_offload::decode_block);
   m.def("vector_width() -> int", &vector_width_op);
+  m.def("cpu_paths() -> str[]", &llama_offload::cpu_paths);
+  m.def("set_cpu_paths(str[] names) -> str[]", &llama_offload::set_cpu_paths);
 }

@@ -1,9 +1,9 @@
 // decode_block: one new token per sequence through a whole pre-norm attention + SwiGLU block in one call,
 // where the unfused block costs some sixty operator calls; and linear, any CPU weight format as one call.
-#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "decode_steps.h"
@@ -18,7 +18,7 @@ namespace {
 
 constexpr int64_t kAttentionGrain = 1 << 16;  // multiply-adds of q.k and p.v per parallel task, at least
 
-// Writes n floats to storage of `type` (the KV cache's dtype), rounding as a tensor conversion does.
+// Writes n floats to storage of `type` (the KV cache's or x's dtype), rounding as a tensor conversion does.
 void store_row(at::ScalarType type, const float* src, int64_t n, void* dst) {
   if (type == at::kFloat) {
     std::memcpy(dst, src, n * sizeof(float));
@@ -29,6 +29,39 @@ void store_row(at::ScalarType type, const float* src, int64_t n, void* dst) {
     auto* d = static_cast<c10::Half*>(dst);
     for (int64_t i = 0; i < n; ++i) d[i] = c10::Half(src[i]);
   }
+}
+
+// n values of `type` (float32, bfloat16 or float16) as floats.
+void load_row(at::ScalarType type, const void* src, int64_t n, float* dst) {
+  if (type == at::kFloat) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if (type == at::kBFloat16) {
+    const auto* s = static_cast<const c10::BFloat16*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+  } else {
+    const auto* s = static_cast<const c10::Half*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+  }
+}
+
+// out = x + delta in the residual stream's dtype, as torch adds two tensors of it: delta rounded to the
+// dtype, the sum rounded again. x and out are that dtype's values held as floats.
+void residual_add(at::ScalarType type, const float* x, const float* delta, int64_t n, float* out) {
+  if (type == at::kFloat) {
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] + delta[i];
+  } else if (type == at::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) out[i] = float(c10::BFloat16(x[i] + float(c10::BFloat16(delta[i]))));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = float(c10::Half(x[i] + float(c10::Half(delta[i]))));
+  }
+}
+
+// The calling thread's float32 scratch of at least n values, kept between calls: a decode step needs a
+// dozen small rows, which as tensors cost an allocation each.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (int64_t(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
 }
 
 template <typename L>
@@ -89,53 +122,52 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const 
               "decode_block: cos and sin must be float32 [", hd / 2, "]");
   TORCH_CHECK(attn_norm.numel() == D && ffn_norm.numel() == D, "decode_block: norm weights must be [", D, "]");
 
-  const auto f32 = x.options().dtype(at::kFloat);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor norm1 = attn_norm.to(at::kFloat).contiguous(), norm2 = ffn_norm.to(at::kFloat).contiguous();
-  at::Tensor normed = at::empty({B, D}, f32);
-  for (int64_t b = 0; b < B; ++b)
-    rms_norm_row(xf.data_ptr<float>() + b * D, norm1.data_ptr<float>(), D, float(eps), normed.data_ptr<float>() + b * D);
+  TORCH_CHECK(attn_norm.is_contiguous() && ffn_norm.is_contiguous() && at::isFloatingType(attn_norm.scalar_type()) &&
+                  at::isFloatingType(ffn_norm.scalar_type()),
+              "decode_block: norm weights must be contiguous float tensors");
+  const at::ScalarType dtype = x.scalar_type();
+  const at::Tensor xc = x.contiguous();
+  const int64_t qkv_width = (n_heads + 2 * n_kv) * hd, F = gate.N;
+  // The step's rows, all float32 (per sequence: q heads, then k heads, then v heads in qkv).
+  float* const xf = scratch(2 * D + B * (5 * D + qkv_width + n_heads * hd + 3 * F));
+  float *const norm1 = xf + B * D, *const norm2 = norm1 + D, *const normed = norm2 + D, *const qkv = normed + B * D;
+  float *const att = qkv + B * qkv_width, *const attended = att + B * n_heads * hd, *const h = attended + B * D;
+  float *const gate_up = h + B * D, *const act = gate_up + B * 2 * F, *const down_out = act + B * F;
+  load_row(dtype, xc.data_ptr(), B * D, xf);
+  load_row(attn_norm.scalar_type(), attn_norm.data_ptr(), D, norm1);
+  load_row(ffn_norm.scalar_type(), ffn_norm.data_ptr(), D, norm2);
 
-  const int64_t qkv_width = (n_heads + 2 * n_kv) * hd;
-  at::Tensor qkv = at::empty({B, qkv_width}, f32);  // per sequence: q heads, then k heads, then v heads
-  run_linears({&q, &k, &v}, normed.data_ptr<float>(), B, qkv.data_ptr<float>());
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(xf + b * D, norm1, D, float(eps), normed + b * D);
+  run_linears({&q, &k, &v}, normed, B, qkv);
   const int64_t S = k_cache.size(2);
   const size_t elem = k_cache.element_size();
   for (int64_t b = 0; b < B; ++b) {
-    float* row = qkv.data_ptr<float>() + b * qkv_width;
+    float* row = qkv + b * qkv_width;
     rope_interleaved(row, n_heads + n_kv, hd, cos.data_ptr<float>(), sin.data_ptr<float>());
-    for (int64_t h = 0; h < n_kv; ++h) {
-      const int64_t at_pos = ((b * n_kv + h) * S + pos) * hd;
-      store_row(k_cache.scalar_type(), row + (n_heads + h) * hd, hd, static_cast<char*>(k_cache.data_ptr()) + at_pos * elem);
-      store_row(v_cache.scalar_type(), row + (n_heads + n_kv + h) * hd, hd,
+    for (int64_t i = 0; i < n_kv; ++i) {
+      const int64_t at_pos = ((b * n_kv + i) * S + pos) * hd;
+      store_row(k_cache.scalar_type(), row + (n_heads + i) * hd, hd, static_cast<char*>(k_cache.data_ptr()) + at_pos * elem);
+      store_row(v_cache.scalar_type(), row + (n_heads + n_kv + i) * hd, hd,
                 static_cast<char*>(v_cache.data_ptr()) + at_pos * elem);
     }
   }
   const int64_t end = pos + 1, lo = window > 0 && end > window ? end - window : 0;
-  at::Tensor att = at::empty({B, n_heads * hd}, f32);
   switch (k_cache.scalar_type()) {
-    case at::kFloat: attend_all<LoadF32>(qkv.data_ptr<float>(), k_cache, v_cache, B, n_heads, lo, end, att.data_ptr<float>()); break;
-    case at::kBFloat16: attend_all<LoadBF16>(qkv.data_ptr<float>(), k_cache, v_cache, B, n_heads, lo, end, att.data_ptr<float>()); break;
-    default: attend_all<LoadF16>(qkv.data_ptr<float>(), k_cache, v_cache, B, n_heads, lo, end, att.data_ptr<float>());
+    case at::kFloat: attend_all<LoadF32>(qkv, k_cache, v_cache, B, n_heads, lo, end, att); break;
+    case at::kBFloat16: attend_all<LoadBF16>(qkv, k_cache, v_cache, B, n_heads, lo, end, att); break;
+    default: attend_all<LoadF16>(qkv, k_cache, v_cache, B, n_heads, lo, end, att);
   }
-  at::Tensor attended = at::empty({B, D}, f32);
-  run_linears({&o}, att.data_ptr<float>(), B, attended.data_ptr<float>());
-  const at::Tensor h = at::add(x, attended.to(x.scalar_type()));  // the residual stream stays in x's dtype
-  const at::Tensor hf = h.to(at::kFloat).contiguous();
+  run_linears({&o}, att, B, attended);
+  residual_add(dtype, xf, attended, B * D, h);  // the residual stream stays in x's dtype
 
-  for (int64_t b = 0; b < B; ++b)
-    rms_norm_row(hf.data_ptr<float>() + b * D, norm2.data_ptr<float>(), D, float(eps), normed.data_ptr<float>() + b * D);
-  const int64_t F = gate.N;
-  at::Tensor gate_up = at::empty({B, 2 * F}, f32);
-  run_linears({&gate, &up}, normed.data_ptr<float>(), B, gate_up.data_ptr<float>());
-  at::Tensor act = at::empty({B, F}, f32);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* gu = gate_up.data_ptr<float>() + b * 2 * F;
-    silu_mul_row(gu, gu + F, F, act.data_ptr<float>() + b * F);
-  }
-  at::Tensor down_out = at::empty({B, D}, f32);
-  run_linears({&down}, act.data_ptr<float>(), B, down_out.data_ptr<float>());
-  return at::add(h, down_out.to(x.scalar_type()));
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(h + b * D, norm2, D, float(eps), normed + b * D);
+  run_linears({&gate, &up}, normed, B, gate_up);
+  for (int64_t b = 0; b < B; ++b) silu_mul_row(gate_up + b * 2 * F, gate_up + b * 2 * F + F, F, act + b * F);
+  run_linears({&down}, act, B, down_out);
+  residual_add(dtype, h, down_out, B * D, xf);
+  at::Tensor out = at::empty({B, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  store_row(dtype, xf, B * D, out.data_ptr());
+  return out;
 }
 
 at::Tensor linear(const at::Tensor& x, at::TensorList weight) {

@@ -3,6 +3,8 @@
 // weight vector is widened to float32 once and used for TB tokens, and the next block's rows are
 // prefetched one cache line ahead. bfloat16 weights take AVX512_BF16 dot products where the CPU has them
 // (activations rounded to bfloat16, as a bfloat16 model's are anyway).
+#include "cpu_paths.h"
+#include "gemv_tiles.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -37,13 +39,6 @@ void dense_block(const float* x, int64_t K, const typename L::T* w, float* y, in
   }
 }
 
-template <typename L, int R, int TB>
-void dense_rows(const float* x, int64_t K, const typename L::T* w, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) dense_block<L, R, TB>(x, K, w + n * K, y + n, N);
-  for (; n < n1; ++n) dense_block<L, 1, TB>(x, K, w + n * K, y + n, N);
-}
-
 // One token: rows one after another, a single sequential stream for the prefetchers (which follow one
 // stream far better than eight interleaved ones), prefetching kAheadBytes ahead, four sums in flight.
 template <typename L>
@@ -73,28 +68,17 @@ void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, fl
     dense_row_stream<L>(x, K, w, y, n0, n1);
     return;
   }
-  // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
-  for (int64_t nb = n0; nb < n1; nb += 8) {
-    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
-    for (int64_t t = 0; t < T; t += 4) {
-      const float* xt = x + t * K;
-      float* yt = y + t * N;
-      switch (T - t) {
-        case 1: dense_rows<L, 8, 1>(xt, K, w, yt, N, nb, nb1); break;
-        case 2: dense_rows<L, 4, 2>(xt, K, w, yt, N, nb, nb1); break;
-        case 3: dense_rows<L, 2, 3>(xt, K, w, yt, N, nb, nb1); break;
-        default: dense_rows<L, 2, 4>(xt, K, w, yt, N, nb, nb1); break;
-      }
-    }
-  }
+  gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+    dense_block<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
+  });
 }
 
-#if defined(__AVX512BF16__)
+#if defined(LLAMA_OFFLOAD_X86_PATHS)
 
 // bfloat16 weights against activations rounded to bfloat16: one AVX512_BF16 instruction multiplies 32
 // pairs and adds them into 16 float32 sums, where widening each weight first costs three instructions.
 template <int R, int TB>
-void bf16_dot_block(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
   __m512 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -119,7 +103,7 @@ void bf16_dot_block(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, 
 
 // One token: rows one after another, a single sequential stream for the prefetchers, with four sums in
 // flight to cover the instruction's latency.
-void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t n0, int64_t n1) {
+LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t n0, int64_t n1) {
   const int64_t kv = K - K % 128;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
@@ -142,40 +126,23 @@ void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float
   }
 }
 
-template <int R, int TB>
-void bf16_dot_rows(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) bf16_dot_block<R, TB>(xb, K, w + n * K, y + n, N);
-  for (; n < n1; ++n) bf16_dot_block<1, TB>(xb, K, w + n * K, y + n, N);
-}
-
 void bf16_dot_gemv(const uint16_t* xb, int64_t T, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0,
                    int64_t n1) {
   if (T == 1) {
     bf16_dot_row_stream(xb, K, w, y, n0, n1);
     return;
   }
-  for (int64_t nb = n0; nb < n1; nb += 8) {
-    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
-    for (int64_t t = 0; t < T; t += 4) {
-      const uint16_t* xt = xb + t * K;
-      float* yt = y + t * N;
-      switch (T - t) {
-        case 1: bf16_dot_rows<8, 1>(xt, K, w, yt, N, nb, nb1); break;
-        case 2: bf16_dot_rows<4, 2>(xt, K, w, yt, N, nb, nb1); break;
-        case 3: bf16_dot_rows<2, 3>(xt, K, w, yt, N, nb, nb1); break;
-        default: bf16_dot_rows<2, 4>(xt, K, w, yt, N, nb, nb1); break;
-      }
-    }
-  }
+  gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+    bf16_dot_block<R, TB>(xb + t * K, K, w + n * K, y + t * N + n, N);
+  });
 }
 #endif
 
 }  // namespace
 
 bool bf16_dot_products() {
-#if defined(__AVX512BF16__)
-  return true;
+#if defined(LLAMA_OFFLOAD_X86_PATHS)
+  return cpu_path_on(CpuPath::kAvx512Bf16);
 #else
   return false;
 #endif
@@ -186,11 +153,13 @@ void dense_gemv_rows(DenseType type, const float* x, const uint16_t* x_bf16, int
   switch (type) {
     case DenseType::kF32: dense_gemv<LoadF32>(x, T, K, static_cast<const float*>(w), y, N, n0, n1); break;
     case DenseType::kBF16:
-#if defined(__AVX512BF16__)
-      bf16_dot_gemv(x_bf16, T, K, static_cast<const uint16_t*>(w), y, N, n0, n1);
-#else
-      dense_gemv<LoadBF16>(x, T, K, static_cast<const uint16_t*>(w), y, N, n0, n1);
+#if defined(LLAMA_OFFLOAD_X86_PATHS)
+      if (x_bf16 != nullptr) {
+        bf16_dot_gemv(x_bf16, T, K, static_cast<const uint16_t*>(w), y, N, n0, n1);
+        break;
+      }
 #endif
+      dense_gemv<LoadBF16>(x, T, K, static_cast<const uint16_t*>(w), y, N, n0, n1);
       break;
     case DenseType::kF16: dense_gemv<LoadF16>(x, T, K, static_cast<const uint16_t*>(w), y, N, n0, n1); break;
   }

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "gemv_tiles.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -101,15 +102,6 @@ static void int4_block(const float* xp, int64_t K, int64_t G, const uint8_t* p, 
     for (int t = 0; t < TB; ++t) y[t * ldy + r] = hsum(total[r][t]) + tail_total[r][t];
 }
 
-template <int R, int TB>
-static void int4_rows(const float* xp, int64_t K, int64_t G, const uint8_t* packed, const float* scales, float* y,
-                      int64_t N, int64_t n0, int64_t n1) {
-  const int64_t ng = K / G;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int4_block<R, TB>(xp, K, G, packed + n * (K / 2), scales + (n - n0) * ng, y + n, N);
-  for (; n < n1; ++n) int4_block<1, TB>(xp, K, G, packed + n * (K / 2), scales + (n - n0) * ng, y + n, N);
-}
-
 template <typename S>
 void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K, int64_t G,
                     const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
@@ -117,23 +109,15 @@ void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K,
   constexpr int64_t kTile = 8;
   const int64_t ng = K / G;
   std::vector<float> scale_f(kTile * ng), scale_zero_f(kTile * ng);
-  // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
   for (int64_t nb = n0; nb < n1; nb += kTile) {
     const int64_t nb1 = nb + kTile < n1 ? nb + kTile : n1;
     for (int64_t i = 0; i < (nb1 - nb) * ng; ++i) {
       scale_f[i] = float(scales[nb * ng + i]);
       scale_zero_f[i] = scale_f[i] * float(zeros[nb * ng + i]);
     }
-    for (int64_t t = 0; t < T; t += 4) {
-      const float* xt = xperm + t * K;
-      float* yt = y + t * N;
-      switch (T - t) {
-        case 1: int4_rows<4, 1>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
-        case 2: int4_rows<2, 2>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
-        case 3: int4_rows<1, 3>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
-        default: int4_rows<1, 4>(xt, K, G, packed, scale_f.data(), yt, N, nb, nb1); break;
-      }
-    }
+    gemv_tiles<4, 2, 1, 1>(T, nb, nb1, [&](auto R, auto TB, int64_t t, int64_t n) {
+      int4_block<R, TB>(xperm + t * K, K, G, packed + n * (K / 2), scale_f.data() + (n - nb) * ng, y + t * N + n, N);
+    });
     // The zero points' term: - sum_g scale_g * zero_g * xsum_g.
     for (int64_t n = nb; n < nb1; ++n)
       for (int64_t t = 0; t < T; ++t) y[t * N + n] -= dot(scale_zero_f.data() + (n - nb) * ng, xsum + t * ng, ng);

@@ -1,5 +1,6 @@
 // int8 weight-only GEMV: each block of R rows x TB tokens keeps R*TB vector accumulators, so a weight
 // vector is converted once and used TB times, and an activation vector is loaded once for R rows.
+#include "gemv_tiles.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -38,15 +39,6 @@ static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, 
   }
 }
 
-// Rows [n0, n1) for TB tokens: blocks of R rows, then single rows for the remainder.
-template <int R, int TB>
-static void int8_rows(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t N,
-                      int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) int8_block<R, TB>(x, K, K, q + n * K, K, scale + n, y + n, N);
-  for (; n < n1; ++n) int8_block<1, TB>(x, K, K, q + n * K, K, scale + n, y + n, N);
-}
-
 // One token: rows one after another, a single sequential stream for the prefetchers (which follow one
 // stream far better than several interleaved ones), prefetching kAhead bytes ahead, four sums in flight.
 static void int8_row_stream(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t n0,
@@ -74,20 +66,9 @@ void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const
     int8_row_stream(x, K, q, scale, y, n0, n1);
     return;
   }
-  // Tiles of 8 rows; within a tile, tokens in chunks of at most 4 while the tile's rows stay in cache.
-  for (int64_t nb = n0; nb < n1; nb += 8) {
-    const int64_t nb1 = nb + 8 < n1 ? nb + 8 : n1;
-    for (int64_t t = 0; t < T; t += 4) {
-      const float* xt = x + t * K;
-      float* yt = y + t * N;
-      switch (T - t) {
-        case 1: int8_rows<4, 1>(xt, K, q, scale, yt, N, nb, nb1); break;
-        case 2: int8_rows<2, 2>(xt, K, q, scale, yt, N, nb, nb1); break;
-        case 3: int8_rows<2, 3>(xt, K, q, scale, yt, N, nb, nb1); break;
-        default: int8_rows<2, 4>(xt, K, q, scale, yt, N, nb, nb1); break;
-      }
-    }
-  }
+  gemv_tiles<4, 2, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+    int8_block<R, TB>(x + t * K, K, K, q + n * K, K, scale + n, y + t * N + n, N);
+  });
 }
 
 int vector_width() {

@@ -24,8 +24,9 @@ void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K,
                     int64_t n1);
 
 // y[t][n] = sum_k w[n][k] * x[t][k] for n in [n0, n1), accumulated in float32; w is [N][K] of `type`.
-// x_bf16: x rounded to bfloat16 (raw bits, [T][K]), read instead of x for bfloat16 weights when
-// bf16_dot_products(); may be null otherwise.
+// x_bf16: x rounded to bfloat16 (raw bits, [T][K]) or null; bfloat16 weights then take the AVX512_BF16
+// dot products, reading it instead of x (made only where bf16_dot_products(): the CPU has them, and the
+// avx512_bf16 path is on).
 enum class DenseType { kF32, kBF16, kF16 };
 bool bf16_dot_products();
 void dense_gemv_rows(DenseType type, const float* x, const uint16_t* x_bf16, int64_t T, int64_t K, const void* w,

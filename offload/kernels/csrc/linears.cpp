@@ -154,7 +154,7 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
       const int64_t lo = std::max(r0, offsets[i]) - offsets[i], hi = std::min(r1, offsets[i] + l.N) - offsets[i];
       if (lo >= hi) continue;
       const auto [xp, xs] = activations(l);  // null for the formats that read x as it is
-      linear_rows(l, x, x_bf16.data(), xp, xs, T, y + offsets[i], total, lo, hi);
+      linear_rows(l, x, x_bf16.empty() ? nullptr : x_bf16.data(), xp, xs, T, y + offsets[i], total, lo, hi);
     }
   });
   for (size_t i = 0; i < linears.size(); ++i) {

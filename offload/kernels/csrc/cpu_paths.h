@@ -1,0 +1,31 @@
+// The instruction-set paths the kernels choose between at run time: each one is on when this CPU has its
+// instructions (CPUID, and the OS saving the 512-bit registers) and set_cpu_paths has not switched it off
+// (tests force each path in turn). A path's code is compiled for its target with function attributes, so
+// the extension builds under any -march, and every kernel keeps its portable path as the fallback.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 11)
+#define LLAMA_OFFLOAD_X86_PATHS 1
+#include <immintrin.h>
+#define LLAMA_OFFLOAD_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace llama_offload {
+
+enum class CpuPath {
+  kAvx512Bf16,  // "avx512_bf16": bfloat16 dot products (dense bfloat16 weights)
+};
+
+bool cpu_path_on(CpuPath path);
+
+// The names of the paths on now.
+std::vector<std::string> cpu_paths();
+
+// Switches on the named paths that this CPU has and off all others; returns the names that were on.
+// Throws on an unknown name.
+std::vector<std::string> set_cpu_paths(const std::vector<std::string>& names);
+
+}  // namespace llama_offload
