@@ -56,6 +56,52 @@ def test_linear_matches_reference(ext, fmt: str, tokens: int, bias: bool) -> Non
     assert rel_err(y, linear_reference(x.float(), weight)) < TOL[x.dtype]
 
 
+@pytest.fixture(params=["avx512_bf16", "portable"])
+def cpu_path(request, ext):
+    """Each instruction-set path in turn (skipped where this CPU lacks it), the CPU's own set restored after."""
+    before = ext.set_cpu_paths([] if request.param == "portable" else [request.param])
+    if request.param != "portable" and request.param not in ext.cpu_paths():
+        ext.set_cpu_paths(before)
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    ext.set_cpu_paths(before)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+@pytest.mark.parametrize("in_f", [160, 576, 100])  # 100: a tail past the last 32 values
+def test_bfloat16_linear_on_each_path(ext, cpu_path: str, tokens: int, in_f: int) -> None:
+    weight = linear_tensors("bfloat16", 83, in_f)
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
+    assert rel_err(cpu_linear(x, weight), linear_reference(x.float(), weight)) < TOL[torch.bfloat16]
+    # float32 activations against bfloat16 weights: the portable path keeps x in float32; the bfloat16 dot
+    # products round it to bfloat16, as the weights are
+    xf = torch.randn(tokens, in_f)
+    tol = 1e-5 if cpu_path == "portable" else TOL[torch.bfloat16]
+    assert rel_err(cpu_linear(xf, weight), linear_reference(xf, weight)) < tol
+
+
+def test_paths_differ_only_by_the_rounding_of_activations(ext) -> None:
+    """float32 x on bfloat16 weights: the portable path gives float32's result, avx512_bf16 (where the CPU
+    has it) x rounded to bfloat16's, so forcing a path must change which one comes out."""
+    weight = linear_tensors("bfloat16", 64, 256)
+    x = torch.randn(2, 256)
+    before = ext.set_cpu_paths([])
+    try:
+        portable = cpu_linear(x, weight)
+        assert rel_err(portable, linear_reference(x, weight)) < 1e-5
+        ext.set_cpu_paths(["avx512_bf16"])
+        if "avx512_bf16" in ext.cpu_paths():
+            rounded = linear_reference(x.bfloat16().float(), weight)
+            assert rel_err(cpu_linear(x, weight), rounded) < 1e-5
+    finally:
+        ext.set_cpu_paths(before)
+
+
+def test_unknown_cpu_path_is_refused(ext) -> None:
+    with pytest.raises(RuntimeError, match="unknown path 'avx9'"):
+        ext.set_cpu_paths(["avx9"])
+
+
 def block_inputs(fmt: str, batch: int, n_heads: int, n_kv: int, head_dim: int, pos: int, bias: bool):
     dim, ffn = 96, 160
     dtype = activation_dtype(fmt)
@@ -103,6 +149,13 @@ def test_decode_block_matches_reference(ext, fmt: str, batch: int, n_heads: int,
     untouched[11] = False
     assert torch.equal(k[:, :, untouched], inputs["k_cache"][:, :, untouched])  # only position 11 written
     assert torch.equal(v[:, :, untouched], inputs["v_cache"][:, :, untouched])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bfloat16_decode_block_on_each_path(ext, cpu_path: str, batch: int) -> None:
+    inputs = block_inputs("bfloat16", batch, 6, 2, 16, pos=7, bias=False)
+    (y, k, _), (ref, k_ref, _) = run_both(ext, inputs)
+    assert rel_err(y, ref) < TOL[torch.bfloat16] and rel_err(k[:, :, 7], k_ref[:, :, 7]) < TOL[torch.bfloat16]
 
 
 def test_decode_block_with_biases_and_a_window(ext) -> None:
