@@ -1,7 +1,6 @@
 #include "linears.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 
 #include <algorithm>
 
@@ -116,17 +115,20 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
   std::vector<int64_t> offsets;
   int64_t total = 0, widest = 0;
   // int4 reads its activations permuted, once per group size (all of a layer's linears share one).
-  std::vector<std::pair<int64_t, std::pair<at::Tensor, at::Tensor>>> permuted;
+  struct Permuted {
+    int64_t G;
+    std::vector<float> xperm, xsum;
+  };
+  std::vector<Permuted> permuted;
   for (const Linear* l : linears) {
     TORCH_CHECK(l->K == K, "linears sharing an input must have the same in_features: ", l->K, " != ", K);
     offsets.push_back(total);
     total += l->N;
     widest = std::max(widest, row_bytes(*l));
     if (l->kind != LinearKind::kInt4) continue;
-    if (std::none_of(permuted.begin(), permuted.end(), [&](const auto& p) { return p.first == l->G; })) {
-      at::Tensor xp = at::empty({T, K}, at::kFloat), xs = at::empty({T, K / l->G}, at::kFloat);
-      int4_permute_activations(x, T, K, l->G, xp.data_ptr<float>(), xs.data_ptr<float>());
-      permuted.push_back({l->G, {xp, xs}});
+    if (std::none_of(permuted.begin(), permuted.end(), [&](const Permuted& p) { return p.G == l->G; })) {
+      Permuted& p = permuted.emplace_back(Permuted{l->G, std::vector<float>(T * K), std::vector<float>(T * (K / l->G))});
+      int4_permute_activations(x, T, K, l->G, p.xperm.data(), p.xsum.data());
     }
   }
   std::vector<uint16_t> x_bf16;
@@ -138,8 +140,8 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
     for (int64_t i = 0; i < T * K; ++i) x_bf16[i] = c10::BFloat16(x[i]).x;
   }
   auto activations = [&](const Linear& l) -> std::pair<const float*, const float*> {
-    for (const auto& p : permuted)
-      if (p.first == l.G) return {p.second.first.data_ptr<float>(), p.second.second.data_ptr<float>()};
+    for (const Permuted& p : permuted)
+      if (p.G == l.G) return {p.xperm.data(), p.xsum.data()};
     return {nullptr, nullptr};
   };
   // Chunks of whole 8-row tiles: a few per thread, so that a thread held up by another process leaves its
