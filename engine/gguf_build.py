@@ -18,8 +18,9 @@ from tqdm import tqdm
 from engine.gguf_model import GGUFModel, iter_gguf_weights, linear_modes, quantized_shell, weight_bytes
 from llama.loader import empty_model
 from llama.model import Transformer
-from engine.llama_offload import offload_transformer
+from engine.llama_offload import llama_layout, offload_transformer
 from engine.read_ahead import read_ahead
+from offload.block_buffers import BlockBuffers
 from offload.placement import OffloadedModel
 from offload.kernels.linear import prepare_linears_for_cuda
 from offload.policy import OffloadConfig
@@ -61,8 +62,10 @@ def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConf
     modes = linear_modes(model, quant, log)
     net = empty_model(model.args)
     quantized_shell(model, modes, net)
-    # The weights arrive already in their formats: the offload engine only places them.
-    weights = read_ahead(iter_gguf_weights(model, modes, config.dtype))  # converting overlaps with placing
+    # The weights arrive already in their formats, written where the host store keeps them: the offload
+    # engine only places (and pins) them. Converting runs in a thread, overlapping with that.
+    homes = BlockBuffers(llama_layout(net), config.dtype)
+    weights = read_ahead(iter_gguf_weights(model, modes, config.dtype, home=homes.home))
     offloaded = offload_transformer(net, weights, replace(config, quant=None))
     print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model.path.name})", file=log)
     return net, offloaded

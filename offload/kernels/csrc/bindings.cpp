@@ -17,4 +17,9 @@ TORCH_LIBRARY(llama_offload, m) {
         "Tensor[] wo, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
         "Tensor cos, Tensor sin, int n_heads, int window) -> Tensor", &llama_offload::decode_block);
   m.def("vector_width() -> int", &vector_width_op);
+  m.def("gguf_q8_0_to_int8(Tensor raw, Tensor(a!) qweight, Tensor(b!) scale) -> ()", &llama_offload::gguf_q8_0_to_int8);
+  m.def("gguf_q4_0_to_int4(Tensor raw, Tensor(a!) packed, Tensor(b!) scales, Tensor(c!) zeros) -> ()",
+        &llama_offload::gguf_q4_0_to_int4);
+  m.def("gguf_q4_1_to_int4(Tensor raw, Tensor(a!) packed, Tensor(b!) scales, Tensor(c!) zeros) -> ()",
+        &llama_offload::gguf_q4_1_to_int4);
 }
