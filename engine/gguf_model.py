@@ -156,7 +156,7 @@ def iter_gguf_weights(
         else:
             fmt = {"int8": Int8Weight, "int4": Int4Weight}[modes[module]]
             homes = {f.name: home(f"{module}.{f.name}") for f in dataclasses.fields(fmt)}
-            direct = NATIVE.get(t.type_name) == modes[module] and None not in homes.values()
+            direct = NATIVE.get(t.type_name) == modes[module] and all(h is not None for h in homes.values())
             weight = linear_weight(t, modes[module], fmt.from_tensors(homes) if direct else None)
             for field, tensor in weight.tensors().items():
                 yield f"{module}.{field}", _kept(tensor, homes[field])

@@ -18,7 +18,6 @@ import functools
 import torch
 
 from offload.kernels.cpu_ext import cpu_extension
-
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 
