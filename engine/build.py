@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,7 +28,7 @@ from llama.checkpoint_kind import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
-from llama.generation_config import checkpoint_eos_ids
+from llama.generation_config import read_generation_config
 from llama.gguf_tokenizer import GGUFTokenizer
 from llama.loader import read_model_args
 from llama.model import Transformer
@@ -66,12 +66,14 @@ def build_engine(cfg: RunConfig, log: TextIO | None = None) -> Engine:
 
 def _build_engine(cfg: RunConfig, log) -> Engine:
     model_dir = Path(cfg.model_dir)
+    if cfg.generation is None:
+        cfg = replace(cfg, generation=read_generation_config(model_dir))
     gguf = open_gguf_model(model_dir) if is_gguf(model_dir) else None
     if gguf is None and not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     # A tokenizer argument overrides the one a GGUF's metadata describes.
     tokenizer = GGUFTokenizer(gguf.meta, gguf.path) if gguf and cfg.tokenizer is None else resolve_tokenizer(cfg)
-    tokenizer.stop_ids |= checkpoint_eos_ids(model_dir)
+    tokenizer.stop_ids |= set(cfg.generation.eos_ids)
     args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
     quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
     gptq = None if gguf else read_gptq_config(model_dir)
