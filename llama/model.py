@@ -231,6 +231,26 @@ class Transformer(nn.Module):
         (batch, seqlen, cached keys), and a cache that writes each row where its positions say
         (llama/slot_cache.py); start_pos is then unused.
         """
+        h = self._through_blocks(tokens, start_pos, cache, positions, mask)
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        return self.output(h.to(self.output.weight.device))
+
+    def fill_cache(self, tokens: torch.Tensor, start_pos: int, cache: KVCache) -> None:
+        """Run tokens (batch, seqlen) through the blocks only, for their keys and values in the cache: a prompt
+        chunk before the last one needs no logits (no norm, no head, nothing copied back)."""
+        self._through_blocks(tokens, start_pos, cache, None, None)
+
+    def _through_blocks(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The hidden states (batch, seqlen, dim) after the last block (forward's arguments)."""
         seqlen = tokens.shape[1]
         if (positions is None or positions.dim() == 1) and start_pos + seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
@@ -246,7 +266,4 @@ class Transformer(nn.Module):
         rotation = rope_rotation(cos.to(h.device), sin.to(h.device), h.dtype)
         for block in self.layers:
             h = block(h, rotation, start_pos, cache, mask)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        return self.output(h.to(self.output.weight.device))
+        return h
