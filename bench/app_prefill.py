@@ -7,8 +7,8 @@ Each --run is GPU_MEM:CTX:PROMPT_LENGTHS: one engine built as app.py builds it (
 GPU_MEM --ctx CTX, float16, the chunk chosen from the budget), then for every length a prompt of random ids
 prefilled `--repeats` times by the Generator (chunks before the last run through the blocks only, queued
 without waiting for the GPU) and by the loop it replaced (every chunk a whole forward whose logits are
-copied back), alternately; medians. The first prefill in the process is reported alone too ("cold": CUDA
-libraries and kernels load during it, as in an app run's first reply).
+copied back), alternately; medians. The first prefill in the process is reported alone too ("cold": an app
+run's first reply; what CUDA loads then is loaded by the Generator's warm-up while the engine is built).
 
 Link-allowed rate: prompt tokens / (passes x streamed bytes per pass / the link GB/s measured at load);
 pass-allowed: the same with a one-token forward's measured time as the pass time. The checkpoint is
@@ -88,14 +88,15 @@ def measure_run(engine: Engine, lengths: list[int], repeats: int, cold: list[flo
     gen = engine.generator
     off = engine.offloaded
     vocab = engine.tokenizer.vocab_size
-    pass_s = statistics.median(one_token_pass(engine, 0) for _ in range(3))
+    pass_s = None
     for n in lengths:
         prompt = [1] + torch.randint(3, vocab, (n - 1,), generator=torch.Generator().manual_seed(n)).tolist()
-        if not cold:
+        if not cold:  # the process's first forward after building, as an app run's first reply
             cold.append(generator_prefill(engine, prompt))
             cold_tps = n / cold[0]
         else:
             cold_tps = None
+        pass_s = pass_s or statistics.median(one_token_pass(engine, 0) for _ in range(3))
         new, old = [], []
         for _ in range(repeats):
             new.append(generator_prefill(engine, prompt))
