@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+from batch_testing import RecordingDecoder
 from tiny_model import build_tiny_engine
 
 from engine.build import Engine
@@ -35,6 +36,22 @@ def build_server_engine(root: Path, ctx: int = CTX, **overrides: Any) -> Engine:
     MAX_BATCH slots; overrides: other RunConfig fields (max_body, allowed_hosts, max_batch)."""
     overrides.setdefault("max_batch", MAX_BATCH)
     return build_tiny_engine(root, ctx, sampling=SamplingParams(temperature=0.0), **overrides)
+
+
+@dataclass
+class RecordedServer:
+    url: str
+    engine: Engine
+    recorder: RecordingDecoder  # the server's decoder, recording every job and step
+
+
+@contextmanager
+def recorded_server(root: Path) -> Iterator[RecordedServer]:
+    """The shared tiny engine served in a thread through a RecordingDecoder."""
+    engine = build_server_engine(root)
+    recorder = RecordingDecoder(engine.generator, engine.kv)
+    with running_server(engine, SECRET, recorder) as url:
+        yield RecordedServer(url, engine, recorder)
 
 
 @contextmanager

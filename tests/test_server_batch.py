@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from batch_testing import RecordingDecoder, Request, alone
-from server_harness import CTX, MAX_BATCH, SECRET, build_server_engine, running_server, wait_until
+from batch_testing import Request, alone
+from server_harness import CTX, MAX_BATCH, SECRET, RecordedServer, recorded_server, wait_until
 
-from engine.build import Engine
 
 AUTH = {"/basilisk": {"Authorization": SECRET}, "/v1": {"Authorization": f"Bearer {SECRET}"}}
 USER = [{"role": "user", "content": "hi there, how are you"}]
@@ -34,19 +32,10 @@ MIXED = [
 ]
 
 
-@dataclass
-class Served:
-    url: str
-    engine: Engine
-    recorder: RecordingDecoder
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    engine = build_server_engine(tmp_path_factory.mktemp("batch-http"))
-    recorder = RecordingDecoder(engine.generator, engine.kv)
-    with running_server(engine, SECRET, recorder) as url:
-        yield Served(url, engine, recorder)
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordedServer]:
+    with recorded_server(tmp_path_factory.mktemp("batch-http")) as served:
+        yield served
 
 
 def send(url: str, path: str, body: dict[str, Any]) -> list[tuple[str, str]]:
@@ -70,7 +59,7 @@ def send(url: str, path: str, body: dict[str, Any]) -> list[tuple[str, str]]:
         return [(text, choices[-1]["finish_reason"])]
 
 
-def all_at_once(served: Served, requests: list[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, str]]]:
+def all_at_once(served: RecordedServer, requests: list[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, str]]]:
     """Send every request concurrently; none runs before all of their choices wait in line."""
     served.recorder.forget()
     served.recorder.go.clear()
@@ -84,7 +73,7 @@ def all_at_once(served: Served, requests: list[tuple[str, dict[str, Any]]]) -> l
         return [f.result() for f in sent]
 
 
-def test_eight_concurrent_requests_reply_as_each_alone(served: Served) -> None:
+def test_eight_concurrent_requests_reply_as_each_alone(served: RecordedServer) -> None:
     each_alone = [send(served.url, path, body) for path, body in MIXED]
     together = all_at_once(served, MIXED)
     assert served.recorder.largest_batch == MAX_BATCH
@@ -92,13 +81,13 @@ def test_eight_concurrent_requests_reply_as_each_alone(served: Served) -> None:
     assert {reason for reply in each_alone for _, reason in reply} >= {"stop", "length"}
 
 
-def test_a_greedy_completion_in_a_batch_is_the_generators_reply(served: Served) -> None:
+def test_a_greedy_completion_in_a_batch_is_the_generators_reply(served: RecordedServer) -> None:
     tok = served.engine.tokenizer
     want = alone(served.engine.model, tok, Request(tok.encode("hello world", bos=True), 16), CTX)
     assert all_at_once(served, MIXED)[4] == [(want.text, "length")]
 
 
-def test_seeded_sampling_is_the_same_alone_and_batched(served: Served) -> None:
+def test_seeded_sampling_is_the_same_alone_and_batched(served: RecordedServer) -> None:
     warm = {"temperature": 0.9, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
     seeded = [("/v1/completions", {"prompt": p, "max_tokens": 14, "seed": 7 + i, **warm})
               for i, p in enumerate(["the cat", "hello", "a b c", "once upon"])]
@@ -108,7 +97,7 @@ def test_seeded_sampling_is_the_same_alone_and_batched(served: Served) -> None:
     assert len({text for reply in each_alone for text, _ in reply}) == 7  # seeds differ, so do the replies
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish_unchanged(served: Served) -> None:
+def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish_unchanged(served: RecordedServer) -> None:
     others = [("/v1/completions", {"prompt": p, "max_tokens": 20, "stream": True}) for p in ("the fox", "a b")]
     each_alone = [send(served.url, path, body) for path, body in others]
     recorder = served.recorder
@@ -129,7 +118,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot_and_the_others_finish_unchan
     assert abandoned.stop_reason == "interrupted" and abandoned.new_tokens < CTX // 2
 
 
-def test_config_reports_the_batch(served: Served) -> None:
+def test_config_reports_the_batch(served: RecordedServer) -> None:
     with httpx.Client(base_url=served.url + "/basilisk", headers=AUTH["/basilisk"], timeout=30) as http:
         before = http.get("/config").json()["batch"]
         reply = http.post("/infer", json={"prompt": "\x02hello", "max_new_tokens": 5, "min_length": 5}).json()

@@ -7,34 +7,24 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-from batch_testing import RecordingDecoder
-from server_harness import CTX, MAX_BATCH, SECRET, build_server_engine, running_server, wait_until
+from server_harness import CTX, MAX_BATCH, SECRET, RecordedServer, recorded_server, wait_until
 
 OPENAI_AUTH = {"Authorization": f"Bearer {SECRET}"}
 BASILISK_AUTH = {"Authorization": SECRET}
 
 
-@dataclass
-class Served:
-    url: str
-    recorder: RecordingDecoder
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    engine = build_server_engine(tmp_path_factory.mktemp("load"))
-    recorder = RecordingDecoder(engine.generator, engine.kv)
-    with running_server(engine, SECRET, recorder) as url:
-        yield Served(url, recorder)
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RecordedServer]:
+    with recorded_server(tmp_path_factory.mktemp("load")) as served:
+        yield served
 
 
 @pytest.fixture
-def slow(served: Served) -> Iterator[Served]:
+def slow(served: RecordedServer) -> Iterator[RecordedServer]:
     served.recorder.delay = 0.02
     served.recorder.forget()
     yield served
@@ -51,7 +41,7 @@ def running(http: httpx.Client) -> int:
     return http.get("/basilisk/config", headers=BASILISK_AUTH).json()["batch"]["running"]
 
 
-def test_client_leaving_mid_stream_frees_its_slot(slow: Served) -> None:
+def test_client_leaving_mid_stream_frees_its_slot(slow: RecordedServer) -> None:
     with httpx.Client(base_url=slow.url, headers=OPENAI_AUTH, timeout=30) as http:
         with http.stream("POST", "/v1/completions", json=long_request("one", stream=True)) as response:
             lines = response.iter_lines()
@@ -65,7 +55,7 @@ def test_client_leaving_mid_stream_frees_its_slot(slow: Served) -> None:
     assert abandoned.stop_reason == "interrupted" and abandoned.new_tokens < CTX // 2
 
 
-def test_client_timing_out_on_a_plain_request_frees_its_slot(slow: Served) -> None:
+def test_client_timing_out_on_a_plain_request_frees_its_slot(slow: RecordedServer) -> None:
     with httpx.Client(base_url=slow.url, headers=OPENAI_AUTH) as http:
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json=long_request("one", stream=False), timeout=0.5)
@@ -74,7 +64,7 @@ def test_client_timing_out_on_a_plain_request_frees_its_slot(slow: Served) -> No
     assert abandoned.stop_reason == "interrupted" and abandoned.new_tokens < CTX // 2
 
 
-def test_requests_beyond_the_slots_wait_and_are_served_in_arrival_order(served: Served) -> None:
+def test_requests_beyond_the_slots_wait_and_are_served_in_arrival_order(served: RecordedServer) -> None:
     served.recorder.forget()
     served.recorder.go.clear()  # nothing runs until all of them wait in line
     n = MAX_BATCH + 3
@@ -100,7 +90,7 @@ def test_requests_beyond_the_slots_wait_and_are_served_in_arrival_order(served: 
     assert (MAX_BATCH, n - MAX_BATCH) in served.recorder.loads  # every slot busy, the rest waiting
 
 
-def test_health_answers_without_the_secret(served: Served) -> None:
+def test_health_answers_without_the_secret(served: RecordedServer) -> None:
     assert httpx.get(served.url + "/health").json() == {"status": "ok", "queued": 0}
 
 
@@ -147,7 +137,7 @@ def one_request(http: httpx.Client, kind: str, rng: random.Random) -> tuple[str,
 KINDS = ("completion", "chat", "completion_stream", "chat_stream", "infer", "tokenize", "invalid", "unauthorized")
 
 
-def test_load_every_request_is_answered(served: Served) -> None:
+def test_load_every_request_is_answered(served: RecordedServer) -> None:
     n_requests, n_clients = 320, 64
     rng = random.Random(0)
     kinds = [KINDS[i % len(KINDS)] for i in range(n_requests)]
