@@ -183,7 +183,7 @@ def place_model(
     weights: Iterable[tuple[str, torch.Tensor]],
     config: OffloadConfig,
     release: Callable[[str], None] | None = None,
-    finish_block: Callable[[nn.Module], None] | None = None,
+    finish_block: Callable[[nn.Module], object] | None = None,
     link: float | None = None,
 ) -> OffloadedModel:
     """Fill a model built on the meta device from (name, tensor) pairs, each part where `plan` puts it (a
@@ -224,7 +224,7 @@ def _load(
     store: HostStore,
     device: torch.device,
     release: Callable[[str], None],
-    finish_block: Callable[[nn.Module], None] | None,
+    finish_block: Callable[[nn.Module], object] | None,
 ) -> None:
     root = layout.root
     expected = {i: set(block.state_dict(keep_vars=True)) for i, block in enumerate(layout.blocks)}
@@ -282,7 +282,7 @@ def place_block(
     plan: Plan,
     store: HostStore,
     device: torch.device,
-    finish_block: Callable[[nn.Module], None] | None = None,
+    finish_block: Callable[[nn.Module], object] | None = None,
 ) -> None:
     """Put one complete block where the plan says: cast its parameters (the buffers of a format that arrived
     quantized keep their dtypes), quantize (on the GPU when there is one: faster), then each tensor to the home
