@@ -16,7 +16,7 @@ from engine.flag_values import parse_device, parse_dtype, parse_exclusions, pars
 from llama.chat_format import CHAT_FORMATS
 from llama.checkpoint_kind import is_prequantized
 from llama.errors import UserError
-from llama.generation_config import sampling_params
+from llama.generation_config import read_generation_config, sampling_params
 from llama.sampling_params import SamplingParams
 from server.serve_spec import parse_serve_spec
 
@@ -118,7 +118,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     if ns.save_quantized is not None and quant not in SAVED_MODES and not is_prequantized(ns.model_dir):
         raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
                         "(the format to write)")
-    sampling = sampling_params(ns.model_dir, {name: getattr(ns, name) for name in SAMPLING_FLAGS})
+    generation = read_generation_config(ns.model_dir)
+    sampling = sampling_params(generation, {name: getattr(ns, name) for name in SAMPLING_FLAGS})
     console = ns.prompt is None and ns.ppl is None and ns.serve is None and ns.save_quantized is None
     return RunConfig(
         model_dir=ns.model_dir,
@@ -132,6 +133,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         chat_format=ns.chat_format,
         system=ns.system,
         sampling=sampling,
+        generation=generation,
         use_offload=ns.use_offload,
         offload_exclusion=exclusions,
         prefetch=ns.prefetch,

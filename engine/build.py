@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import torch
-from tqdm import tqdm
 
 from engine.batch_size import batch_slots
 from engine.choices import pick_device, pick_dtype, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.cpu_decode import use_cpu_decode_blocks
-from engine.fused_projections import fuse_projections
 from engine.gguf_model import GGUFModel, open_gguf_model
+from engine.llama_offload import build_offloaded_model, build_resident_model
 from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
@@ -29,16 +28,16 @@ from llama.checkpoint_kind import is_gguf
 from llama.config import ModelArgs
 from llama.errors import UserError
 from llama.generation import Generator
-from llama.generation_config import checkpoint_eos_ids
+from llama.generation_config import read_generation_config
 from llama.gguf_tokenizer import GGUFTokenizer
-from llama.loader import load_model, read_model_args
+from llama.loader import read_model_args
 from llama.model import Transformer
 from llama.slot_cache import SlotKVCache
 from llama.tokenizer import Tokenizer
+from offload.policy import OffloadConfig
+from offload.placement import OffloadedModel
 from offload.quant_mode import QuantMode
 
-if TYPE_CHECKING:
-    from offload.policy import OffloadConfig
 
 @dataclass
 class Engine:
@@ -51,6 +50,7 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     kv: SlotKVCache  # the KV cache: one slot for the console, --max_batch for the server
+    offloaded: OffloadedModel | None = None  # the streaming state (plan, host store, link) when weights stream
 
     @property
     def ctx(self) -> int:
@@ -66,12 +66,14 @@ def build_engine(cfg: RunConfig, log: TextIO | None = None) -> Engine:
 
 def _build_engine(cfg: RunConfig, log) -> Engine:
     model_dir = Path(cfg.model_dir)
+    if cfg.generation is None:
+        cfg = replace(cfg, generation=read_generation_config(model_dir))
     gguf = open_gguf_model(model_dir) if is_gguf(model_dir) else None
     if gguf is None and not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     # A tokenizer argument overrides the one a GGUF's metadata describes.
     tokenizer = GGUFTokenizer(gguf.meta, gguf.path) if gguf and cfg.tokenizer is None else resolve_tokenizer(cfg)
-    tokenizer.stop_ids |= checkpoint_eos_ids(model_dir)
+    tokenizer.stop_ids |= set(cfg.generation.eos_ids)
     args = gguf.args if gguf is not None else read_model_args(model_dir, tokenizer.vocab_size)
     quantization = None if gguf else read_quantization(model_dir)  # None unless written by --save_quantized
     gptq = None if gguf else read_gptq_config(model_dir)
@@ -94,15 +96,19 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""  # what --threads set
     print(f"loading {model_dir} ({args.n_layers} layers, dim {args.dim}) as {_name(dtype)} on {device}{threads}",
           file=log)
-    chunk = cfg.prefill_chunk or RESIDENT_PREFILL_CHUNK
+    offloaded: OffloadedModel | None = None
     if gguf is not None:
-        model, device = _load_gguf(cfg, gguf, dtype, device, ctx, slots)
+        model, offloaded = _load_gguf(cfg, gguf, dtype, device, ctx, slots)
     elif gptq is not None:
-        model, device = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx, slots)
+        model, offloaded = _load_gptq(cfg, model_dir, args, gptq, dtype, device, ctx, slots)
     elif cfg.use_offload:
-        model, device, chunk = _load_offloaded(cfg, model_dir, dtype, device, ctx, slots, log)
+        model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, slots,
+                                                                            cfg.quant))
     else:
         model = _load_resident(cfg, model_dir, args, dtype, device, quantization)
+    if offloaded is not None:
+        device = offloaded.device
+    chunk = _prefill_chunk(cfg, offloaded, ctx, log)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
     if device.type == "cpu":
@@ -118,7 +124,7 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     generator = Generator(model, tokenizer, device, ctx, dtype, chunk, graphs=_graphs(cfg, device, log),
                           notify=lambda line: print(line, file=log), cache=kv.slot(0))
     generator.warm_up()
-    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype, kv)
+    return Engine(cfg, args, model, tokenizer, fmt, generator, device, dtype, kv, offloaded)
 
 
 def _graphs(cfg: RunConfig, device: torch.device, log) -> bool:
@@ -133,44 +139,38 @@ def _graphs(cfg: RunConfig, device: torch.device, log) -> bool:
 
 def _load_gguf(
     cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int, slots: int
-) -> tuple[Transformer, torch.device]:
+) -> tuple[Transformer, OffloadedModel | None]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
 
     if cfg.quant is QuantMode.BNB:
         raise UserError("--use_8bit (LLM.int8) does not apply to a GGUF; use --quant int8")
     quant = cfg.quant.value if cfg.quant is not None else None
     if not cfg.use_offload:
-        return load_gguf_resident(gguf, quant, dtype, device), device
-    model, offloaded = load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
-    return model, offloaded.device
+        return load_gguf_resident(gguf, quant, dtype, device), None
+    return load_gguf_offloaded(gguf, quant, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
-               device: torch.device, ctx: int, slots: int) -> tuple[Transformer, torch.device]:
+               device: torch.device, ctx: int, slots: int) -> tuple[Transformer, OffloadedModel | None]:
     from engine.gptq_model import load_gptq_offloaded, load_gptq_resident
 
     if cfg.quant not in (None, QuantMode.INT4):
         raise UserError(f"{model_dir} is 4-bit {gptq.method.upper()}: drop --quant / --use_8bit")
     if not cfg.use_offload:
-        return load_gptq_resident(model_dir, args, gptq, dtype, device), device
-    model, offloaded = load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, slots,
-                                                                                      quant=None))
-    return model, offloaded.device
+        return load_gptq_resident(model_dir, args, gptq, dtype, device), None
+    return load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
 
 
-def _load_offloaded(
-    cfg: RunConfig, model_dir: Path, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, log
-) -> tuple[Transformer, torch.device, int]:
-    """The streaming model, its device, and its prefill chunk: --prefill_chunk, or else the largest chunk
-    whose activations fit the budget (a whole pass over the streamed weights serves that many tokens)."""
-    from engine.llama_offload import build_offloaded_model
-
-    model, offloaded = build_offloaded_model(model_dir, _offload_config(cfg, dtype, device, ctx, slots, cfg.quant))
+def _prefill_chunk(cfg: RunConfig, offloaded: OffloadedModel | None, ctx: int, log) -> int:
+    """--prefill_chunk; else, when weights stream, the largest chunk whose activations fit the budget (a whole
+    pass over the streamed weights serves that many tokens); else RESIDENT_PREFILL_CHUNK."""
     if cfg.prefill_chunk is not None:
-        return model, offloaded.device, cfg.prefill_chunk
+        return cfg.prefill_chunk
+    if offloaded is None:
+        return RESIDENT_PREFILL_CHUNK
     chunk = offloaded.plan.prefill_chunk(ctx)
     print(f"prefill chunk: {chunk} tokens (the largest whose activations fit the GPU budget)", file=log)
-    return model, offloaded.device, chunk
+    return chunk
 
 
 def _offload_config(
@@ -178,8 +178,6 @@ def _offload_config(
 ) -> OffloadConfig:
     """The streaming settings the flags give (quant None: the weights arrive already in their formats;
     slots: sequences the KV cache holds)."""
-    from offload.policy import OffloadConfig
-
     return OffloadConfig(
         dtype=dtype,
         device=device,
@@ -201,31 +199,13 @@ def _load_resident(
     device: torch.device,
     quantization: dict[str, Any] | None,
 ) -> Transformer:
-    from offload.kernels.linear import prepare_linears_for_cuda, quantize_linears
-
-    mode = cfg.quant
+    """Everything on `device` through the placement path (the plan that keeps every part resident): each block
+    quantized as --quant / --use_8bit say (on the GPU when there is one; LLM.int8 must quantize where it
+    runs), and on CUDA fused (q/k/v, gate/up) before int4 takes tinygemm's layout; LLM.int8 stays unfused."""
+    fuse = device.type == "cuda"
     if quantization is not None:
-        mode = QuantMode(quantization["format"])
-        model = load_quantized_model(model_dir, args, quantization, dtype)  # on the CPU, as saved
-    elif mode is None:
-        model = load_model(model_dir, dtype=dtype, device=device, vocab_size=args.vocab_size, progress=True)
-        if device.type == "cuda":
-            fuse_projections(model)
-        return model
-    else:
-        model = load_model(model_dir, dtype=dtype, device="cpu", vocab_size=args.vocab_size, progress=True)
-        if mode is QuantMode.BNB:
-            # LLM.int8 must quantize where it will run: one block at a time crosses at full size.
-            for block in tqdm(model.layers, desc="quantizing to LLM.int8", unit="block"):
-                quantize_linears(block.to(device), mode, progress=False)
-        else:
-            quantize_linears(model.layers, mode)  # in host RAM: the GPU never holds full-size blocks
-    if device.type == "cuda":
-        fuse_projections(model)  # before tinygemm's layout, which does not stack; LLM.int8 stays unfused
-    model.to(device)
-    if device.type == "cuda" and mode is QuantMode.INT4:
-        prepare_linears_for_cuda(model.layers, device)
-    return model
+        return load_quantized_model(model_dir, args, quantization, dtype, device, fuse)
+    return build_resident_model(model_dir, args, OffloadConfig(dtype=dtype, device=device, quant=cfg.quant), fuse)
 
 
 def _name(dtype: torch.dtype) -> str:

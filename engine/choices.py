@@ -35,5 +35,8 @@ def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
 
 
 def resolve_tokenizer(cfg: RunConfig) -> Tokenizer:
-    path = cfg.tokenizer if cfg.tokenizer is not None else cfg.model_dir
-    return load_tokenizer(Path(path))
+    """The TOKENIZER argument, else the one in the model directory (whose generation_config.json the edge read
+    already)."""
+    if cfg.tokenizer is not None:
+        return load_tokenizer(Path(cfg.tokenizer))
+    return load_tokenizer(Path(cfg.model_dir), cfg.generation)

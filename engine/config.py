@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama.generation_config import GenerationConfig
 from llama.sampling_params import SamplingParams
 from offload.quant_mode import QuantMode
 
@@ -41,6 +42,9 @@ class RunConfig:
     chat_format: str | None = None  # None: detected from the tokenizer
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # model_dir's generation_config.json as the edge read it (its sampling defaults are in `sampling` already;
+    # its eos ids stop replies); None: read when the engine is built
+    generation: GenerationConfig | None = None
     # offload and quantization
     use_offload: bool = False
     # None: the planner chooses. A set without gpu_mem: exactly these units stay resident; with gpu_mem a floor.

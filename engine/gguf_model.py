@@ -10,6 +10,7 @@ norm and the output head are always float (dequantized if the file quantizes the
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -115,10 +116,12 @@ def float_weight(t: GGUFTensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return w if dtype is None else w.to(dtype)
 
 
-def linear_weight(t: GGUFTensor, mode: str | None) -> torch.Tensor | Int8Weight | Int4Weight:
-    """A block linear's weight in its format: converted natively, or (de)quantized."""
+def linear_weight(t: GGUFTensor, mode: str | None,
+                  into: Int8Weight | Int4Weight | None = None) -> torch.Tensor | Int8Weight | Int4Weight:
+    """A block linear's weight in its format: converted natively (into `into`'s tensors when given), or
+    (de)quantized."""
     if mode is not None and NATIVE.get(t.type_name) == mode:
-        return CONVERTERS[t.type_name](t.raw, *t.shape)
+        return CONVERTERS[t.type_name](t.raw, *t.shape, into=into)
     w = float_weight(t)
     return w if mode is None else QUANTIZERS[mode](w.float())
 
@@ -139,18 +142,32 @@ def quantized_shell(model: GGUFModel, modes: dict[str, str | None], base: nn.Mod
 def iter_gguf_weights(
     model: GGUFModel, modes: dict[str, str | None], dtype: torch.dtype,
     read: Callable[[int], object] = lambda nbytes: None,
+    home: Callable[[str], torch.Tensor | None] = lambda name: None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the model as quantized_shell laid it out: a quantized linear's
     format tensors under `{module}.{field}`, every float in `dtype` (the formats' own dtypes are kept).
-    read(nbytes) is called after each file tensor (a progress bar's update)."""
+    read(nbytes) is called after each file tensor (a progress bar's update). home(name), asked once per
+    name, may give where that tensor is to be kept (offload/block_buffers.py): it is then written there
+    (native conversions directly) and that view is yielded."""
     for name, t in model.tensors.items():
         module = name.removesuffix(".weight")
         if modes.get(module) is None or not name.endswith(".weight"):
-            yield name, float_weight(t, dtype)
+            yield name, _kept(float_weight(t, dtype), home(name))
         else:
-            for field, tensor in linear_weight(t, modes[module]).tensors().items():
-                yield f"{module}.{field}", tensor
+            fmt = {"int8": Int8Weight, "int4": Int4Weight}[modes[module]]
+            homes = {f.name: home(f"{module}.{f.name}") for f in dataclasses.fields(fmt)}
+            direct = NATIVE.get(t.type_name) == modes[module] and all(h is not None for h in homes.values())
+            weight = linear_weight(t, modes[module], fmt.from_tensors(homes) if direct else None)
+            for field, tensor in weight.tensors().items():
+                yield f"{module}.{field}", _kept(tensor, homes[field])
         read(t.raw.numel() * t.raw.element_size())
+
+
+def _kept(tensor: torch.Tensor, home: torch.Tensor | None) -> torch.Tensor:
+    """The tensor, written into its home first if it has one elsewhere."""
+    if home is None or home.data_ptr() == tensor.data_ptr():
+        return tensor
+    return home.copy_(tensor)
 
 
 def weight_bytes(model: GGUFModel) -> int:

@@ -15,8 +15,7 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from engine.gguf_build import fill_resident
-from engine.llama_offload import offload_transformer
+from engine.llama_offload import offload_transformer, resident_transformer
 from llama.checkpoint_gptq import GPTQConfig, PackedLayer, iter_gptq_tensors
 from llama.checkpoint_hf import hf_to_meta_rows, rope_heads
 from llama.config import ModelArgs
@@ -78,39 +77,34 @@ def _announce(config: GPTQConfig, log: TextIO | None) -> None:
 
 
 def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dtype: torch.dtype,
-                       device: torch.device, log: TextIO | None = None) -> torch.nn.Module:
+                       device: torch.device, log: TextIO | None = None) -> Transformer:
+    """The whole model on `device` in our int4 (act-order layers with their permutation)."""
     _announce(config, log)
     net = empty_model(args)
-    state: dict[str, torch.Tensor] = {}
-    for name, item in iter_gptq_layers(model_dir, args, config, dtype):
-        if isinstance(item, nn.Module):
-            parent, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent), child, item)
-            state.update({f"{name}.{k}": v for k, v in item.state_dict().items()})
-        else:
-            state[name] = item
-    expected = set(net.state_dict())
-    if args.tie_embeddings:
-        expected.discard("output.weight")
-    unknown = sorted(set(state) - expected)
-    if unknown:
-        raise UserError(f"{model_dir}: unexpected tensor {unknown[0]!r}")
-    missing = sorted(expected - set(state))
-    if missing:
-        raise UserError(f"{model_dir}: missing tensor {missing[0]!r}")
-    return fill_resident(net, state, device)
+    weights = shell_weights(model_dir, net, args, config, dtype)
+    return resident_transformer(net, weights, OffloadConfig(dtype=dtype, device=device, verbose=False))
 
 
 def load_gptq_offloaded(model_dir: Path, args: ModelArgs, config: GPTQConfig, offload: OffloadConfig,
                         log: TextIO | None = None) -> tuple[Transformer, OffloadedModel]:
-    """Blocks streamed in 4 bits from pinned RAM as the plan says: the model is built with int4 shells of
-    the converted layers' shapes, then filled by the offload engine as each layer is converted."""
+    """Blocks streamed in 4 bits from pinned RAM as the plan says."""
     _announce(config, log)
     net = empty_model(args)
-    shells = int4_shells(net, args, config)
+    weights = shell_weights(model_dir, net, args, config, offload.dtype)
+    offloaded = offload_transformer(net, weights, replace(offload, quant=None))
+    print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model_dir.name})", file=log or sys.stderr)
+    return net, offloaded
+
+
+def shell_weights(model_dir: Path, net: Transformer, args: ModelArgs, config: GPTQConfig,
+                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Swap int4 shells of the converted layers' shapes into the meta-built `net`, and yield its tensors as each
+    layer is converted: (canonical name, tensor), a layer's under `{module}.{field}`; a field whose shape is not
+    the shell's is a UserError naming the directory."""
+    shells = int4_shells(net, args, config)  # now, before the placement path reads the model's layout
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, item in iter_gptq_layers(model_dir, args, config, offload.dtype):
+        for name, item in iter_gptq_layers(model_dir, args, config, dtype):
             if not isinstance(item, nn.Module):
                 yield name, item
                 continue
@@ -125,9 +119,7 @@ def load_gptq_offloaded(model_dir: Path, args: ModelArgs, config: GPTQConfig, of
                                     f"quantization_config implies")
                 yield f"{name}.{field}", t
 
-    offloaded = offload_transformer(net, weights(), replace(offload, quant=None))
-    print(f"{offloaded.store.nbytes / 1e9:.2f} GB of blocks in host RAM ({model_dir.name})", file=log or sys.stderr)
-    return net, offloaded
+    return weights()
 
 
 def int4_shells(net: Transformer, args: ModelArgs, config: GPTQConfig) -> dict[str, dict[str, torch.Tensor]]:

@@ -3,10 +3,10 @@
 The directory is an ordinary HF checkpoint (config.json + safetensors) whose block linears hold their
 format's tensors instead of `.weight` (`model.layers.0.self_attn.q_proj.qweight` / `.scale` for int8,
 `.packed` / `.scales` / `.zeros` for int4), with `"quantization": {"format": ..., "group_size": ...}`
-in config.json and the tokenizer files beside them. Loading builds the model on the meta device,
-assigns the plain tensors by name and builds each block linear from its saved tensors (the format is
-recognised by their names and checked against config.json): nothing is re-quantized or dequantized, so
-loading costs what reading the bytes costs.
+in config.json and the tokenizer files beside them. Loading builds the model on the meta device and each
+block linear from its saved tensors (the format is recognised by their names and checked against
+config.json), then places the model as every resident load is placed: nothing is re-quantized or
+dequantized, so loading costs what reading the bytes costs.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.choices import pick_dtype, resolve_tokenizer
 from engine.config import RunConfig
+from engine.llama_offload import build_resident_model, resident_transformer
 from engine.offload_messages import flag_messages
 from llama.checkpoint import iter_weights, read_model_args
 from llama.checkpoint_files import Weight, read_json
@@ -27,16 +28,13 @@ from llama.checkpoint_hf import CONFIG, hf_name, iter_hf_weights
 from llama.checkpoint_writer import write_hf_checkpoint
 from llama.config import ModelArgs
 from llama.errors import UserError, first_named
-from llama.loader import empty_model, load_model
+from llama.loader import empty_model
 from llama.model import Transformer
 from offload.kernels.int4_format import Int4Weight, int4_group_size
 from offload.kernels.int8_format import Int8Weight
 from offload.quant_mode import QuantMode
-from offload.kernels.linear import (
-    QuantizedLinear,
-    quantize_linears,
-    quantized_linear_from_tensors,
-)
+from offload.kernels.linear import QuantizedLinear, quantized_linear_from_tensors
+from offload.policy import OffloadConfig
 
 QUANTIZATION_FIELD = "quantization"  # not HF's "quantization_config", which transformers would try to act on
 SAVED_FORMATS = {"int8": Int8Weight, "int4": Int4Weight}
@@ -89,9 +87,8 @@ def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path
     cpu = torch.device("cpu")
     dtype = _checkpoint_dtype(model_dir, args) if cfg.dtype == "auto" else pick_dtype(cfg.dtype, cpu, args)
     print(f"loading {model_dir} as {str(dtype).removeprefix('torch.')} on the CPU to quantize it", file=log)
-    model = load_model(model_dir, dtype=dtype, device=cpu, vocab_size=args.vocab_size)
     with flag_messages():
-        quantize_linears(model.layers, cfg.quant)
+        model = build_resident_model(model_dir, args, OffloadConfig(dtype=dtype, device=cpu, quant=cfg.quant))
     save_quantized(model, args, cfg.tokenizer or model_dir, out_dir, mode, log)
     return out_dir
 
@@ -148,51 +145,61 @@ def check_quantized_run(model_dir: Path, quant: dict[str, Any], requested: Quant
         raise UserError(f"{flag}: {model_dir} is already quantized to {fmt}; drop the flag")
 
 
-def load_quantized_model(model_dir: Path, args: ModelArgs, quant: dict[str, Any], dtype: torch.dtype) -> Transformer:
-    """The quantized model in model_dir on the CPU, in eval mode: the formats' tensors as saved, the other
-    float tensors in `dtype`. Strict: a missing, unexpected or misshapen tensor is a UserError naming the file."""
+def load_quantized_model(model_dir: Path, args: ModelArgs, quant: dict[str, Any], dtype: torch.dtype,
+                         device: torch.device = torch.device("cpu"), fuse: bool = False) -> Transformer:
+    """The quantized model in model_dir on `device`, in eval mode, placed as every resident load is
+    (engine/llama_offload.resident_transformer): the formats' tensors as saved, the other float tensors in
+    `dtype`; fuse as there. Strict: a missing, unexpected or misshapen tensor is a UserError naming the file."""
     model = empty_model(args)
+    read: dict[str, Weight] = {}
+    weights = _saved_weights(model_dir, args, quant, dtype, model, read)
+    config = OffloadConfig(dtype=dtype, device=device)
+    return resident_transformer(model, iter(weights), config, lambda name: read.pop(name).release(), fuse)
+
+
+def _saved_weights(model_dir: Path, args: ModelArgs, quant: dict[str, Any], dtype: torch.dtype, model: Transformer,
+                   read: dict[str, Weight]) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the directory, checked, as (canonical name, tensor): a block linear's format tensors under
+    `{module}.{field}`, its layer (built from them) swapped into the meta-built `model` as a shell of that format.
+    read: filled with each tensor's Weight, for releasing its file pages once placed."""
     linears = {n: m for n, m in model.layers.named_modules(prefix="layers") if isinstance(m, nn.Linear)}
     expected = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[0] not in linears}
+    if args.tie_embeddings:
+        expected.pop("output.weight", None)  # the embedding fills the head
     layer_tensors: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
     layer_files: dict[str, Path] = {}
-    seen: set[str] = set()
+    plain: list[tuple[str, torch.Tensor]] = []
     for w in iter_hf_weights(model_dir, args):
         module, _, leaf = w.name.rpartition(".")
-        if w.name in seen:
+        if w.name in read:
             raise UserError(f"{w.file}: tensor {hf_name(w.name)!r} appears a second time")
-        seen.add(w.name)
+        read[w.name] = w
         if module in layer_tensors:
             layer_tensors[module][leaf] = w.tensor  # a view of the file: built into its layer below
             layer_files[module] = w.file
         elif w.name in expected:
-            _assign(model, w.name, _checked(w, expected[w.name].shape, dtype))
-        else:
+            plain.append((w.name, _checked(w, expected[w.name].shape)))
+        elif not (args.tie_embeddings and w.name == "output.weight"):
             raise UserError(f"{w.file}: tensor {hf_name(w.name)!r} does not belong to this {quant['format']} model")
-    missing = [hf_name(n) for n in expected if n not in seen and not (args.tie_embeddings and n == "output.weight")]
+    missing = [hf_name(n) for n in expected if n not in read]
     missing += [f"{_hf_module(n)}.*" for n, tensors in layer_tensors.items() if not tensors]
     if missing:
         raise UserError(f"{model_dir}: missing tensor {first_named(missing)}")
+    formats: list[tuple[str, torch.Tensor]] = []
     for name, tensors in layer_tensors.items():
         layer = _quantized_layer(tensors, linears[name], quant, dtype, f"{layer_files[name]}: {_hf_module(name)}")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+        formats += [(f"{name}.{field}", t) for field, t in layer.state_dict().items()]
+        model.set_submodule(name, layer.to("meta"))
+    return plain + formats
 
 
-def _checked(w: Weight, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """w's tensor in dtype, or a UserError naming the file if it is not a float tensor of `shape`."""
+def _checked(w: Weight, shape: torch.Size) -> torch.Tensor:
+    """w's tensor, or a UserError naming the file if it is not a float tensor of `shape` (placing casts it)."""
     t = w.tensor
     if t.shape != shape or not t.is_floating_point():
         raise UserError(f"{w.file}: tensor {hf_name(w.name)!r} is {t.dtype} {tuple(t.shape)}, the config asks "
                         f"for a float tensor {tuple(shape)}")
-    if t.dtype == dtype:
-        return t
-    out = t.to(dtype)
-    w.release()
-    return out
+    return t
 
 
 def _quantized_layer(
@@ -240,12 +247,3 @@ def _checkpoint_dtype(model_dir: Path, args: ModelArgs) -> torch.dtype:
     """The dtype the checkpoint stores its first weight in (an unquantized checkpoint has one float dtype)."""
     _, t = next(iter_weights(model_dir, args))
     return t.dtype if t.is_floating_point() else torch.float32
-
-
-def _assign(model: Transformer, name: str, t: torch.Tensor) -> None:
-    module_path, _, leaf = name.rpartition(".")
-    module = model.get_submodule(module_path)
-    if isinstance(getattr(module, leaf), nn.Parameter):
-        setattr(module, leaf, nn.Parameter(t, requires_grad=False))
-    else:
-        setattr(module, leaf, t)

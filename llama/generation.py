@@ -2,7 +2,8 @@
 
 The Generator remembers which tokens its cache holds. A new request shares the longest common
 prefix with them, so a chat turn only prefills its new tokens and a rerun of the same prompt
-prefills one token.
+prefills one token. A prompt's chunks before its last run through the blocks only (no norm, no head,
+nothing copied back), so the host queues them without waiting for the GPU.
 
 When the whole model sits on one CUDA device, one-token steps (and a draft's token-tree levels) go
 through DecodeSteps (llama/decode_graphs.py): replayed CUDA graphs, or with graphs=False the same steps
@@ -96,11 +97,30 @@ class Generator:
         self.cached = []
 
     def warm_up(self) -> None:
-        """Capture the first bucket's decode step now (part of loading) rather than inside the first reply; it
-        writes the cache's first slot, which holds nothing yet."""
+        """Do now, as part of loading, what would slow the first reply: capture the first bucket's decode step;
+        or, for a CUDA model not wholly on the GPU (streamed), load the CUDA libraries and kernels a prefill and
+        a decode step use (a cold first prefill of 3900 tokens lost ~0.27 s to that on the H200, the link idle
+        meanwhile, whatever the model's depth). Either writes cache slots that hold nothing yet."""
+        self.cached = []
         if self.steps is not None:
-            self.cached = []
             self.steps.decode(0, 0)
+        elif self.device.type == "cuda":
+            self._warm_first_block()
+
+    @torch.inference_mode()
+    def _warm_first_block(self) -> None:
+        """A chunk at position 0, a chunk after it (masked attention) and a one-token step through the first block
+        alone, and the head once: every kind of kernel of a pass, for the price of a few block copies (the ring
+        restarts at the next whole pass)."""
+        n = min(self.prefill_chunk, (self.max_seq_len - 1) // 2)
+        if n < 1:
+            return
+        chunk = self._tokens([0] * n)
+        for start, tokens in ((0, chunk), (n, chunk), (2 * n, self._tokens([0]))):
+            self.model.fill_cache(tokens, start, self.cache, blocks=1)
+        norm = self.model.norm.weight
+        self.model.logits(torch.zeros(1, 1, norm.shape[0], dtype=norm.dtype, device=norm.device))
+        self._sync()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -112,10 +132,21 @@ class Generator:
         if len(ids) == 1 and self.steps is not None:
             logits = self.steps.decode(ids[0], start_pos).logits
         else:
-            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, start_pos, self.cache, last_only=True)
+            logits = self.model(self._tokens(ids), start_pos, self.cache, last_only=True)
         self.cached = self.cached[:start_pos] + ids  # only after the forward completed
         return logits[0, -1].float().cpu()
+
+    @torch.inference_mode()
+    def _fill(self, ids: list[int], start_pos: int) -> None:
+        """Run a prompt chunk whose logits nobody reads: keys and values only, and no wait for the GPU, so the
+        next chunk's work is queued while this one runs (a streamed model's copies never pause between them)."""
+        self.model.fill_cache(self._tokens(ids), start_pos, self.cache)
+        self.cached = self.cached[:start_pos] + ids
+
+    def _tokens(self, ids: list[int]) -> torch.Tensor:
+        """ids as a (1, n) tensor where the embedding table is: a host-held one (streaming) looks them up on the
+        CPU, so they never make a round trip through the GPU (whose copy back would wait for all queued work)."""
+        return torch.tensor([ids], dtype=torch.long, device=self.model.tok_embeddings.weight.device)
 
     @torch.inference_mode()
     def tree_logits(self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -123,8 +154,7 @@ class Generator:
         positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward."""
         if self.steps is not None:
             return self.steps.tree(tokens, start, positions, mask).logits[0]
-        ids = torch.tensor([tokens], device=self.device)
-        return self.model(ids, start, self.cache, positions=positions, mask=mask)[0]
+        return self.model(self._tokens(tokens), start, self.cache, positions=positions, mask=mask)[0]
 
     def prefill(self, prompt: list[int], stats: GenerationStats) -> torch.Tensor:
         """Make the cache hold `prompt`, reusing the common prefix; return the next-token logits."""
@@ -136,13 +166,13 @@ class Generator:
         common = min(common, len(prompt) - 1)  # at least one token must run to produce logits
         self.cached = self.cached[:common]
         start = time.perf_counter()
-        logits = None
-        for pos in range(common, len(prompt), self.prefill_chunk):
-            logits = self._forward(prompt[pos : pos + self.prefill_chunk], pos)
+        last = common + (len(prompt) - 1 - common) // self.prefill_chunk * self.prefill_chunk  # the final chunk's start
+        for pos in range(common, last, self.prefill_chunk):
+            self._fill(prompt[pos : pos + self.prefill_chunk], pos)
+        logits = self._forward(prompt[last:], last)
         self._sync()
         stats.prefill_seconds = time.perf_counter() - start
         stats.prefilled_tokens = len(prompt) - common
-        assert logits is not None
         return logits
 
     def stream(

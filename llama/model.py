@@ -231,6 +231,29 @@ class Transformer(nn.Module):
         (batch, seqlen, cached keys), and a cache that writes each row where its positions say
         (llama/slot_cache.py); start_pos is then unused.
         """
+        h = self._through_blocks(tokens, start_pos, cache, positions, mask)
+        return self.logits(h[:, -1:] if last_only else h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head over hidden states (batch, seqlen, dim) after the last block, on the head's device."""
+        return self.output(self.norm(h).to(self.output.weight.device))
+
+    def fill_cache(self, tokens: torch.Tensor, start_pos: int, cache: KVCache, blocks: int | None = None) -> None:
+        """Run tokens (batch, seqlen) through the blocks only, for their keys and values in the cache: a prompt
+        chunk before the last one needs no logits (no norm, no head, nothing copied back). blocks: only the
+        first this many (a warm-up)."""
+        self._through_blocks(tokens, start_pos, cache, None, None, blocks)
+
+    def _through_blocks(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        blocks: int | None = None,
+    ) -> torch.Tensor:
+        """The hidden states (batch, seqlen, dim) after the last block (forward's arguments; fill_cache's blocks)."""
         seqlen = tokens.shape[1]
         if (positions is None or positions.dim() == 1) and start_pos + seqlen > self.rope_cos.shape[0]:
             raise ValueError(f"position {start_pos + seqlen} beyond max_seq_len {self.rope_cos.shape[0]}")
@@ -244,9 +267,6 @@ class Transformer(nn.Module):
             if positions.dim() == 2:  # one row per sequence: broadcast over the heads
                 mask = mask.unsqueeze(1)  # (batch, 1, seqlen, cached keys)
         rotation = rope_rotation(cos.to(h.device), sin.to(h.device), h.dtype)
-        for block in self.layers:
+        for block in self.layers if blocks is None else self.layers[:blocks]:
             h = block(h, rotation, start_pos, cache, mask)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        return self.output(h.to(self.output.weight.device))
+        return h

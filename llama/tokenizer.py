@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llama.errors import UserError
+from llama.generation_config import GenerationConfig, read_generation_config
 
 # Llama 3's pre-tokenizer split (the cl100k pattern).
 LLAMA3_SPLIT_PATTERN = (
@@ -178,7 +179,8 @@ class HFTokenizer(Tokenizer):
     of config.json and generation_config.json.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, generation: GenerationConfig | None = None) -> None:
+        """generation: the generation_config.json beside the file, if the caller read it already."""
         from tokenizers import Tokenizer as HFBackend
 
         try:
@@ -190,8 +192,8 @@ class HFTokenizer(Tokenizer):
         self.special_ids = {tok.content: i for i, tok in self._tok.get_added_tokens_decoder().items()}
         tokenizer_config = _read_json_if_present(path.parent / "tokenizer_config.json")
         config = _read_json_if_present(path.parent / "config.json")
-        generation_config = _read_json_if_present(path.parent / "generation_config.json")
-        config_eos = _id_list(config.get("eos_token_id")) + _id_list(generation_config.get("eos_token_id"))
+        generation = generation if generation is not None else read_generation_config(path.parent)
+        config_eos = _id_list(config.get("eos_token_id")) + list(generation.eos_ids)
 
         if "bos_token" in tokenizer_config:
             self.bos_id = self._named_id(tokenizer_config["bos_token"], path.parent / "tokenizer_config.json")
@@ -273,11 +275,12 @@ def _id_list(value: int | list[int] | None) -> list[int]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
+def load_tokenizer(path: Path, generation: GenerationConfig | None = None) -> Tokenizer:
     """Load a tokenizer file, or the one in a directory (tokenizer.model first, then tokenizer.json).
 
     The kind comes from the content: JSON -> tokenizer.json; lines of 'base64 rank' -> tiktoken;
-    anything else must be a SentencePiece protobuf.
+    anything else must be a SentencePiece protobuf. generation: the directory's generation_config.json,
+    when the caller has read it (a tokenizer.json takes extra stop ids from it; otherwise it reads it).
     """
     path = Path(path)
     if path.is_dir():
@@ -292,7 +295,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     if not head.strip():
         raise UserError(f"{path}: tokenizer file is empty")
     if head.lstrip().startswith(b"{"):
-        return HFTokenizer(path)
+        return HFTokenizer(path, generation)
     if re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?", head.split(b"\n", 1)[0]):
         return TiktokenTokenizer(path)
     return SentencePieceTokenizer(path)

@@ -3,7 +3,8 @@
 One buffer per block means one cudaMemcpyAsync per block. Buffers are ordinary CPU allocations of the
 exact size, page-locked with cudaHostRegister (torch's pinned allocator rounds sizes up to a power of
 two, which would cost up to 2x host RAM). When locking fails the store says so once and carries on with
-pageable memory.
+pageable memory. A reader that knows the layout ahead can write a block's tensors into a `block_buffer`
+itself (views made by TensorEntry.view); add_block then keeps that buffer instead of copying.
 """
 from __future__ import annotations
 
@@ -92,6 +93,38 @@ def page_aligned_empty(nbytes: int) -> torch.Tensor:
     return raw[start : start + nbytes]
 
 
+_BLOCK_BUFFERS: dict[int, weakref.ref] = {}  # id -> storage of each buffer made by block_buffer, while it lives
+
+
+def block_buffer(nbytes: int) -> torch.Tensor:
+    """A page-aligned buffer for one block that a reader fills through TensorEntry.view, laid out as lay_out
+    lays the block's streamed tensors out; HostStore.add_block keeps it as that block's home buffer."""
+    buffer = page_aligned_empty(nbytes)
+    storage = buffer.untyped_storage()  # one Python object for as long as any view of it lives
+    _BLOCK_BUFFERS[id(storage)] = weakref.ref(storage, lambda _, key=id(storage): _BLOCK_BUFFERS.pop(key, None))
+    return buffer
+
+
+def filled_block_buffer(tensors: Mapping[str, torch.Tensor], entries: Mapping[str, TensorEntry],
+                        size: int) -> torch.Tensor | None:
+    """The block_buffer of `size` bytes that already holds every tensor at its entry's offset, or None."""
+    first = next(iter(tensors.values()), None)
+    if first is None or first.device.type != "cpu":
+        return None
+    storage = first.untyped_storage()
+    ref = _BLOCK_BUFFERS.get(id(storage))
+    if ref is None or ref() is not storage:
+        return None
+    start = first.data_ptr() - next(iter(entries.values())).offset
+    for name, t in tensors.items():
+        if t.untyped_storage() is not storage or not t.is_contiguous() or t.data_ptr() != start + entries[name].offset:
+            return None
+    offset = start - storage.data_ptr()
+    if start % PAGE or offset + size > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage, offset, (size,))
+
+
 def pin_buffer(buffer: torch.Tensor) -> int:
     """Page-lock a CPU tensor's memory in place; returns the CUDA error code (0 on success)."""
     return int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), tensor_nbytes(buffer), 0))
@@ -131,19 +164,23 @@ class HostStore:
         self._finalizer.atexit = False
 
     def add_block(self, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy a block's tensors (any device, any order) into a new home buffer, in the given order."""
+        """Copy a block's tensors (any device, any order) into a new home buffer, in the given order; tensors a
+        reader already wrote into a block_buffer laid out this way stay where they are."""
         entries, size = lay_out(tensors.items())
-        buffer = page_aligned_empty(size)
         lock = self.pin and not self.pin_failed
-        if lock and not self.fill.pin_after_fill:
-            self._lock(buffer)
-        pieces = [(entries[name].view(buffer), t) for name, t in tensors.items()]
-        if self._pool is None:
-            for dst, src in pieces:
-                dst.copy_(src)
-        else:
-            list(self._pool.map(lambda piece: piece[0].copy_(piece[1]), _split(pieces)))
-        if lock and self.fill.pin_after_fill:
+        buffer = filled_block_buffer(tensors, entries, size)
+        if buffer is None:
+            buffer = page_aligned_empty(size)
+            if lock and not self.fill.pin_after_fill:
+                self._lock(buffer)
+                lock = False
+            pieces = [(entries[name].view(buffer), t) for name, t in tensors.items()]
+            if self._pool is None:
+                for dst, src in pieces:
+                    dst.copy_(src)
+            else:
+                list(self._pool.map(lambda piece: piece[0].copy_(piece[1]), _split(pieces)))
+        if lock:
             self._lock(buffer)
         self._buffers[index] = buffer
         self._entries[index] = entries

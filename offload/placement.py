@@ -2,11 +2,13 @@
 
     off = apply_offload(layout, footprint, weights, OffloadConfig(exclusions=frozenset({"w1", "w2", "w3"})))
     logits = layout.root(tokens, start_pos, cache)   # the model's own forward; KV cache on off.device
+    place_model(layout, resident_plan(layout.units, len(layout.blocks)), weights, config)   # nothing streams
 
 Weights arrive one at a time from a reader. A block's tensors are gathered until the block is complete,
 optionally quantized, then each tensor goes where the plan puts its unit: streamed ones into one pinned
-home buffer, the rest to the GPU, so the model is never held twice in host RAM. Top-level tensors go where
-the plan puts their Part (the embedding always to host RAM). The model is known only through its
+home buffer, the rest to the device, so the model is never held twice in host RAM. Top-level tensors go
+where the plan puts their Part (a streaming plan keeps the embedding in host RAM). Every load takes this
+path: streamed, resident, quantized here, or arriving quantized. The model is known only through its
 ModelLayout (offload/layout.py).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ from offload.layout import ModelLayout, Part
 from offload.link import measure_link_gbps, probe_link_gbps
 from offload.policy import Footprint, OffloadConfig, Plan, default_budget, plan_placement
 from offload.quant_mode import QuantMode
-from offload.streaming import StreamedBlocks, set_tensor
+from offload.streaming import StreamedBlocks, is_parameter, set_tensor
 
 
 def resolve_device(device: torch.device) -> torch.device:
@@ -62,7 +64,10 @@ def named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def block_unit_bytes(layout: ModelLayout, config: OffloadConfig) -> tuple[dict[str, int], int]:
     """One block's bytes per unit (as laid out in a slot) and the rest of it, in the configured dtype and
     format, from shapes alone (blocks are alike)."""
-    probe = copy.deepcopy(layout.blocks[0]).to(device="meta", dtype=config.dtype)
+    probe = copy.deepcopy(layout.blocks[0]).to(device="meta")
+    for name, t in list(probe.named_parameters()):  # cast as place_block casts: parameters, not formats' buffers
+        if t.is_floating_point():
+            set_tensor(probe, name, t.to(config.dtype))
     if config.quant:
         # Shapes only; tinygemm's CUDA layout (not made here) takes the same bytes as the portable one.
         quantize_block(probe, config.quant)
@@ -158,10 +163,9 @@ def apply_offload(
 ) -> OffloadedModel:
     """Fill a model built on the meta device from (name, tensor) pairs, streaming its blocks.
 
-    Blocks are streamed or resident as the plan says; the embedding stays in host RAM; the KV cache belongs
-    on the returned `.device`. `release(name)` is called once a tensor has been copied to its place (the
-    reader can then drop the file pages behind it). The plan's prefill chunk (`off.plan.prefill_chunk`) is
-    the largest whose activations fit the budget.
+    The plan comes from the GPU budget: blocks are streamed or resident as it says, the embedding stays in
+    host RAM, the KV cache belongs on the returned `.device`. The plan's prefill chunk
+    (`off.plan.prefill_chunk`) is the largest whose activations fit the budget. `release` as in place_model.
     """
     device = resolve_device(config.device)
     link = probe_link_gbps(device, config.pin) if device.type == "cuda" else None
@@ -170,11 +174,33 @@ def apply_offload(
     plan = plan_placement(footprint, budget, config.n_slots, config.exclusions, budget_given=given)
     if config.verbose:
         print(plan.describe(link), file=sys.stderr)
+    return place_model(layout, plan, weights, config, release, link=link)
+
+
+def place_model(
+    layout: ModelLayout,
+    plan: Plan,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    config: OffloadConfig,
+    release: Callable[[str], None] | None = None,
+    finish_block: Callable[[nn.Module], object] | None = None,
+    link: float | None = None,
+) -> OffloadedModel:
+    """Fill a model built on the meta device from (name, tensor) pairs, each part where `plan` puts it (a
+    streaming plan, or resident_plan: everything on the device).
+
+    Each block, once complete, is cast, quantized if config.quant says so, placed, handed to
+    `finish_block` if the plan keeps it whole on the device (a resident run fuses projections there), and
+    its resident int4 linears take tinygemm's layout. `release(name)` is called once a tensor has been
+    copied to its place (the reader can then drop the file pages behind it); a tensor the model keeps
+    using as it came (a CPU run in the file's dtype) is not released.
+    """
+    device = resolve_device(config.device)
     store = HostStore(pin=config.pin and device.type == "cuda", fill=config.fill)
     start = time.perf_counter()
     with torch.no_grad():
-        _load(layout, weights, config, plan, store, device, release or (lambda name: None))
-    if config.verbose:
+        _load(layout, weights, config, plan, store, device, release or (lambda name: None), finish_block)
+    if config.verbose and store.blocks:
         state = "pinned" if store.pinned else "pageable"
         seconds = time.perf_counter() - start
         print(f"host store: {store.nbytes / 1e9:.2f} GB {state} in {seconds:.1f} s "
@@ -198,33 +224,40 @@ def _load(
     store: HostStore,
     device: torch.device,
     release: Callable[[str], None],
+    finish_block: Callable[[nn.Module], object] | None,
 ) -> None:
     root = layout.root
     expected = {i: set(block.state_dict(keep_vars=True)) for i, block in enumerate(layout.blocks)}
     distinct = {id(t): t for t in root.state_dict(keep_vars=True).values()}.values()  # a tied weight once
-    bar = tqdm(total=sum(t.numel() for t in distinct) * config.dtype.itemsize, unit="B", unit_scale=True,
-               desc="loading weights", disable=not config.verbose)
+    doing = "loading weights" + (f" and quantizing them to {config.quant.value}" if config.quant else "")
     pending: dict[int, dict[str, torch.Tensor]] = {}
     prefixes: dict[int, str] = {}  # block index -> what its tensors' full names start with
-    for name, t in weights:
-        bar.update(t.numel() * config.dtype.itemsize)
-        where = layout.block_tensor(name)
-        if where is None:
-            _place_top_level(layout, name, t, config, plan, device)
-            release(name)
-            continue
-        i, inner = where
-        if i not in expected or inner not in expected[i]:
-            raise WeightMismatch(f"unexpected weight {name!r}")
-        pending.setdefault(i, {})[inner] = t
-        prefixes[i] = name[: len(name) - len(inner)]
-        if len(pending[i]) == len(expected[i]):
-            done = pending.pop(i)
-            names = [prefixes[i] + n for n in done]
-            place_block(layout, i, done, config, plan, store, device)
-            for n in names:
-                release(n)
-    bar.close()
+    total = sum(t.numel() for t in distinct) * config.dtype.itemsize
+    # A context: an error mid-load ends the bar's line before the message is printed.
+    with tqdm(total=total, unit="B", unit_scale=True, desc=doing, disable=not config.verbose) as bar:
+        for name, t in weights:
+            bar.update(t.numel() * config.dtype.itemsize)
+            where = layout.block_tensor(name)
+            if where is None:
+                source = t.data_ptr()
+                _place_top_level(layout, name, t, config, plan, device)
+                del t
+                if source not in _host_pointers(named_tensors(root)):
+                    release(name)
+                continue
+            i, inner = where
+            if i not in expected or inner not in expected[i]:
+                raise WeightMismatch(f"unexpected weight {name!r}")
+            pending.setdefault(i, {})[inner] = t
+            prefixes[i] = name[: len(name) - len(inner)]
+            if len(pending[i]) == len(expected[i]):
+                done = pending.pop(i)
+                sources = {prefixes[i] + n: s.data_ptr() for n, s in done.items()}
+                place_block(layout, i, done, config, plan, store, device, finish_block)
+                kept = _host_pointers(named_tensors(layout.blocks[i]))
+                for n, source in sources.items():
+                    if source not in kept:
+                        release(n)
     if pending:
         i, got = next(iter(pending.items()))
         raise WeightMismatch(f"missing weight {prefixes[i] + min(expected[i] - set(got))!r}")
@@ -236,6 +269,11 @@ def _load(
             set_tensor(root, name, t.to(device))
 
 
+def _host_pointers(tensors: Iterable[tuple[str, torch.Tensor]]) -> set[int]:
+    """Where the host-held tensors start: a source among them is used as it came and must not be released."""
+    return {t.data_ptr() for _, t in tensors if t.device.type == "cpu" and not t.is_meta}
+
+
 def place_block(
     layout: ModelLayout,
     i: int,
@@ -244,13 +282,18 @@ def place_block(
     plan: Plan,
     store: HostStore,
     device: torch.device,
+    finish_block: Callable[[nn.Module], object] | None = None,
 ) -> None:
-    """Put one complete block where the plan says: cast, quantize (on the GPU when there is one: faster), then
-    each tensor to the home buffer (its unit streams) or the device (it stays)."""
+    """Put one complete block where the plan says: cast its parameters (the buffers of a format that arrived
+    quantized keep their dtypes), quantize (on the GPU when there is one: faster), then each tensor to the home
+    buffer (its unit streams) or the device (it stays); finish_block as in place_model."""
     block = layout.blocks[i]
     work = device if config.quant else None
     for name, t in tensors.items():
-        set_tensor(block, name, t.to(device=work or t.device, dtype=config.dtype if t.is_floating_point() else t.dtype))
+        dtype = config.dtype if t.is_floating_point() and is_parameter(block, name) else t.dtype
+        # Convert where it moves fewer bytes: widening waits until the tensor is on the device.
+        where = work or (device if dtype.itemsize > t.element_size() else t.device)
+        set_tensor(block, name, t.to(device=where, dtype=dtype))
     tensors.clear()
     if config.quant:
         quantize_block(block, config.quant)
@@ -263,12 +306,14 @@ def place_block(
     for name, t in list(named_tensors(block)):
         if is_streamed(name):
             streamed[name] = t
-        else:
+        elif t.device != device:
             set_tensor(block, name, t.to(device))
     if streamed:
         store.add_block(i, streamed)
         for name in streamed:
             set_tensor(block, name, store.view(i, name))
+    if not units and finish_block is not None:
+        finish_block(block)
     if device.type == "cuda":  # int4 linears, quantized here or arriving in the format (GGUF, GPTQ)
         prepare_resident_int4(block, is_streamed, device)
 
@@ -279,8 +324,12 @@ def _place_top_level(
     if name not in layout.top_level:
         raise WeightMismatch(f"unexpected weight {name!r}")
     t = t.to(dtype=config.dtype)
+    placed: dict[torch.device, nn.Parameter] = {}  # one tensor per place: a tied head shares the embedding's
     for path, part in layout.top_level[name]:
-        if part is Part.EMBEDDING:
+        if part is Part.EMBEDDING and not plan.on_gpu(part):
             layout.root.set_submodule(layout.embedding_module, HostEmbedding(t.to("cpu"), device))
-        else:
-            set_tensor(layout.root, path, t.to(device if plan.on_gpu(part) else torch.device("cpu")))
+            continue
+        where = device if plan.on_gpu(part) else torch.device("cpu")
+        if where not in placed:
+            placed[where] = nn.Parameter(t.to(where), requires_grad=False)
+        set_tensor(layout.root, path, placed[where])

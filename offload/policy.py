@@ -82,6 +82,7 @@ class Plan:
     n_slots: int
     budget: int | None
     literal: bool = field(default=False, compare=False)  # exclusions taken as given, not optimized
+    embedding_on_gpu: bool = False  # streaming plans keep the lookup table in host RAM; a resident run does not
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -93,8 +94,9 @@ class Plan:
         return frozenset(self.units) - self.resident_units
 
     def on_gpu(self, part: Part) -> bool:
-        """Whether a top-level part lives on the GPU (the embedding never does: only its rows cross)."""
-        return {Part.EMBEDDING: False, Part.HEAD: self.head_on_gpu, Part.FIXED: True}[part]
+        """Whether a top-level part lives on the device (a streamed model's embedding does not: only its rows
+        cross)."""
+        return {Part.EMBEDDING: self.embedding_on_gpu, Part.HEAD: self.head_on_gpu, Part.FIXED: True}[part]
 
     @property
     def n_streamed_blocks(self) -> int:
@@ -165,7 +167,8 @@ class Plan:
             f" + activations {format_bytes(fp.activation_bytes)}"
         )
         head = "GPU" if self.head_on_gpu else "host RAM (computed on the CPU)"
-        lines.append(f"  output head: {head}; token embedding: host RAM (rows looked up on the CPU)")
+        embedding = "GPU" if self.embedding_on_gpu else "host RAM (rows looked up on the CPU)"
+        lines.append(f"  output head: {head}; token embedding: {embedding}")
         tps = self.predicted_tps(link_gbps)
         if not self.streamed_bytes:
             lines.append("  streamed per token: nothing (every weight is on the GPU)")
@@ -177,6 +180,15 @@ class Plan:
                 f" -> predicted {tps:.2f} tokens/s (decode, batch 1)"
             )
         return "\n".join(lines)
+
+
+def resident_plan(units: Iterable[str], n_blocks: int) -> Plan:
+    """Everything on the device, the embedding too: the plan of a run that streams nothing. Nothing is sized
+    against a budget, so its footprint holds no byte counts."""
+    footprint = Footprint(n_blocks=n_blocks, unit_bytes=dict.fromkeys(units, 0), block_other_bytes=0,
+                          head_bytes=0, fixed_bytes=0, kv_cache_bytes=0, activation_bytes=0)
+    return Plan(footprint, frozenset(footprint.unit_bytes), n_blocks, head_on_gpu=True, n_slots=1, budget=None,
+                literal=True, embedding_on_gpu=True)
 
 
 def plan_placement(

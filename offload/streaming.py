@@ -23,15 +23,23 @@ from offload.scheduler import CudaTransfer, RingSchedule, SequentialSchedule, Sy
 
 
 def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Point the parameter or buffer `name` (dotted, relative to root) at `tensor`, keeping its kind."""
+    """Point the parameter or buffer `name` (dotted, relative to root) at `tensor`, keeping its kind (a
+    Parameter given is used as it is: a tied weight stays one object)."""
     path, _, leaf = name.rpartition(".")
     module = root.get_submodule(path)
     if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+        module._parameters[leaf] = param
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
     else:
         raise KeyError(f"{type(root).__name__} has no parameter or buffer {name!r}")
+
+
+def is_parameter(root: nn.Module, name: str) -> bool:
+    """Whether `name` (dotted, relative to root) is a parameter (else a buffer: a format's own tensors)."""
+    path, _, leaf = name.rpartition(".")
+    return leaf in root.get_submodule(path)._parameters
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from cli_runner import CPU_GREEDY, main_error, run_app
 from tiny_tokenizer import CORPUS, train_tiny_sentencepiece, write_tiny_hf_tokenizer
 
 import app
+from engine.build import build_engine
 from fixtures import make_hf_model, random_state, tiny_args
 from llama.checkpoint_writer import write_hf_checkpoint
 from llama.loader import load_model
@@ -75,6 +76,18 @@ def test_generation_config_eos_ids_stop_the_reply(tmp_path):
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [399, first]}))
     r = run_app(str(model_dir), *flags)
     assert r.returncode == 0 and r.stdout == "\n" and "stop: eos" in r.stderr
+
+
+def test_generation_config_is_read_once_for_defaults_and_stop_ids(tmp_path, monkeypatch):
+    model_dir = _hf_dir(tmp_path)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [399], "top_k": 7}))
+    reads = []
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: reads.append(path.name) or read_text(path, *a, **k))
+    cfg = app.config_from_args(app.build_parser().parse_args([str(model_dir), *CPU_GREEDY]))
+    engine = build_engine(cfg)
+    assert cfg.sampling.top_k == 7 and 399 in engine.tokenizer.stop_ids
+    assert reads.count("generation_config.json") == 1
 
 
 @pytest.mark.parametrize("bad, field", [({"top_p": "high"}, "top_p"), ({"top_p": 1.5}, "top_p"),

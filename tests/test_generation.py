@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_model import GREEDY, build_tiny_engine
 
-from llama.generation import Generation
+from llama.generation import Generation, GenerationStats
 from llama.sampling import Sampler
 from llama.stop_strings import partial_stop_len
 
@@ -43,6 +43,26 @@ def test_chunked_prefill_matches_one_shot(engine):
         gen.prefill_chunk = 512
     gen.reset()
     assert chunked == gen.generate(prompt, Sampler(GREEDY), 12, stop_ids=set()).token_ids
+
+
+@pytest.mark.parametrize("prompt_len", [7, 8, 15, 22])  # chunks of 7: one, one plus one token, ..., four
+def test_chunked_prefill_runs_the_head_once_for_the_last_position(engine, prompt_len):
+    prompt = [1] + torch.randint(3, 300, (prompt_len - 1,), generator=torch.Generator().manual_seed(prompt_len)).tolist()
+    gen = engine.generator
+    heads: list[int] = []
+    hook = engine.model.output.register_forward_hook(lambda m, args, out: heads.append(args[0].shape[1]))
+    gen.reset()
+    gen.prefill_chunk = 7
+    try:
+        logits = gen.prefill(prompt, GenerationStats())
+    finally:
+        gen.prefill_chunk = 512
+        hook.remove()
+    assert heads == [1]  # chunks before the last make no logits
+    assert gen.cached == prompt
+    with torch.inference_mode():
+        whole = engine.model(torch.tensor([prompt]))[0, -1].float()
+    torch.testing.assert_close(logits, whole, atol=1e-4, rtol=1e-4)
 
 
 def test_second_request_prefills_only_the_new_tokens(engine):

@@ -195,11 +195,15 @@ def test_save_quantized_writes_what_was_read(tmp_path, tokenizers, kind):
 
 
 @pytest.mark.parametrize("kind, bits", [("Q8_0", 8), ("Q4_0", 4)])
-def test_streamed_blocks_stay_in_their_bit_width(tmp_path, tokenizers, kind, bits):
+def test_streamed_blocks_stay_in_their_bit_width(tmp_path, tokenizers, kind, bits, monkeypatch):
     # The offload machinery on the CPU (synchronous copies): the same path --use_offload takes on a GPU.
     from engine.gguf_build import load_gguf_offloaded
     from offload.policy import OffloadConfig
 
+    from offload import block_buffers
+
+    made = []  # data pointers of the home buffers made ahead for the blocks
+    monkeypatch.setattr(block_buffers, "block_buffer", lambda n, make=block_buffers.block_buffer: _noted(make(n), made))
     path, _ = _write(tmp_path, "llama", kind, tokenizers)
     config = OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), exclusions=frozenset(), max_seq_len=64,
                            prefill_chunk=64, verbose=False)
@@ -209,8 +213,15 @@ def test_streamed_blocks_stay_in_their_bit_width(tmp_path, tokenizers, kind, bit
     # bits per weight, plus at most one more for the fp16 scales (and zeros) of 32 weights, plus each of the
     # block's tensors (up to 3 per linear) aligned to 512 bytes in its home buffer.
     assert block_weights * bits / 8 < per_block <= block_weights * (bits + 1) / 8 + 21 * 512
+    # converted straight into the buffers the store keeps (offload/block_buffers.py): none was copied
+    assert sorted(offloaded.store.buffer(b).data_ptr() for b in offloaded.store.blocks) == sorted(made)
     torch.testing.assert_close(_logits(net), _logits(build_engine(_cfg(path)).model), atol=1e-5, rtol=1e-5)
     offloaded.close()
+
+
+def _noted(buffer: torch.Tensor, made: list[int]) -> torch.Tensor:
+    made.append(buffer.data_ptr())
+    return buffer
 
 
 def test_rope_scaling_and_sliding_window_come_from_the_file(tmp_path, tokenizers):

@@ -176,6 +176,7 @@ def test_streamed_gptq_gives_the_resident_logits(tmp_path, method, group, desc_a
 def test_streamed_gptq_whose_tensors_disagree_with_its_config_is_one_line(tmp_path):
     """A file packed with groups of 64 under a config that says 32: the streamed load names the tensor."""
     from engine.gptq_model import load_gptq_offloaded
+    from llama.checkpoint import read_model_args
     from llama.checkpoint_gptq import read_gptq_config
     from llama.errors import UserError
     from offload.policy import OffloadConfig
@@ -186,7 +187,7 @@ def test_streamed_gptq_whose_tensors_disagree_with_its_config_is_one_line(tmp_pa
     (model_dir / "config.json").write_text(json.dumps(config))
     offload = OffloadConfig(dtype=torch.float32, device=torch.device("cpu"), verbose=False, max_seq_len=64,
                             exclusions=frozenset())
-    args = build_engine(_cfg(model_dir)).args
+    args = read_model_args(model_dir)  # (a resident load refuses the file the same way)
     with pytest.raises(UserError, match=r"scales has shape .* not the .* its quantization_config implies") as e:
         load_gptq_offloaded(model_dir, args, read_gptq_config(model_dir), offload)
     assert str(model_dir) in str(e.value) and "\n" not in str(e.value)

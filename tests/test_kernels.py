@@ -206,6 +206,20 @@ def test_tinygemm_scales_and_zeros_convention_on_cpu_op() -> None:
     assert rel_err(y, F.linear(x.float(), w.dequantize())) < 1e-2
 
 
+def test_tinygemm_pairs_from_bfloat16_equal_the_float32_formula() -> None:
+    """Streamed (bfloat16) scales and zeros take a three-launch path: the same bits as computing in float32."""
+    g = torch.Generator().manual_seed(5)
+    scales = (torch.rand(48, 12, generator=g) * 0.1 + 1e-3).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (48, 12), generator=g).float()  # ours and GGUF Q4_0: whole levels
+    zeros[:24] = torch.rand(24, 12, generator=g) * 30 - 7  # GGUF Q4_1: -m / d, any fraction
+    w = Int4Weight(packed=torch.zeros(48, 192, dtype=torch.uint8), scales=scales, zeros=zeros.to(torch.bfloat16))
+    s, z = w.scales.float(), w.zeros.float()
+    expected = torch.stack([s, s * (8.0 - z)], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    got = tinygemm_scales_and_zeros(w)
+    assert got.shape == (12, 48, 2) and got.is_contiguous()
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
 def test_tinygemm_shape_limits() -> None:
     assert tinygemm_supports(quantize_int4(torch.randn(72, 384), 128))
     assert not tinygemm_supports(quantize_int4(torch.randn(67, 384), 128))  # out not a multiple of 8

@@ -161,3 +161,26 @@ def test_quantized_streaming_matches_quantized_resident(quant: QuantMode) -> Non
     assert off.streamed_bytes == off.plan.streamed_bytes  # the planner's shape-only estimate is exact
     tokens, logits = greedy(model, PROMPT, STEPS, "cpu", torch.float32)
     assert tokens == ref[0] and torch.equal(logits, ref[1])
+
+
+@pytest.mark.parametrize("n_slots", [2, 3])
+def test_first_block_warm_up_leaves_the_ring_and_the_reply_as_they_were(model4: tuple, n_slots: int) -> None:
+    """The load-time warm-up of a streamed model runs block 0 alone three times and the head once; the next whole
+    passes restart the ring and decode exactly what a model never warmed up decodes."""
+    from llama.generation import Generator, GenerationStats
+
+    args, state, (ref_tokens, ref_logits) = model4
+    model, off = offloaded(args, state, cpu_config(exclusions=frozenset(), n_slots=n_slots))
+    gen = Generator(model, None, "cpu", 64, torch.float32, prefill_chunk=5)
+    copies = []
+    off.streaming.transfer.copy_fn = lambda block, slot: copies.append(block) or off.streaming._copy(block, slot)
+    gen._warm_first_block()
+    # Each of the three block-0 runs restarts the ring (n_slots copies) and its release fetches one more block.
+    assert copies and set(copies) <= set(range(n_slots + 1)) and len(copies) == 3 * (n_slots + 1)
+    assert gen.cached == []
+    logits = gen.prefill(PROMPT, GenerationStats())
+    tokens = []
+    for pos in range(len(PROMPT), len(PROMPT) + STEPS):
+        tokens.append(int(logits.argmax()))
+        logits = gen._forward([tokens[-1]], pos)
+    assert tokens == ref_tokens

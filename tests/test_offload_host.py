@@ -66,6 +66,26 @@ def test_contiguous_units_merge_into_one_copy() -> None:
     assert len(merge_runs([entries["attention.wq.weight"], entries["attention.wo.weight"]])) == 2
 
 
+def test_a_block_buffer_filled_in_place_is_kept_without_a_copy() -> None:
+    tensors = mixed_tensors()
+    entries, size = lay_out(tensors.items())
+    buffer = host.block_buffer(size)
+    for name, t in tensors.items():
+        entries[name].view(buffer).copy_(t)
+    in_place = {name: entries[name].view(buffer) for name in tensors}
+    store = HostStore(pin=False)
+    store.add_block(0, in_place)
+    assert store.buffer(0).data_ptr() == buffer.data_ptr() and store.entries(0) == entries
+    reordered = dict(reversed(list(in_place.items())))  # another layout than the buffer's: copied
+    store.add_block(1, reordered)
+    assert store.buffer(1).data_ptr() != buffer.data_ptr()
+    plain = dict(tensors)  # views of no block buffer: copied
+    store.add_block(2, plain)
+    for b, source in ((0, tensors), (1, reordered), (2, plain)):
+        assert all(torch.equal(store.view(b, n), t) for n, t in source.items())
+    store.close()
+
+
 def test_filling_from_a_reader_keeps_one_copy_in_ram() -> None:
     # About 110 MB of fp32 weights, made one tensor at a time by the "reader": the host store should be
     # the only copy that stays (RSS growth < 1.15x the weights). On the CPU device the slots, which

@@ -7,11 +7,17 @@ Q4_1 block: fp16 d, fp16 m, then 16 bytes as Q4_0; w = q * d + m = (q - (-m / d)
 group 32, scale d, zero -m / d in float32 (a fractional zero point, which every int4 kernel takes; fp16
 would round it). A block with d = 0 (all its values equal m) becomes scale -m / 8, zero 8, which gives m for
 q = 0, the only level ggml's quantizer writes there.
+
+The *_reference functions do it with torch ops; `convert` (CONVERTERS) with the compiled extension
+(csrc/gguf_blocks.cpp) where it can, bit for bit the same.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 
@@ -47,19 +53,19 @@ def _repack_nibbles(blocks: torch.Tensor, start: int) -> torch.Tensor:
     return packed.view(out, groups * 16)
 
 
-def q8_0_to_int8(raw: torch.Tensor, out: int, inp: int) -> Int8Weight:
+def q8_0_to_int8_reference(raw: torch.Tensor, out: int, inp: int) -> Int8Weight:
     blocks = _blocks(raw, out, inp, "Q8_0")
     q = blocks[..., 2:].contiguous().view(torch.int8).reshape(out, inp)
     return Int8Weight(qweight=q, scale=_fp16(blocks, 0))
 
 
-def q4_0_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
+def q4_0_to_int4_reference(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
     blocks = _blocks(raw, out, inp, "Q4_0")
     scales = _fp16(blocks, 0)
     return Int4Weight(packed=_repack_nibbles(blocks, 2), scales=scales, zeros=torch.full_like(scales, 8.0))
 
 
-def q4_1_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
+def q4_1_to_int4_reference(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
     blocks = _blocks(raw, out, inp, "Q4_1")
     d, m = _fp16(blocks, 0).float(), _fp16(blocks, 2).float()
     flat = d == 0
@@ -68,4 +74,34 @@ def q4_1_to_int4(raw: torch.Tensor, out: int, inp: int) -> Int4Weight:
     return Int4Weight(packed=_repack_nibbles(blocks, 4), scales=scales, zeros=zeros)
 
 
-CONVERTERS = {"Q8_0": q8_0_to_int8, "Q4_0": q4_0_to_int4, "Q4_1": q4_1_to_int4}
+REFERENCES = {"Q8_0": q8_0_to_int8_reference, "Q4_0": q4_0_to_int4_reference, "Q4_1": q4_1_to_int4_reference}
+FILE_SCALE_DTYPES = {"Q8_0": torch.float16, "Q4_0": torch.float16, "Q4_1": torch.float32}  # what the twins give
+
+
+def convert(kind: str, raw: torch.Tensor, out: int, inp: int,
+            into: Int8Weight | Int4Weight | None = None) -> Int8Weight | Int4Weight:
+    """A [out, in] weight's GGUF blocks (raw: uint8 [out, bytes per row]) in our format, written into `into`
+    when given (the format's shapes; scales and zeros in any float dtype, rounded to it as .to() rounds), else
+    into new tensors with the twins' dtypes. By the compiled converters (one pass over the bytes, on all of
+    torch's threads) for data on the CPU, else by the torch twins (meta tensors, or no extension here)."""
+    _blocks(raw, out, inp, kind)  # the sizes must agree
+    ext = cpu_extension() if raw.device.type == "cpu" else None
+    if ext is None:
+        w = REFERENCES[kind](raw, out, inp)
+        if into is None:
+            return w
+        for name, t in into.tensors().items():
+            t.copy_(w.tensors()[name])
+        return into
+    if into is None:
+        scales = torch.empty(out, inp // BLOCK, dtype=FILE_SCALE_DTYPES[kind])
+        into = (Int8Weight(qweight=torch.empty(out, inp, dtype=torch.int8), scale=scales) if kind == "Q8_0" else
+                Int4Weight(packed=torch.empty(out, inp // 2, dtype=torch.uint8), scales=scales,
+                           zeros=torch.empty_like(scales)))
+    raw = raw if raw.stride(-1) == 1 else raw.contiguous()
+    op = {"Q8_0": ext.gguf_q8_0_to_int8, "Q4_0": ext.gguf_q4_0_to_int4, "Q4_1": ext.gguf_q4_1_to_int4}[kind]
+    op(raw, *into.tensors().values())
+    return into
+
+
+CONVERTERS = {kind: functools.partial(convert, kind) for kind in REFERENCES}

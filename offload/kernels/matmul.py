@@ -18,7 +18,7 @@ from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_triton import dequantize_int4
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
-from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_tinygemm, prepare_for_cuda, tinygemm_supports
+from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_converting, int4_matmul_tinygemm, tinygemm_supports
 
 TINYGEMM_MAX_TOKENS = 16  # above this many rows of x, dequantize-then-cuBLAS beats tinygemm
 DEQUANT_ROWS = 2048  # weight rows dequantized at a time: bounds the transient copy (2048 x in)
@@ -59,7 +59,7 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
     if isinstance(w, Int4CudaWeight):
         y = int4_matmul_tinygemm(x2, w)
     elif w.packed.device.type == "cuda" and x2.shape[0] <= TINYGEMM_MAX_TOKENS and tinygemm_supports(w):
-        y = int4_matmul_tinygemm(x2, prepare_for_cuda(w, w.packed.device))
+        y = int4_matmul_converting(x2, w)
     elif w.packed.device.type == "cuda":
         y = _dequantized_linear(x2, w)
     elif w.packed.device.type == "cpu" and (ext := cpu_extension()) is not None:

@@ -20,4 +20,9 @@ TORCH_LIBRARY(llama_offload, m) {
   m.def("vector_width() -> int", &vector_width_op);
   m.def("cpu_paths() -> str[]", &llama_offload::cpu_paths);
   m.def("set_cpu_paths(str[] names) -> str[]", &llama_offload::set_cpu_paths);
+  m.def("gguf_q8_0_to_int8(Tensor raw, Tensor(a!) qweight, Tensor(b!) scale) -> ()", &llama_offload::gguf_q8_0_to_int8);
+  m.def("gguf_q4_0_to_int4(Tensor raw, Tensor(a!) packed, Tensor(b!) scales, Tensor(c!) zeros) -> ()",
+        &llama_offload::gguf_q4_0_to_int4);
+  m.def("gguf_q4_1_to_int4(Tensor raw, Tensor(a!) packed, Tensor(b!) scales, Tensor(c!) zeros) -> ()",
+        &llama_offload::gguf_q4_1_to_int4);
 }

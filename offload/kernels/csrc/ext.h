@@ -25,6 +25,15 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const 
 // x [T, K] through one linear in any CPU format (linears.h) -> [T, N] in x's dtype.
 at::Tensor linear(const at::Tensor& x, at::TensorList weight);
 
+// GGUF blocks (raw: uint8 [rows, bytes per row]) written into our formats' tensors, given contiguous and of
+// the right shapes: Q8_0 -> qweight int8 [rows, in], scale fp16 [rows, in/32]; Q4_0 -> packed uint8
+// [rows, in/2], scales and zeros fp16 [rows, in/32]; Q4_1 -> the same with float32 scales and zeros.
+void gguf_q8_0_to_int8(const at::Tensor& raw, const at::Tensor& qweight, const at::Tensor& scale);
+void gguf_q4_0_to_int4(const at::Tensor& raw, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros);
+void gguf_q4_1_to_int4(const at::Tensor& raw, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& zeros);
+
 // Activation checks shared by both entry points: a 2-D CPU tensor of a supported float dtype.
 void check_activations(const char* op, const at::Tensor& x);
 
