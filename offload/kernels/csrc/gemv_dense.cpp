@@ -118,8 +118,10 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row_stream(const uint16_t* xb, int64_t K
         acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(wr + k + 32 * u),
                                   (__m512bh)_mm512_loadu_si512(xb + k + 32 * u));
     }
-    for (; k + 32 <= K; k += 32)
+    for (; k + 32 <= K; k += 32) {  // a line at a time, still prefetching: rows of 576 end here
+      __builtin_prefetch(wr + k + (kAheadBytes / 2));
       acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xb + k));
+    }
     float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
     for (; k < K; ++k) s += LoadBF16::one(wr + k) * LoadBF16::one(xb + k);
     y[n] = s;
