@@ -131,7 +131,8 @@ def every_plan(fp: Footprint, budget: int, n_slots: int) -> list[Plan]:
 
 @pytest.mark.parametrize("budgets, links", [((1600, 1600), (1.0, 1.0)), ((1300, 2500), (1.0, 3.0)),
                                             ((2200, 1400), (2.0, 1.0))])
-def test_planner_finds_the_fastest_of_every_split_and_plan(budgets: tuple[int, int], links: tuple[float, float]) -> None:
+def test_planner_finds_the_fastest_of_every_split_and_plan(budgets: tuple[int, int],
+                                                           links: tuple[float, float]) -> None:
     """Exhaustively: every split, every placement of every card (any slots), against the planner's pick."""
     fp = small_footprint()
     cards = [Card(CUDA0, budgets[0], links[0]), Card(CUDA1, budgets[1], links[1])]
