@@ -32,6 +32,8 @@ def _first_logits_and_tokens(cfg: RunConfig) -> tuple[torch.Tensor, list[int]]:
     with torch.inference_mode():
         logits = engine.model(torch.tensor([prompt], device=engine.device))[0, -1].float().cpu()
     tokens = engine.generator.generate(prompt, Sampler(GREEDY), 24, stop_ids=set()).token_ids
+    if engine.offloaded is not None:
+        engine.offloaded.close()  # streaming turns cuDNN attention off until detached: later tests expect it back
     return logits, tokens
 
 
