@@ -28,6 +28,8 @@ bench() {  # bench NAME COMMAND...: run one benchmark, log to $OUT/NAME.log
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json" --markdown "$OUT/offload_bench.md"
+bench load_bench "$PY" bench/load_bench.py --methods pin_after  # writes /tmp/load_bench_7b, which app_prefill reads
+bench app_prefill "$PY" bench/app_prefill.py --run 3GiB:4096:1024,3900 --run 6GiB:8448:8000 --repeats 3
 bench cpu_kernels "$PY" bench/cpu_kernels.py --runs 50
 bench cpu_decode "$PY" bench/cpu_decode.py --shape smollm2-135m --repeats 3 --tokens 48  # all cores: 16 on the lent host
 bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
