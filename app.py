@@ -10,9 +10,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine.config import BUNDLED_MODEL, SAVED_MODES, RunConfig
+from engine.config import BUNDLED_MODEL, SAVED_MODES, DeviceSpec, RunConfig
 from engine.flag_checks import check_int_flags, default_max_new_tokens, default_threads
-from engine.flag_values import parse_device, parse_dtype, parse_exclusions, parse_quant, parse_size
+from engine.flag_values import (
+    check_gpu_flags,
+    parse_device,
+    parse_dtype,
+    parse_exclusions,
+    parse_gpu_split,
+    parse_gpus,
+    parse_quant,
+    parse_size,
+)
 from llama.chat_format import CHAT_FORMATS
 from llama.checkpoint_kind import is_prequantized
 from llama.errors import UserError
@@ -68,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--offload_exclusion", default="", help="weights kept on the GPU, e.g. [w1,w2,w3]")
     o.add_argument("--prefetch", type=int, default=2, help="device slots in the prefetch ring")
     o.add_argument("--gpu_mem", help="VRAM budget, e.g. 6GiB (default: free VRAM less a margin)")
+    o.add_argument("--gpus", help="split the blocks across these GPUs in order, e.g. 0,1 (each streams its own)")
+    o.add_argument("--gpu_split", help="VRAM budget per GPU of --gpus, e.g. 10GiB,24GiB (default: each one's free "
+                   "VRAM less a margin; alone: GPUs 0, 1, ...)")
     o.add_argument("--use_8bit", action="store_true", help="8-bit weights (bitsandbytes LLM.int8 when resident)")
     o.add_argument("--quant", choices=("int8", "int4"), help="our own weight-only formats")
     o.add_argument("--save_quantized", type=Path, help="write the quantized model to this directory and exit")
@@ -114,6 +126,11 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     gpu_mem = parse_size(ns.gpu_mem) if ns.gpu_mem else None
     if (exclusions is not None or gpu_mem is not None) and not ns.use_offload:
         raise UserError("--offload_exclusion and --gpu_mem only apply with --use_offload")
+    device = parse_device(ns.device)
+    gpu_split = parse_gpu_split(ns.gpu_split) if ns.gpu_split else None
+    gpus = check_gpu_flags(parse_gpus(ns.gpus) if ns.gpus else None, gpu_split, ns.use_offload, gpu_mem, device)
+    if gpus is not None and len(gpus) == 1:  # one GPU: today's single-device run on it
+        device, gpu_mem, gpu_split = DeviceSpec("cuda", gpus[0]), gpu_split[0] if gpu_split else gpu_mem, None
     quant = parse_quant(ns.quant, ns.use_8bit, ns.use_offload)
     if ns.save_quantized is not None and quant not in SAVED_MODES and not is_prequantized(ns.model_dir):
         raise UserError(f"--save_quantized needs --quant {' or --quant '.join(m.value for m in SAVED_MODES)} "
@@ -124,7 +141,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model_dir=ns.model_dir,
         tokenizer=ns.tokenizer,
-        device=parse_device(ns.device),
+        device=device,
         dtype="float16" if ns.f16 else parse_dtype(ns.dtype),
         ctx=ns.ctx,
         prefill_chunk=ns.prefill_chunk,
@@ -138,6 +155,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         offload_exclusion=exclusions,
         prefetch=ns.prefetch,
         gpu_mem=gpu_mem,
+        gpus=gpus,
+        gpu_split=gpu_split,
         quant=quant,
         save_quantized=ns.save_quantized,
         prompt=ns.prompt,

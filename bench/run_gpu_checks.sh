@@ -28,12 +28,16 @@ bench() {  # bench NAME COMMAND...: run one benchmark, log to $OUT/NAME.log
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
 bench offload_bench "$PY" bench/offload_bench.py --json "$OUT/offload_bench.json" --markdown "$OUT/offload_bench.md"
+bench load_bench "$PY" bench/load_bench.py --methods pin_after  # writes /tmp/load_bench_7b, which app_prefill reads
+bench app_prefill "$PY" bench/app_prefill.py --run 3GiB:4096:1024,3900 --run 6GiB:8448:8000 --repeats 3
 bench cpu_kernels "$PY" bench/cpu_kernels.py --runs 50
 bench cpu_decode "$PY" bench/cpu_decode.py --shape smollm2-135m --repeats 3 --tokens 48  # all cores: 16 on the lent host
 bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
 bench decode_bench "$PY" bench/decode_bench.py --modes fp16,int4,pytiny,app --json "$OUT/decode_bench.json" \
     --markdown "$OUT/decode_bench.md"
 bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"
+# Several GPUs (issue 15): only where two or more are visible (the split on one GPU is among the CUDA tests).
+if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then bench multi_gpu_bench "$PY" bench/multi_gpu_bench.py --markdown "$OUT/multi_gpu_bench.md"; else echo "multi_gpu_bench: skipped (fewer than 2 GPUs visible)"; fi
 
 echo
 echo "== summary =="

@@ -4,8 +4,8 @@ the memory left beside the weights.
 Each slot holds one sequence's whole context: ctx x 2 x layers x KV heads x head_dim x element bytes
 (2 GiB for Llama-2-7B at 4096 tokens in fp16). Without --max_batch the slots may take half of what is free
 for them, at most DEFAULT_BATCH_CAP slots:
-  streamed (--use_offload): the GPU budget (--gpu_mem, or free VRAM less a margin); the weights live in
-      host RAM, and the planner keeps resident what the other half holds;
+  streamed (--use_offload): the GPU budget (--gpu_mem, or free VRAM less a margin; --gpu_split: their sum);
+      the weights live in host RAM, and the planner keeps resident what the other half holds;
   resident on a GPU: free VRAM less the weights;  on the CPU: available RAM less the weights.
 The weights are counted at the model's dtype (quantized ones are smaller, so this errs towards fewer slots).
 """
@@ -41,6 +41,8 @@ def room_for_slots(cfg: RunConfig, args: ModelArgs, dtype: torch.dtype, device: 
     if cfg.use_offload:
         from offload.policy import default_budget
 
+        if cfg.gpu_split is not None:  # split across --gpus: the slots' layers are spread over them too
+            return sum(cfg.gpu_split)
         return cfg.gpu_mem if cfg.gpu_mem is not None else default_budget(device)
     weights = sum(math.prod(s) for s in args.weight_shapes().values()) * dtype.itemsize
     return max(0, free_bytes(device) - weights)

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 import torch
 
 from engine.batch_size import batch_slots
-from engine.choices import pick_device, pick_dtype, resolve_tokenizer
+from engine.choices import pick_device, pick_dtype, pick_gpus, resolve_tokenizer
 from engine.config import RESIDENT_PREFILL_CHUNK, RunConfig
 from engine.cpu_decode import use_cpu_decode_blocks
 from engine.gguf_model import GGUFModel, open_gguf_model
@@ -37,6 +37,7 @@ from llama.tokenizer import Tokenizer
 from offload.policy import OffloadConfig
 from offload.placement import OffloadedModel
 from offload.quant_mode import QuantMode
+from offload.split_run import SplitOffloadedModel
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Engine:
     device: torch.device
     dtype: torch.dtype
     kv: SlotKVCache  # the KV cache: one slot for the console, --max_batch for the server
-    offloaded: OffloadedModel | None = None  # the streaming state (plan, host store, link) when weights stream
+    # the streaming state (plan, host store, link) when weights stream; split across --gpus when several
+    offloaded: OffloadedModel | SplitOffloadedModel | None = None
 
     @property
     def ctx(self) -> int:
@@ -86,6 +88,8 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
         )
     if cfg.use_offload and not torch.cuda.is_available():
         raise UserError("--use_offload streams weights to a CUDA GPU and none is usable here; drop it to run on the CPU")
+    if cfg.gpus is not None:
+        pick_gpus(cfg.gpus)  # every index exists, before anything is read
     device = pick_device(cfg.device, cfg.use_offload)
     dtype = pick_dtype(cfg.dtype, device, args)
     ctx = cfg.ctx or min(args.max_seq_len, 4096)
@@ -117,7 +121,9 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
     fmt = choose_chat_format(cfg.chat_format, tokenizer, model_dir, template)
-    kv = SlotKVCache(model.args, slots, ctx, dtype, device)
+    # A split model keeps each layer's keys and values beside its block.
+    kv_device = offloaded.block_devices if isinstance(offloaded, SplitOffloadedModel) else device
+    kv = SlotKVCache(model.args, slots, ctx, dtype, kv_device)
     if cfg.serve is not None:
         gib = kv.nbytes() / 2**30
         print(f"serving up to {slots} sequences at once (--max_batch; KV cache {gib:.2f} GiB)", file=log)
@@ -139,7 +145,7 @@ def _graphs(cfg: RunConfig, device: torch.device, log) -> bool:
 
 def _load_gguf(
     cfg: RunConfig, gguf: GGUFModel, dtype: torch.dtype, device: torch.device, ctx: int, slots: int
-) -> tuple[Transformer, OffloadedModel | None]:
+) -> tuple[Transformer, OffloadedModel | SplitOffloadedModel | None]:
     from engine.gguf_build import load_gguf_offloaded, load_gguf_resident
 
     if cfg.quant is QuantMode.BNB:
@@ -151,7 +157,8 @@ def _load_gguf(
 
 
 def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfig, dtype: torch.dtype,
-               device: torch.device, ctx: int, slots: int) -> tuple[Transformer, OffloadedModel | None]:
+               device: torch.device, ctx: int, slots: int
+               ) -> tuple[Transformer, OffloadedModel | SplitOffloadedModel | None]:
     from engine.gptq_model import load_gptq_offloaded, load_gptq_resident
 
     if cfg.quant not in (None, QuantMode.INT4):
@@ -161,7 +168,7 @@ def _load_gptq(cfg: RunConfig, model_dir: Path, args: ModelArgs, gptq: GPTQConfi
     return load_gptq_offloaded(model_dir, args, gptq, _offload_config(cfg, dtype, device, ctx, slots, quant=None))
 
 
-def _prefill_chunk(cfg: RunConfig, offloaded: OffloadedModel | None, ctx: int, log) -> int:
+def _prefill_chunk(cfg: RunConfig, offloaded: OffloadedModel | SplitOffloadedModel | None, ctx: int, log) -> int:
     """--prefill_chunk; else, when weights stream, the largest chunk whose activations fit the budget (a whole
     pass over the streamed weights serves that many tokens); else RESIDENT_PREFILL_CHUNK."""
     if cfg.prefill_chunk is not None:
@@ -177,12 +184,15 @@ def _offload_config(
     cfg: RunConfig, dtype: torch.dtype, device: torch.device, ctx: int, slots: int, quant: QuantMode | None
 ) -> OffloadConfig:
     """The streaming settings the flags give (quant None: the weights arrive already in their formats;
-    slots: sequences the KV cache holds)."""
+    slots: sequences the KV cache holds; several --gpus: the blocks split across them)."""
+    devices = pick_gpus(cfg.gpus) if cfg.gpus is not None and len(cfg.gpus) > 1 else ()
     return OffloadConfig(
         dtype=dtype,
         device=device,
         exclusions=cfg.offload_exclusion,
         gpu_mem=cfg.gpu_mem,
+        devices=devices,
+        device_budgets=cfg.gpu_split if devices else None,
         n_slots=cfg.prefetch,
         max_seq_len=ctx,
         kv_sequences=slots,

@@ -24,6 +24,16 @@ def pick_device(spec: DeviceSpec, use_offload: bool = False) -> torch.device:
     return torch.device(spec.kind, spec.index)
 
 
+def pick_gpus(indices: tuple[int, ...]) -> tuple[torch.device, ...]:
+    """The CUDA devices --gpus names, each checked to exist here."""
+    count = torch.cuda.device_count()
+    missing = next((i for i in indices if i >= count), None)
+    if missing is not None:
+        have = f"{count}: 0-{count - 1}" if count > 1 else ("1: 0" if count else "none")
+        raise UserError(f"--gpus: there is no GPU {missing} here (CUDA GPUs visible: {have})")
+    return tuple(torch.device("cuda", i) for i in indices)
+
+
 def pick_dtype(name: str, device: torch.device, args: ModelArgs) -> torch.dtype:
     """auto: float16 on a GPU; float32 on the CPU when it fits comfortably in RAM, else bfloat16."""
     if name != "auto":

@@ -51,6 +51,8 @@ class RunConfig:
     offload_exclusion: frozenset[str] | None = None
     prefetch: int = 2
     gpu_mem: int | None = None  # bytes; None: free VRAM less a margin
+    gpus: tuple[int, ...] | None = None  # --gpus: CUDA indices the blocks split across (one: that GPU alone)
+    gpu_split: tuple[int, ...] | None = None  # bytes per GPU of gpus; None: each one's free VRAM less a margin
     quant: QuantMode | None = None  # --quant, or --use_8bit resolved (BNB resident, INT8 streamed)
     save_quantized: Path | None = None
     # modes

@@ -59,3 +59,40 @@ def parse_quant(quant: str | None, use_8bit: bool, use_offload: bool) -> QuantMo
     if use_8bit:
         return QuantMode.INT8 if use_offload else QuantMode.BNB
     return None if quant is None else QuantMode(quant)
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """`0,1`: CUDA device indices, in the order the blocks go through them."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise UserError(f"--gpus: cannot read {text!r} as GPU indices (example: 0,1)")
+    return tuple(int(p) for p in parts)
+
+
+def parse_gpu_split(text: str) -> tuple[int, ...]:
+    """`10GiB,24GiB`: a VRAM budget per GPU, each a size as --gpu_mem takes it, none zero."""
+    sizes = tuple(parse_size(p, "--gpu_split") for p in text.split(","))
+    if min(sizes) < 1:
+        raise UserError(f"--gpu_split: every budget must be more than 0 bytes, got {text!r}")
+    return sizes
+
+
+def check_gpu_flags(gpus: tuple[int, ...] | None, split: tuple[int, ...] | None, use_offload: bool,
+                    gpu_mem: int | None, device: DeviceSpec) -> tuple[int, ...] | None:
+    """The GPUs --gpus and --gpu_split describe together (--gpu_split alone: GPUs 0, 1, ...), or None; a UserError
+    for flags that disagree. Whether each index exists is checked where torch is (engine/choices.py)."""
+    if gpus is None and split is None:
+        return None
+    if not use_offload:
+        raise UserError("--gpus and --gpu_split only apply with --use_offload")
+    if gpu_mem is not None and split is not None:
+        raise UserError("--gpu_mem and --gpu_split are alternatives: give one budget, or one per GPU")
+    if device.kind != "auto":
+        raise UserError(f"--device {device} and --gpus are alternatives: --gpus names the GPUs")
+    gpus = gpus if gpus is not None else tuple(range(len(split or ())))
+    if split is not None and len(split) != len(gpus):
+        raise UserError(f"--gpu_split gives {len(split)} budgets for the {len(gpus)} GPUs of --gpus")
+    twice = next((g for g in gpus if gpus.count(g) > 1), None)
+    if twice is not None and split is None:
+        raise UserError(f"--gpus lists GPU {twice} twice: give --gpu_split to say each share's budget")
+    return gpus

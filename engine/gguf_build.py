@@ -22,6 +22,7 @@ from engine.llama_offload import llama_layout, offload_transformer, resident_tra
 from engine.read_ahead import read_ahead
 from offload.block_buffers import BlockBuffers
 from offload.placement import OffloadedModel
+from offload.split_run import SplitOffloadedModel
 from offload.policy import OffloadConfig
 
 
@@ -43,7 +44,7 @@ def load_gguf_resident(model: GGUFModel, quant: str | None, dtype: torch.dtype, 
 
 
 def load_gguf_offloaded(model: GGUFModel, quant: str | None, config: OffloadConfig,
-                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel]:
+                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel | SplitOffloadedModel]:
     """Blocks streamed from pinned RAM as the plan says; quantized ones in their own formats."""
     log = log or sys.stderr
     modes = linear_modes(model, quant, log)

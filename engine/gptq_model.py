@@ -27,6 +27,7 @@ from offload.kernels.int4_format import Int4Weight
 from offload.kernels.linear import Int4Linear
 from offload.kernels.permuted_linear import PermutedInt4Linear
 from offload.placement import OffloadedModel
+from offload.split_run import SplitOffloadedModel
 from offload.policy import OffloadConfig
 
 
@@ -86,7 +87,7 @@ def load_gptq_resident(model_dir: Path, args: ModelArgs, config: GPTQConfig, dty
 
 
 def load_gptq_offloaded(model_dir: Path, args: ModelArgs, config: GPTQConfig, offload: OffloadConfig,
-                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel]:
+                        log: TextIO | None = None) -> tuple[Transformer, OffloadedModel | SplitOffloadedModel]:
     """Blocks streamed in 4 bits from pinned RAM as the plan says."""
     _announce(config, log)
     net = empty_model(args)

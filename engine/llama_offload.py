@@ -23,6 +23,7 @@ from offload.host import tensor_nbytes
 from offload.layout import ModelLayout, Part
 from offload.placement import OffloadedModel, apply_offload, block_unit_bytes, place_model, resolve_device
 from offload.policy import WORKSPACE_BYTES, Footprint, OffloadConfig, resident_plan
+from offload.split_run import SplitOffloadedModel, apply_split_offload, split_devices
 
 _PATH_UNITS = {path: unit for unit, path in BLOCK_LINEARS.items()}
 BLOCK_PREFIX = "layers."
@@ -85,9 +86,11 @@ def llama_footprint(model: Transformer, config: OffloadConfig) -> Footprint:
 def offload_transformer(
     model: Transformer, weights: Iterator[tuple[str, torch.Tensor]], config: OffloadConfig,
     release: Callable[[str], None] | None = None,
-) -> OffloadedModel:
-    """Fill a meta-built Transformer from (canonical name, tensor) pairs through offload's placement path."""
-    return apply_offload(llama_layout(model), llama_footprint(model, config), weights, config, release)
+) -> OffloadedModel | SplitOffloadedModel:
+    """Fill a meta-built Transformer from (canonical name, tensor) pairs through offload's placement path (its
+    blocks split across config.devices when two or more are listed)."""
+    place = apply_split_offload if len(config.devices) > 1 else apply_offload
+    return place(llama_layout(model), llama_footprint(model, config), weights, config, release)
 
 
 def resident_transformer(
@@ -103,9 +106,12 @@ def resident_transformer(
     return model.eval()
 
 
-def build_offloaded_model(model_dir: str | Path, config: OffloadConfig) -> tuple[Transformer, OffloadedModel]:
+def build_offloaded_model(
+    model_dir: str | Path, config: OffloadConfig
+) -> tuple[Transformer, OffloadedModel | SplitOffloadedModel]:
     """Read a checkpoint directory into a streaming model: (the model, its offload state)."""
-    resolve_device(config.device)  # fail before reading anything
+    for device in split_devices(config) if len(config.devices) > 1 else (config.device,):
+        resolve_device(device)  # fail before reading anything
     model_dir = Path(model_dir)
     args = read_model_args(model_dir)
     model = empty_model(args)

@@ -5,11 +5,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from llama.errors import UserError
-from offload.errors import BudgetTooSmall, FormatError, MissingDependency, NoGpu, OffloadError
+from offload.errors import BudgetTooSmall, FormatError, MissingDependency, NoGpu, OffloadError, SplitBudgetTooSmall
 
 
 def flag_message(e: OffloadError) -> str:
     """What the user reads: the library's message plus the flags that would change the outcome."""
+    if isinstance(e, SplitBudgetTooSmall):
+        where = "--gpu_split" if e.budget_given else "free GPU memory (give --gpu_split to set budgets)"
+        return f"{where}: {e}; list more --gpus, lower --ctx or --prefetch, or try --quant int4"
     if isinstance(e, BudgetTooSmall):
         where = "--gpu_mem" if e.budget_given else "free GPU memory (give --gpu_mem to set a budget)"
         return f"{where}: {e}; lower --ctx or --prefetch, drop --offload_exclusion names, or try --quant int4"

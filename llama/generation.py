@@ -285,9 +285,10 @@ class Generator:
 
 
 def _all_on_cuda(model: Transformer, device: torch.device) -> bool:
-    """Whether every weight and table of the model is on the CUDA device (a streamed or host-held part is not)."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return device.type == "cuda" and all(t.device.type == "cuda" for t in tensors)
+    """Whether every weight and table of the model is on one CUDA device (a streamed or host-held part is not,
+    nor a model split across GPUs: a graph records one device's work)."""
+    places = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    return device.type == "cuda" and len(places) == 1 and places.pop().type == "cuda"
 
 
 def _is_greedy(sampler: Sampler) -> bool:

@@ -1,6 +1,8 @@
 """The KV cache: preallocated keys and values for every layer, written in place as tokens arrive."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from llama.config import ModelArgs
@@ -18,13 +20,14 @@ class KVCache:
         args: ModelArgs,
         max_seq_len: int,
         dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | Sequence[torch.device] = "cpu",
         batch: int = 1,
     ) -> None:
+        """device: one for every layer, or one per layer (a model split across GPUs keeps each beside its block)."""
         shape = (batch, args.n_kv_heads, max_seq_len, args.head_dim)
         self.max_seq_len = max_seq_len
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
 
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:
@@ -54,7 +57,16 @@ class KVCache:
         index = torch.tensor(slots, device=self.keys[0].device)
         end = start_pos + len(slots)
         for layer in self.keys + self.values:
-            layer[:, :, start_pos:end] = layer.index_select(2, index)
+            layer[:, :, start_pos:end] = layer.index_select(2, index.to(layer.device))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def layer_devices(device: torch.device | str | Sequence[torch.device], n_layers: int) -> list[torch.device | str]:
+    """One device per layer from one for all or a sequence of n_layers."""
+    if isinstance(device, (str, torch.device)):
+        return [device] * n_layers
+    if len(device) != n_layers:
+        raise ValueError(f"KV cache: {len(device)} devices for {n_layers} layers")
+    return list(device)

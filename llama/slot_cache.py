@@ -10,17 +10,21 @@ from __future__ import annotations
 import torch
 
 from llama.config import ModelArgs
-from llama.kv_cache import KVCache
+from collections.abc import Sequence
+
+from llama.kv_cache import KVCache, layer_devices
 
 
 class SlotKVCache:
     def __init__(
-        self, args: ModelArgs, slots: int, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+        self, args: ModelArgs, slots: int, capacity: int, dtype: torch.dtype,
+        device: torch.device | str | Sequence[torch.device] = "cpu",
     ) -> None:
+        """device: one for every layer, or one per layer (as KVCache takes it)."""
         shape = (slots, args.n_kv_heads, capacity, args.head_dim)
         self.slots, self.capacity = slots, capacity
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
 
     def slot(self, s: int) -> KVCache:
         """Slot s as a one-sequence KVCache (views, no copies): prefill and speculation run through it."""
@@ -52,6 +56,7 @@ class BatchStep:
     def __init__(self, cache: SlotKVCache, positions: torch.Tensor, kv_len: int) -> None:
         self.cache, self.positions, self.kv_len = cache, positions, kv_len
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
+        self._indices = {positions.device: (self.rows, positions)}  # per device of the layers: (rows, positions)
 
     def update(
         self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
@@ -59,9 +64,12 @@ class BatchStep:
         """Store k, v (B, n_kv_heads, seqlen, head_dim) at each row's positions; return (B, n_kv_heads, kv_len,
         head_dim) of slots 0..B-1. start_pos is unused: the positions say where each row goes."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if keys.device not in self._indices:  # a layer on another GPU of a split model
+            self._indices[keys.device] = (self.rows.to(keys.device), self.positions.to(keys.device))
+        rows, positions = self._indices[keys.device]
         # Indexing (slot, :, position) with (B, 1) and (B, seqlen) puts (B, seqlen) first: (B, seqlen, heads, dim).
-        keys[self.rows, :, self.positions] = k.transpose(1, 2)
-        values[self.rows, :, self.positions] = v.transpose(1, 2)
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
         batch = self.positions.shape[0]
         return keys[:batch, :, : self.kv_len], values[:batch, :, : self.kv_len]
 

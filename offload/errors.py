@@ -17,6 +17,10 @@ class BudgetTooSmall(OffloadError):
         self.budget_given = budget_given
 
 
+class SplitBudgetTooSmall(BudgetTooSmall):
+    """No split of the blocks over several devices fits their budgets."""
+
+
 class NoGpu(OffloadError):
     """Streaming was asked for on a machine with no usable CUDA GPU."""
 

@@ -17,7 +17,7 @@ import copy
 import itertools
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from offload.host import HostStore, aligned, tensor_nbytes
 from offload.layout import ModelLayout, Part
 from offload.link import measure_link_gbps, probe_link_gbps
 from offload.policy import Footprint, OffloadConfig, Plan, default_budget, plan_placement
+from offload.split import SplitPlan
 from offload.quant_mode import QuantMode
 from offload.streaming import StreamedBlocks, is_parameter, set_tensor
 
@@ -196,15 +197,7 @@ def place_model(
     using as it came (a CPU run in the file's dtype) is not released.
     """
     device = resolve_device(config.device)
-    store = HostStore(pin=config.pin and device.type == "cuda", fill=config.fill)
-    start = time.perf_counter()
-    with torch.no_grad():
-        _load(layout, weights, config, plan, store, device, release or (lambda name: None), finish_block)
-    if config.verbose and store.blocks:
-        state = "pinned" if store.pinned else "pageable"
-        seconds = time.perf_counter() - start
-        print(f"host store: {store.nbytes / 1e9:.2f} GB {state} in {seconds:.1f} s "
-              f"({store.nbytes / 1e9 / max(seconds, 1e-9):.1f} GB/s)", file=sys.stderr)
+    store = fill_model(layout, plan, weights, config, (device,) * len(layout.blocks), release, finish_block)
     if device.type == "cuda" and store.blocks and not store.pinned:
         slow = measure_link_gbps(store.buffer(store.blocks[-1]), device)
         tps = plan.predicted_tps(slow)
@@ -216,13 +209,36 @@ def place_model(
     return OffloadedModel(layout, store, plan, config, device, link)
 
 
+def fill_model(
+    layout: ModelLayout,
+    plan: Plan | SplitPlan,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    config: OffloadConfig,
+    block_devices: Sequence[torch.device],
+    release: Callable[[str], None] | None = None,
+    finish_block: Callable[[nn.Module], object] | None = None,
+) -> HostStore:
+    """place_model's filling, block i on block_devices[i] (the embedding's rows and the RoPE tables go to the
+    first device, the head and the final norm to the last): the HostStore holding the streamed tensors."""
+    store = HostStore(pin=config.pin and block_devices[0].type == "cuda", fill=config.fill)
+    start = time.perf_counter()
+    with torch.no_grad():
+        _load(layout, weights, config, plan, store, block_devices, release or (lambda name: None), finish_block)
+    if config.verbose and store.blocks:
+        state = "pinned" if store.pinned else "pageable"
+        seconds = time.perf_counter() - start
+        print(f"host store: {store.nbytes / 1e9:.2f} GB {state} in {seconds:.1f} s "
+              f"({store.nbytes / 1e9 / max(seconds, 1e-9):.1f} GB/s)", file=sys.stderr)
+    return store
+
+
 def _load(
     layout: ModelLayout,
     weights: Iterable[tuple[str, torch.Tensor]],
     config: OffloadConfig,
-    plan: Plan,
+    plan: Plan | SplitPlan,
     store: HostStore,
-    device: torch.device,
+    block_devices: Sequence[torch.device],
     release: Callable[[str], None],
     finish_block: Callable[[nn.Module], object] | None,
 ) -> None:
@@ -240,7 +256,7 @@ def _load(
             where = layout.block_tensor(name)
             if where is None:
                 source = t.data_ptr()
-                _place_top_level(layout, name, t, config, plan, device)
+                _place_top_level(layout, name, t, config, plan, block_devices)
                 del t
                 if source not in _host_pointers(named_tensors(root)):
                     release(name)
@@ -253,7 +269,7 @@ def _load(
             if len(pending[i]) == len(expected[i]):
                 done = pending.pop(i)
                 sources = {prefixes[i] + n: s.data_ptr() for n, s in done.items()}
-                place_block(layout, i, done, config, plan, store, device, finish_block)
+                place_block(layout, i, done, config, plan, store, block_devices[i], finish_block)
                 kept = _host_pointers(named_tensors(layout.blocks[i]))
                 for n, source in sources.items():
                     if source not in kept:
@@ -264,9 +280,9 @@ def _load(
     missing = [n for n, t in named_tensors(root) if t.is_meta]
     if missing:
         raise WeightMismatch(f"missing weight {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    for name, t in root.named_buffers():  # tables the model made itself (RoPE): beside the blocks, on the GPU
+    for name, t in root.named_buffers():  # tables the model made itself (RoPE): on the GPU of the first block
         if layout.block_tensor(name) is None and not name.startswith(f"{layout.embedding_module}."):
-            set_tensor(root, name, t.to(device))
+            set_tensor(root, name, t.to(block_devices[0]))
 
 
 def _host_pointers(tensors: Iterable[tuple[str, torch.Tensor]]) -> set[int]:
@@ -279,7 +295,7 @@ def place_block(
     i: int,
     tensors: dict[str, torch.Tensor],
     config: OffloadConfig,
-    plan: Plan,
+    plan: Plan | SplitPlan,
     store: HostStore,
     device: torch.device,
     finish_block: Callable[[nn.Module], object] | None = None,
@@ -319,13 +335,15 @@ def place_block(
 
 
 def _place_top_level(
-    layout: ModelLayout, name: str, t: torch.Tensor, config: OffloadConfig, plan: Plan, device: torch.device
+    layout: ModelLayout, name: str, t: torch.Tensor, config: OffloadConfig, plan: Plan | SplitPlan,
+    block_devices: Sequence[torch.device],
 ) -> None:
     if name not in layout.top_level:
         raise WeightMismatch(f"unexpected weight {name!r}")
     t = t.to(dtype=config.dtype)
     placed: dict[torch.device, nn.Parameter] = {}  # one tensor per place: a tied head shares the embedding's
     for path, part in layout.top_level[name]:
+        device = block_devices[0] if part is Part.EMBEDDING else block_devices[-1]  # beside the blocks it feeds
         if part is Part.EMBEDDING and not plan.on_gpu(part):
             layout.root.set_submodule(layout.embedding_module, HostEmbedding(t.to("cpu"), device))
             continue

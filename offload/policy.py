@@ -36,6 +36,12 @@ class OffloadConfig:
     # tool's meaning). A set with gpu_mem: these stay resident and the planner may add more.
     exclusions: frozenset[str] | None = None
     gpu_mem: int | None = None  # None: free VRAM less a margin
+    # Two or more: the blocks split in contiguous ranges across these (offload/split.py), `device` unused;
+    # device_budgets their budgets (None: each one's free memory less a margin), split the blocks each gets
+    # (None: the planner chooses). A device may be listed twice (one GPU standing in for two, in tests).
+    devices: tuple[torch.device, ...] = ()
+    device_budgets: tuple[int, ...] | None = None
+    split: tuple[int, ...] | None = None
     n_slots: int = 2  # --prefetch: device slots in the ring (blocks in flight while one computes)
     max_seq_len: int = 2048  # KV cache length the budget must hold
     batch: int = 1
@@ -50,6 +56,8 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         if self.n_slots < 1:
             raise ValueError(f"OffloadConfig: need at least 1 device slot, got {self.n_slots}")
+        if self.device_budgets is not None and len(self.device_budgets) != len(self.devices):
+            raise ValueError(f"OffloadConfig: {len(self.device_budgets)} budgets for {len(self.devices)} devices")
 
 
 @dataclass(frozen=True)

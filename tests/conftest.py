@@ -4,6 +4,8 @@ Mark a test `@pytest.mark.cuda` and it is skipped, with its reason, on a machine
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 import torch
 
@@ -24,10 +26,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def greedy(
     model: Transformer, prompt: list[int], steps: int, device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+    cache_devices: Sequence[torch.device] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
-    """Prefill `prompt`, then decode `steps` tokens one at a time through a KV cache, each the argmax.
-    Returns the tokens and the logits (steps, vocab) each was chosen from, as float32 on the CPU."""
-    cache = KVCache(model.args, max_seq_len or len(prompt) + steps, dtype, device)
+    """Prefill `prompt`, then decode `steps` tokens one at a time through a KV cache (on `device`, or per layer
+    on cache_devices), each the argmax. Returns the tokens and the logits (steps, vocab) each was chosen from, as
+    float32 on the CPU."""
+    cache = KVCache(model.args, max_seq_len or len(prompt) + steps, dtype, cache_devices or device)
     logits = model(torch.tensor([prompt], device=device), 0, cache, last_only=True)
     tokens, seen = [], []
     for pos in range(len(prompt), len(prompt) + steps):

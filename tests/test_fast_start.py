@@ -32,6 +32,7 @@ def _probe(*argv: str) -> subprocess.CompletedProcess:
         (["--chat_format", "klingon"], 2),
         (["--offload_exclusion", "[w1,w9]", "--use_offload"], 2),
         (["--gpu_mem", "lots", "--use_offload"], 2),
+        (["--gpus", "0,1", "--gpu_split", "4GiB", "--use_offload"], 2),
         (["--ppl", "/nonexistent/text.txt"], 2),
         (["--device", "tpu"], 2),
         (["--serve", "localhost:notaport"], 2),
