@@ -146,7 +146,8 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const 
     rope_interleaved(row, n_heads + n_kv, hd, cos.data_ptr<float>(), sin.data_ptr<float>());
     for (int64_t i = 0; i < n_kv; ++i) {
       const int64_t at_pos = ((b * n_kv + i) * S + pos) * hd;
-      store_row(k_cache.scalar_type(), row + (n_heads + i) * hd, hd, static_cast<char*>(k_cache.data_ptr()) + at_pos * elem);
+      store_row(k_cache.scalar_type(), row + (n_heads + i) * hd, hd,
+                static_cast<char*>(k_cache.data_ptr()) + at_pos * elem);
       store_row(v_cache.scalar_type(), row + (n_heads + n_kv + i) * hd, hd,
                 static_cast<char*>(v_cache.data_ptr()) + at_pos * elem);
     }

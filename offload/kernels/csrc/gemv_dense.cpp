@@ -78,7 +78,8 @@ void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, fl
 // bfloat16 weights against activations rounded to bfloat16: one AVX512_BF16 instruction multiplies 32
 // pairs and adds them into 16 float32 sums, where widening each weight first costs three instructions.
 template <int R, int TB>
-LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, const uint16_t* w, float* y,
+                                              int64_t ldy) {
   __m512 acc[R][TB];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TB; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -103,7 +104,8 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, con
 
 // One token: rows one after another, a single sequential stream for the prefetchers, with four sums in
 // flight to cover the instruction's latency.
-LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float* y, int64_t n0, int64_t n1) {
+LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float* y,
+                                                   int64_t n0, int64_t n1) {
   const int64_t kv = K - K % 128;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;

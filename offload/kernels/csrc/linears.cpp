@@ -127,7 +127,8 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
     widest = std::max(widest, row_bytes(*l));
     if (l->kind != LinearKind::kInt4) continue;
     if (std::none_of(permuted.begin(), permuted.end(), [&](const Permuted& p) { return p.G == l->G; })) {
-      Permuted& p = permuted.emplace_back(Permuted{l->G, std::vector<float>(T * K), std::vector<float>(T * (K / l->G))});
+      Permuted& p = permuted.emplace_back(
+          Permuted{l->G, std::vector<float>(T * K), std::vector<float>(T * (K / l->G))});
       int4_permute_activations(x, T, K, l->G, p.xperm.data(), p.xsum.data());
     }
   }
