@@ -26,8 +26,9 @@ class KVCache:
         """device: one for every layer, or one per layer (a model split across GPUs keeps each beside its block)."""
         shape = (batch, args.n_kv_heads, max_seq_len, args.head_dim)
         self.max_seq_len = max_seq_len
-        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
+        devices = layer_devices(device, args.n_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
 
     @classmethod
     def over(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> KVCache:

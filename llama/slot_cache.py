@@ -7,11 +7,11 @@ same kv_len keys, and a mask hides those beyond each row's own length.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from llama.config import ModelArgs
-from collections.abc import Sequence
-
 from llama.kv_cache import KVCache, layer_devices
 
 
@@ -23,8 +23,9 @@ class SlotKVCache:
         """device: one for every layer, or one per layer (as KVCache takes it)."""
         shape = (slots, args.n_kv_heads, capacity, args.head_dim)
         self.slots, self.capacity = slots, capacity
-        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices(device, args.n_layers)]
+        devices = layer_devices(device, args.n_layers)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
 
     def slot(self, s: int) -> KVCache:
         """Slot s as a one-sequence KVCache (views, no copies): prefill and speculation run through it."""

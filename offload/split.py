@@ -65,14 +65,21 @@ class CardPlan:
         return 0 if self.plan.head_on_gpu else self.plan.footprint.head_bytes
 
 
+def _bytes_per_second(c: CardPlan) -> float:
+    return (c.card.link_gbps or UNKNOWN_LINK_GBPS) * 1e9
+
+
+def link_seconds(cards: Sequence[CardPlan]) -> tuple[float, float]:
+    """The two terms of the module docstring's time: the busiest link's seconds and the exposed seconds (what
+    no other card's work hides), unknown links taken as UNKNOWN_LINK_GBPS."""
+    busiest = max(c.plan.streamed_bytes / _bytes_per_second(c) for c in cards)
+    exposed = sum((c.plan.streamed_bytes - c.hidden_bytes) / _bytes_per_second(c) for c in cards)
+    return busiest, exposed
+
+
 def seconds_per_token(cards: Sequence[CardPlan]) -> float:
     """The module docstring's time per token, unknown links taken as UNKNOWN_LINK_GBPS."""
-    def rate(c: CardPlan) -> float:
-        return (c.card.link_gbps or UNKNOWN_LINK_GBPS) * 1e9
-
-    busiest = max(c.plan.streamed_bytes / rate(c) for c in cards)
-    exposed = sum((c.plan.streamed_bytes - c.hidden_bytes) / rate(c) for c in cards)
-    return max(busiest, exposed) + sum(c.host_head_bytes / rate(c) for c in cards)
+    return max(link_seconds(cards)) + sum(c.host_head_bytes / _bytes_per_second(c) for c in cards)
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,7 @@ class SplitPlan:
         return card.plan.streamed_units(block - card.first)
 
     def on_gpu(self, part: Part) -> bool:
-        return {Part.EMBEDDING: False, Part.HEAD: self.cards[-1].plan.head_on_gpu, Part.FIXED: True}[part]
+        return self.cards[-1].plan.on_gpu(part)  # the last card holds the head
 
     @property
     def streamed_bytes(self) -> int:
@@ -261,10 +268,7 @@ def _fewest_slots(cards: tuple[CardPlan, ...], n_slots: int) -> tuple[CardPlan, 
 
 def _pareto(partials: list[tuple[CardPlan, ...]]) -> list[tuple[CardPlan, ...]]:
     def terms(s: tuple[CardPlan, ...]) -> tuple[float, float, int]:
-        rate = [(c.card.link_gbps or UNKNOWN_LINK_GBPS) * 1e9 for c in s]
-        busiest = max(c.plan.streamed_bytes / r for c, r in zip(s, rate))
-        exposed = sum((c.plan.streamed_bytes - c.hidden_bytes) / r for c, r in zip(s, rate))
-        return busiest, exposed, sum(c.plan.gpu_bytes for c in s)
+        return *link_seconds(s), sum(c.plan.gpu_bytes for c in s)
 
     kept, least_exposed = [], math.inf
     for s in sorted(partials, key=terms):
