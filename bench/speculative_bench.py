@@ -33,7 +33,7 @@ from engine.config import BUNDLED_MODEL, RunConfig
 from engine.flag_values import parse_device
 from engine.llama_offload import offload_transformer
 from engine.llama_units import BLOCK_LINEARS
-from engine.speculative import MAX_TREE_TOKENS
+from engine.speculative import default_tree_cap
 from llama.generation import Generator
 from llama.kv_cache import KVCache
 from llama.loader import load_model
@@ -160,13 +160,16 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
     for name, prompts in workloads(tokenizer, ns).items():
         gen.speculator = None
         plain_tps, _, want = decode(gen, prompts, ns.new_tokens)
-        planner = Planner(MAX_TREE_TOKENS[target_device.type], True, lambda line: print("  " + line, flush=True))
+        planner = Planner(default_tree_cap(gen), True, lambda line: print("  " + line, flush=True))
         gen.speculator = Speculator(DraftModel(draft.generator), PromptLookup(), planner, planner.announce)
         spec_tps, per_pass, got = decode(gen, prompts, ns.new_tokens)
+        spent = gen.speculator.spent
+        rounds = max(spent["rounds"], 1.0)
         row[name] = {
             "plain_tok_s": plain_tps, "spec_tok_s": spec_tps, "tokens_per_pass": per_pass,
             "speedup": spec_tps / plain_tps, "same_tokens": got == want,
             "x_link_limit": spec_tps / limit if limit else None,
+            "ms_per_round": {k: 1e3 * spent[k] / rounds for k in ("draft", "target", "round")},
         }
         print(f"[{mode}] {name}: {json.dumps(row[name])}", flush=True)
     if off is not None:

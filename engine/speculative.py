@@ -7,13 +7,23 @@ from typing import TextIO
 from engine.build import Engine, build_engine
 from engine.config import RunConfig
 from engine.flag_values import parse_device
+from llama.decode_graphs import MAX_GRAPH_TOKENS
 from llama.errors import UserError
+from llama.generation import Generator
 from llama.speculative.decoder import Speculator
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner, TreeShape
 
 MAX_TREE_TOKENS = {"cuda": 256, "cpu": 32}  # the planner's cap without --draft_tokens
+
+
+def default_tree_cap(generator: Generator) -> int:
+    """Tokens per target pass the planner may use without --draft_tokens: a resident GPU model's pass is a
+    captured step up to MAX_GRAPH_TOKENS (beyond, an eager pass costs several plain steps)."""
+    if generator.steps is not None:
+        return MAX_GRAPH_TOKENS
+    return MAX_TREE_TOKENS[generator.device.type]
 
 
 def attach_speculation(engine: Engine, log: TextIO | None = None, shape: TreeShape | None = None) -> None:
@@ -23,7 +33,7 @@ def attach_speculation(engine: Engine, log: TextIO | None = None, shape: TreeSha
     if cfg.draft is None and not cfg.lookup:
         return
     draft = DraftModel(build_draft(engine, log).generator) if cfg.draft is not None else None
-    cap = cfg.draft_tokens or MAX_TREE_TOKENS[engine.device.type]
+    cap = cfg.draft_tokens or default_tree_cap(engine.generator)
     announce = lambda line: print(line, file=log)  # noqa: E731
     planner = Planner(cap, draft is not None, announce, shape)
     lookup = PromptLookup() if cfg.lookup else None

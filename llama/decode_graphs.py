@@ -35,7 +35,7 @@ from llama.model import Transformer
 from llama.slot_cache import BatchStep
 
 MIN_BUCKET = 256  # the smallest kv length a step attends over: short contexts share one graph
-MAX_GRAPH_TOKENS = 16  # steps of more tokens (a large token tree) run eagerly: their shapes seldom repeat
+MAX_GRAPH_TOKENS = 32  # steps of more tokens (a large token tree) run eagerly: their shapes seldom repeat
 
 
 def kv_bucket(length: int, capacity: int) -> int:
@@ -90,16 +90,32 @@ class DecodeSteps:
     @torch.inference_mode()
     def tree(self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor) -> StepOutput:
         """Nodes of a token tree at cache slots start, start + 1, ...: their RoPE positions (n,) and which of
-        the cache positions each sees, mask (n, start + n) bool (llama/speculative/tree.py)."""
+        the cache positions each sees, mask (n, start + n) bool (llama/speculative/tree.py).
+
+        A tree that a graph can take is padded to the next power of two, so that a few graphs serve trees of
+        every size: each padding node sees only its own slot, past the tree's, and nobody reads its output
+        (the cache holds nothing there that a later step reads before writing it)."""
         n, seen = len(tokens), mask.shape[1]
-        inputs = self._buffers(n)
-        inputs.tokens.copy_(torch.tensor([tokens]), non_blocking=True)
-        inputs.positions.copy_(positions[None], non_blocking=True)
-        inputs.slots.copy_(torch.arange(start, start + n)[None], non_blocking=True)
-        bucket = kv_bucket(seen, self.cache.max_seq_len)
-        inputs.mask[:, :, :seen].copy_(mask[None], non_blocking=True)
-        inputs.mask[:, :, seen:bucket].fill_(False)
-        return self._run(True, n, bucket)
+        size = self._tree_size(n, start)
+        inputs = self._buffers(size)
+        pad = size - n
+        inputs.tokens.copy_(torch.tensor([tokens + [0] * pad]), non_blocking=True)
+        inputs.positions.copy_(torch.cat([positions, positions.new_full((pad,), start)])[None], non_blocking=True)
+        inputs.slots.copy_(torch.arange(start, start + size)[None], non_blocking=True)
+        bucket = kv_bucket(start + size, self.cache.max_seq_len)
+        inputs.mask[:, :n, :seen].copy_(mask[None], non_blocking=True)
+        inputs.mask[:, :n, seen:bucket].fill_(False)
+        if pad:
+            inputs.mask[:, n:, :bucket].fill_(False)
+            inputs.mask[0, torch.arange(n, size), torch.arange(start + n, start + size)] = True  # (pad,): own slots
+        out = self._run(True, size, bucket)
+        return StepOutput(out.logits[:, :n], out.argmax[:, :n])
+
+    def _tree_size(self, n: int, start: int) -> int:
+        """The token count a tree of n nodes at `start` runs as: the next power of two where a graph would take
+        it (captured or not: the tokens must not depend on --no_graphs), else n."""
+        size = 1 << (n - 1).bit_length()
+        return size if size <= MAX_GRAPH_TOKENS and start + size <= self.cache.max_seq_len else n
 
     def _buffers(self, n: int) -> _Inputs:
         if n not in self._inputs:

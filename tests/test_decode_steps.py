@@ -51,10 +51,11 @@ def test_steps_decode_as_the_model_does_across_a_bucket_boundary(arch, shape):
     torch.testing.assert_close(torch.stack(logits[:-1]), expected_logits[1:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("context", [37, CAPACITY - 7])  # padded to 8 nodes; at the end of the cache, not padded
 @torch.inference_mode()
-def test_a_tree_step_gives_what_the_model_gives_for_the_same_tree():
+def test_a_tree_step_gives_what_the_model_gives_for_the_same_tree(context):
     model = _model("mistral", sliding_window=5)
-    prompt = list(range(3, 40))
+    prompt = [3 + i % 200 for i in range(context)]
     tree = TokenTree(7)
     tree.add_path(0, [8, 9, 10], 10)
     tree.add_path(1, [11, 12], 10)  # a branch under the first child

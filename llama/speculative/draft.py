@@ -28,24 +28,28 @@ class DraftModel:
         gen = self.generator
         start = len(history) - 1  # the root's position
         logits = gen.prefill(list(history), GenerationStats())[None]  # (1, vocab): what follows the root
-        frontier, frontier_logp = [0], torch.zeros(1)  # nodes just run; their cumulative log-probabilities
+        # The nodes just run, and their cumulative log-probabilities.
+        frontier, frontier_logp = [0], torch.zeros(1, device=logits.device)
         self._ran = {0}
         for level in range(depth):
             room = min(width, budget - len(tree))
             if room <= 0:
                 return
-            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp.to(logits.device)[:, None]  # (frontier, vocab)
-            # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest.
-            greedy = int(logp[0].argmax())
-            others = [i for i in torch.topk(logp.flatten(), min(room, logp.numel())).indices.tolist() if i != greedy]
-            picks = [greedy] + others[: room - 1]
+            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp[:, None]  # (frontier, vocab)
+            # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest:
+            # one copy back per level (the greedy pick, then the top `room` by cumulative probability).
+            best = torch.topk(logp.flatten(), min(room, logp.numel())).indices
+            chosen = torch.cat([logp[0].argmax()[None], best]).tolist()
+            greedy = chosen[0]
+            picks = [greedy] + [i for i in chosen[1:] if i != greedy][: room - 1]
             lo = len(tree)
             for flat in picks:  # the draft alone grows the tree here, so every pick is a new node
                 tree.add(frontier[flat // logp.shape[1]], flat % logp.shape[1])
             hi = len(tree)
             if level == depth - 1:
                 return
-            frontier, frontier_logp = list(range(lo, hi)), logp.flatten()[picks]
+            frontier = list(range(lo, hi))
+            frontier_logp = logp.flatten()[torch.tensor(picks).to(logp.device, non_blocking=True)]
             positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
             logits = gen.tree_logits(tree.tokens[lo:hi], start + lo, positions, mask)  # a captured step when it can be
             self._ran.update(frontier)

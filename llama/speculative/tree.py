@@ -7,6 +7,7 @@ context (slots < start) and its own ancestors, never a sibling's branch.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -16,6 +17,7 @@ class TokenTree:
         self.parents = [-1]
         self.depths = [0]
         self.children: list[dict[int, int]] = [{}]  # per node: token -> child node, in insertion order
+        self.lineage = [1]  # per node: a bitset of itself and its ancestors (bit j: node j)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -30,6 +32,7 @@ class TokenTree:
             self.depths.append(self.depths[parent] + 1)
             self.children.append({})
             self.children[parent][token] = child
+            self.lineage.append(self.lineage[parent] | 1 << child)
         return child
 
     def add_path(self, parent: int, tokens: list[int], budget: int) -> None:
@@ -47,15 +50,13 @@ class TokenTree:
             node = self.parents[node]
         return out[::-1]
 
-    def ancestors(self) -> torch.Tensor:
-        """(n, n) bool: [i, j] is True when node j is node i or one of its ancestors."""
-        n = len(self)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        for i, parent in enumerate(self.parents):
-            if parent >= 0:
-                mask[i] = mask[parent]
-            mask[i, i] = True
-        return mask
+    def ancestors(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """(hi - lo, hi) bool: [i, j] is True when node j is node lo + i or one of its ancestors."""
+        hi = len(self) if hi is None else hi
+        width = (hi + 7) // 8
+        rows = b"".join(bits.to_bytes(width, "little") for bits in self.lineage[lo:hi])
+        bits = np.unpackbits(np.frombuffer(rows, np.uint8).reshape(hi - lo, width), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :hi].astype(bool))
 
 
 def tree_attention(
@@ -70,7 +71,7 @@ def tree_attention(
     depths = torch.tensor(tree.depths[:hi])
     positions = start + depths[lo:]  # (hi - lo,)
     context = torch.ones(hi - lo, start, dtype=torch.bool)
-    mask = torch.cat([context, tree.ancestors()[lo:hi, :hi]], dim=1)  # (hi - lo, start + hi)
+    mask = torch.cat([context, tree.ancestors(lo, hi)], dim=1)  # (hi - lo, start + hi)
     if window is not None:
         key_pos = torch.cat([torch.arange(start), start + depths])  # (start + hi,)
         mask &= key_pos[None, :] > positions[:, None] - window
