@@ -29,13 +29,14 @@ class DraftModel:
         start = len(history) - 1  # the root's position
         logits = gen.prefill(list(history), GenerationStats())[None]  # (1, vocab): what follows the root
         # The nodes just run, and their cumulative log-probabilities.
-        frontier, frontier_logp = [0], torch.zeros(1, device=logits.device)
+        frontier, frontier_logp = [0], torch.zeros(1)
         self._ran = {0}
         for level in range(depth):
             room = min(width, budget - len(tree))
             if room <= 0:
                 return
-            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp[:, None]  # (frontier, vocab)
+            # (frontier, vocab); the first level's logits are on the CPU (prefill), the others where the draft runs
+            logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp.to(logits.device)[:, None]
             # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest:
             # one copy back per level (the greedy pick, then the top `room` by cumulative probability).
             best = torch.topk(logp.flatten(), min(room, logp.numel())).indices
