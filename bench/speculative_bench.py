@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.build import build_engine
 from engine.config import BUNDLED_MODEL, RunConfig
 from engine.flag_values import parse_device
-from engine.llama_offload import offload_transformer
-from engine.llama_units import BLOCK_LINEARS
+from engine.llama_offload import offload_transformer, resident_transformer
 from engine.speculative import default_tree_cap
 from llama.generation import Generator
 from llama.kv_cache import KVCache
@@ -68,9 +67,10 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
         return model.eval(), None, dtype
-    exclusions = frozenset(BLOCK_LINEARS) if mode == "resident" else frozenset()
-    config = OffloadConfig(dtype=dtype, device=device, exclusions=exclusions, n_slots=2, max_seq_len=ns.ctx,
-                           prefill_chunk=512, quant=quant, pin=device.type == "cuda")
+    config = OffloadConfig(dtype=dtype, device=device, n_slots=2, max_seq_len=ns.ctx, prefill_chunk=512,
+                           quant=quant, pin=device.type == "cuda")
+    if mode == "resident":  # as app.py places a model that fits: everything on the GPU, projections fused
+        return resident_transformer(model, iter(state.items()), config, fuse=True), None, dtype
     return model, offload_transformer(model, iter(state.items()), config), dtype
 
 

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from llama.generation import GenerationStats, Generator
 
 EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens
-PROBE_TOKENS = 8  # the second pass size timed before the first plan
-PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation
+PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation,
+PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large model: speculation pays at once)
 
 
 class Speculator:
@@ -65,7 +65,7 @@ class Speculator:
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
             begin = time.perf_counter()
             if self.planner.needs_probe():
-                if plain_run < PROBE_AFTER:
+                if plain_run < PROBE_AFTER and sum(self.planner.plain_passes) < PROBE_SECONDS:
                     plain_run += 1
                     pending = [sampler.sample(self._plain_pass(gen, history[-1], start), history)]
                     stats.decode_passes += 1
@@ -144,12 +144,18 @@ class Speculator:
         return out
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
-        """Time tree passes of 2 and PROBE_TOKENS tokens at the current position, after a warm-up of each
-        (the tree's keys are overwritten by the next round), then a draft step; the plain passes before it
-        were timed already."""
+        """Time tree passes of 2 tokens and of the most the planner may use, at the current position (the
+        tree's keys are overwritten by the next round), then a draft step; the plain passes before it were
+        timed already. The two sizes lie far apart, so the slope of pass time in tokens is not a few
+        milliseconds of noise divided by a few tokens. Each size runs once untimed first where that first run
+        is slow: the large one always (a kernel chosen or compiled for its shape), the small one where the
+        target's steps are captured graphs."""
         room = gen.max_seq_len - start
-        small, n = min(2, room), min(PROBE_TOKENS, room)
-        for size, timed in ((small, False), (n, False), (small, True), (n, True)):
+        small, large = min(2, room), min(self.planner.max_tokens, room)
+        runs = [(large, False), (small, True), (large, True)]
+        if gen.steps is not None:
+            runs.insert(0, (small, False))
+        for size, timed in runs:
             tree = TokenTree(history[-1])
             tree.add_path(0, [history[-1]] * (size - 1), size)
             positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)

@@ -131,12 +131,16 @@ class Planner:
         return (self.hits[width] + PRIOR_TRIALS * prior) / (self.trials[width] + PRIOR_TRIALS)
 
     def pass_seconds(self, tokens: int) -> float:
-        """t(n) = a + b * n, least squares over the timed passes (b >= 0)."""
+        """t(n) = a + b * n (b >= 0), least squares over the median time of each pass size timed: a one-off
+        slow pass (a kernel compiled, a graph captured for a new size) does not tilt the line."""
         if self._fit is None:
-            ns = [n for n, _ in self.passes]
-            mean_n, mean_t = sum(ns) / len(ns), sum(t for _, t in self.passes) / len(ns)
-            var = sum((n - mean_n) ** 2 for n in ns)
-            cov = sum((n - mean_n) * (t - mean_t) for n, t in self.passes)
+            by_size: dict[int, list[float]] = defaultdict(list)
+            for n, t in self.passes:
+                by_size[n].append(t)
+            points = [(n, sorted(ts)[len(ts) // 2]) for n, ts in by_size.items()]
+            mean_n, mean_t = sum(n for n, _ in points) / len(points), sum(t for _, t in points) / len(points)
+            var = sum((n - mean_n) ** 2 for n, _ in points)
+            cov = sum((n - mean_n) * (t - mean_t) for n, t in points)
             slope = max(cov / var, 0.0) if var else 0.0
             self._fit = (mean_t - slope * mean_n, slope)
         a, b = self._fit
