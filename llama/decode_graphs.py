@@ -77,6 +77,7 @@ class DecodeSteps:
         self._inputs: dict[int, _Inputs] = {}
         self._graphs: dict[tuple[bool, int, int], tuple[torch.cuda.CUDAGraph, StepOutput]] = {}
         self._pool: tuple[int, int] | None = None  # one memory pool for every graph: they never run at once
+        self.captured = 0  # graphs captured so far: a step that captured one took a one-off time
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> StepOutput:
@@ -165,6 +166,7 @@ class DecodeSteps:
         except RuntimeError as e:
             return self._give_up("capturing the step failed", e)
         self._pool = graph.pool()
+        self.captured += 1
         return graph, out
 
     def _give_up(self, why: str, error: Exception) -> None:

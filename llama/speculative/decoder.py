@@ -42,6 +42,7 @@ class Speculator:
         self.planner = planner
         self.announce = announce
         self._said_mirostat = False
+        self._pass_seconds = 0.0  # the latest tree pass
         # Where the speculative rounds' time went, summed (benchmarks report it): drafting, the target's tree
         # passes, whole rounds (the rest is verifying, moving keys, sampling).
         self.spent = {"draft": 0.0, "target": 0.0, "round": 0.0, "rounds": 0.0}
@@ -63,7 +64,7 @@ class Speculator:
         while True:
             yield from pending
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
-            begin = time.perf_counter()
+            begin, captures = time.perf_counter(), self._captures(gen)
             if self.planner.needs_probe():
                 if plain_run < PROBE_AFTER and sum(self.planner.plain_passes) < PROBE_SECONDS:
                     plain_run += 1
@@ -72,13 +73,13 @@ class Speculator:
                     continue
                 self._probe(gen, history, start)
                 plain_run = 0
-                begin = time.perf_counter()
+                begin, captures = time.perf_counter(), self._captures(gen)
             shape = self.planner.choose()
             if shape is None and plain_run >= EXPLORE_EVERY:
                 shape, plain_run = TreeShape(2, 1), 0
             tree = TokenTree(history[-1])
             if shape is not None:
-                self._draft(tree, history, shape, gen.max_seq_len - start)
+                self._draft(gen, tree, history, shape)
             drafted = time.perf_counter()
             if len(tree) == 1:
                 plain_run += 1
@@ -87,27 +88,35 @@ class Speculator:
                 pending = self._verify(gen, tree, sampler, history, start, shape)
             depth = shape.depth if shape is not None and len(tree) > 1 else 0
             seconds = time.perf_counter() - begin
-            self.planner.observe_round_time(len(tree), depth, seconds)
+            if self._captures(gen) == captures:  # a round that captured a graph took a one-off time
+                self.planner.observe_round_time(len(tree), depth, seconds)
             if depth:
                 self._account(drafted - begin, seconds)
             stats.decode_passes += 1
 
+    def _captures(self, gen: Generator) -> int:
+        """Graphs the target's and the draft's decode steps have captured so far."""
+        steps = [gen.steps, self.draft.generator.steps if self.draft is not None else None]
+        return sum(s.captured for s in steps if s is not None)
+
     def _account(self, draft_seconds: float, round_seconds: float) -> None:
         spent = self.spent
         spent["draft"] += draft_seconds
-        spent["target"] += self.planner.passes[-1][1]  # the round's tree pass, timed by _timed
+        spent["target"] += self._pass_seconds  # the round's tree pass, timed by _timed
         spent["round"] += round_seconds
         spent["rounds"] += 1
 
-    def _draft(self, tree: TokenTree, history: list[int], shape: TreeShape, room: int) -> None:
-        begin = time.perf_counter()
+    def _draft(self, gen: Generator, tree: TokenTree, history: list[int], shape: TreeShape) -> None:
+        begin, captures = time.perf_counter(), self._captures(gen)
+        room = gen.max_seq_len - (len(history) - 1)
         budget = min(shape.budget, room)
         if self.draft is not None:
             self.draft.propose(tree, history, shape.depth, shape.width, budget)
         if self.lookup is not None:  # after the draft, so that its paths never block the draft's
             extra = shape.depth * self.lookup.max_paths if self.draft is not None else 0
             self.lookup.propose(tree, history, shape.depth, min(budget + extra, room, self.planner.max_tokens))
-        self.planner.observe_draft(shape.depth, time.perf_counter() - begin)
+        if self._captures(gen) == captures:
+            self.planner.observe_draft(shape.depth, time.perf_counter() - begin)
 
     def _verify(
         self, gen: Generator, tree: TokenTree, sampler: Sampler, history: list[int], start: int, shape: TreeShape
@@ -132,15 +141,18 @@ class Speculator:
 
     def _plain_pass(self, gen: Generator, token: int, start: int) -> torch.Tensor:
         """One token through the plain decode path (what decoding without speculation costs), timed."""
-        begin = time.perf_counter()
+        begin, captures = time.perf_counter(), self._captures(gen)
         logits = gen._forward([token], start)  # on the CPU: the device has finished
-        self.planner.observe_plain_pass(time.perf_counter() - begin)
+        if self._captures(gen) == captures:
+            self.planner.observe_plain_pass(time.perf_counter() - begin)
         return logits
 
-    def _timed(self, fn: Callable[..., torch.Tensor], n: int, *args: object) -> torch.Tensor:
-        begin = time.perf_counter()
-        out = fn(*args)  # on the CPU: the device has finished
-        self.planner.observe_pass(n, time.perf_counter() - begin)
+    def _timed(self, fn: Callable[..., torch.Tensor], n: int, gen: Generator, *args: object) -> torch.Tensor:
+        begin, captures = time.perf_counter(), self._captures(gen)
+        out = fn(gen, *args)  # on the CPU: the device has finished
+        self._pass_seconds = time.perf_counter() - begin
+        if self._captures(gen) == captures:
+            self.planner.observe_pass(n, self._pass_seconds)
         return out
 
     def _probe(self, gen: Generator, history: list[int], start: int) -> None:
@@ -163,6 +175,9 @@ class Speculator:
                 self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
             else:
                 self._tree_pass(gen, tree, start, positions, mask)
-        for _ in range(2):  # the draft's step time too (the second one timed on its own)
-            self.planner.draft_step, self.planner.draft_steps = 0.0, 0
-            self._draft(TokenTree(history[-1]), history, TreeShape(2, 1), gen.max_seq_len - start)
+        self._draft(gen, TokenTree(history[-1]), history, TreeShape(2, 1))  # the draft's step time too, after a warm-up
+        self.planner.draft_step, self.planner.draft_steps = 0.0, 0
+        for _ in range(2):  # from a run that captured no graph
+            self._draft(gen, TokenTree(history[-1]), history, TreeShape(2, 1))
+            if self.planner.draft_steps:
+                break

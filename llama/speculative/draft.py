@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from llama.decode_graphs import MAX_GRAPH_TOKENS
 from llama.generation import Generator, GenerationStats
 from llama.speculative.tree import TokenTree, tree_attention
 
@@ -27,7 +28,7 @@ class DraftModel:
         """Add up to `depth` levels of at most `width` nodes each under the root, within `budget` nodes."""
         gen = self.generator
         start = len(history) - 1  # the root's position
-        logits = gen.prefill(list(history), GenerationStats())[None]  # (1, vocab): what follows the root
+        logits = self._catch_up(history)  # (1, vocab): what follows the root
         # The nodes just run, and their cumulative log-probabilities.
         frontier, frontier_logp = [0], torch.zeros(1)
         self._ran = {0}
@@ -54,6 +55,27 @@ class DraftModel:
             positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
             logits = gen.tree_logits(tree.tokens[lo:hi], start + lo, positions, mask)  # a captured step when it can be
             self._ran.update(frontier)
+
+    def _catch_up(self, history: Sequence[int]) -> torch.Tensor:
+        """Make the draft's cache hold `history` (the root last); the logits (1, vocab) of what follows it.
+        A few new tokens (the usual round: the accepted path's deepest and the target's own) run as one chain
+        through the decode steps, a captured graph on the GPU; more, or a model with no steps, through prefill."""
+        gen = self.generator
+        common = 0
+        for a, b in zip(gen.cached, history):
+            if a != b:
+                break
+            common += 1
+        new = list(history[min(common, len(history) - 1) :])
+        if gen.steps is None or len(new) > MAX_GRAPH_TOKENS:
+            return gen.prefill(list(history), GenerationStats())[None]
+        start = len(history) - len(new)
+        chain = TokenTree(new[0])
+        chain.add_path(0, new[1:], len(new))
+        positions, mask = tree_attention(chain, start, window=gen.model.args.sliding_window)
+        logits = gen.tree_logits(new, start, positions, mask)[-1:]
+        gen.cached = gen.cached[:start] + new
+        return logits
 
     def accept(self, start: int, nodes: list[int], tree: TokenTree) -> None:
         """Keep the draft's keys of the accepted nodes it ran, so that the next round starts after them."""
