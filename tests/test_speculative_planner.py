@@ -62,3 +62,12 @@ def test_rounds_that_deliver_fewer_tokens_per_second_than_plain_steps_turn_it_of
     planner.hits.clear()  # forget the acceptance: only the delivered rate is left to say no
     planner.trials.clear()
     assert _replan(planner) is None
+
+
+def test_a_one_off_slow_pass_does_not_tilt_the_fit() -> None:
+    """Streaming, flat: one pass of 256 tokens took 2 s once (a kernel compiled); the others at that size 235 ms."""
+    planner = _planner(0.235, lambda n: 0.235, 0.001)
+    for seconds in (2.0, 0.235, 0.235):
+        planner.observe_pass(256, seconds)
+    assert abs(planner.pass_seconds(256) - 0.235) < 0.01
+    assert abs(planner.pass_seconds(1) - 0.235) < 0.01

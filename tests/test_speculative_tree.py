@@ -108,6 +108,7 @@ def test_tree_structure():
     anc = tree.ancestors()
     assert anc[6].nonzero().flatten().tolist() == [0, 1, 4, 6]
     assert anc[5].nonzero().flatten().tolist() == [0, 2, 5]
+    assert torch.equal(tree.ancestors(3, 6), anc[3:6, :6])  # the rows a draft level needs, its columns so far
     chain = TokenTree(1)
     chain.add_path(0, [2, 3, 4, 5], budget=3)
     assert chain.tokens == [1, 2, 3]
