@@ -68,8 +68,8 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
         return model.eval(), None, dtype
-    config = OffloadConfig(dtype=dtype, device=device, n_slots=2, max_seq_len=ns.ctx, prefill_chunk=512,
-                           quant=quant, pin=device.type == "cuda")
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
+                           prefill_chunk=512, quant=quant, pin=device.type == "cuda")  # every block streamed
     if mode == "resident":  # as app.py places a model that fits: everything on the GPU, projections fused
         return resident_transformer(model, iter(state.items()), config, fuse=True), None, dtype
     return model, offload_transformer(model, iter(state.items()), config), dtype
