@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Generator as Gen, Iterator
+from collections.abc import Callable, Generator as Gen, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -156,14 +156,18 @@ class Generator:
             return self.steps.tree(tokens, start, positions, mask).logits[0]
         return self.model(self._tokens(tokens), start, self.cache, positions=positions, mask=mask)[0]
 
-    def prefill(self, prompt: list[int], stats: GenerationStats) -> torch.Tensor:
-        """Make the cache hold `prompt`, reusing the common prefix; return the next-token logits."""
+    def reusable_prefix(self, prompt: Sequence[int]) -> int:
+        """How many of prompt's first tokens the cache already holds, leaving at least one to run (for logits)."""
         common = 0
         for a, b in zip(self.cached, prompt):
             if a != b:
                 break
             common += 1
-        common = min(common, len(prompt) - 1)  # at least one token must run to produce logits
+        return min(common, len(prompt) - 1)
+
+    def prefill(self, prompt: list[int], stats: GenerationStats) -> torch.Tensor:
+        """Make the cache hold `prompt`, reusing the common prefix; return the next-token logits."""
+        common = self.reusable_prefix(prompt)
         self.cached = self.cached[:common]
         start = time.perf_counter()
         last = common + (len(prompt) - 1 - common) // self.prefill_chunk * self.prefill_chunk  # the final chunk's start

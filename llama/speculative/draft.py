@@ -36,7 +36,8 @@ class DraftModel:
             room = min(width, budget - len(tree))
             if room <= 0:
                 return
-            # (frontier, vocab); the first level's logits are on the CPU (prefill), the others where the draft runs
+            # (frontier, vocab); the first level's logits may be on the CPU (after a prefill), the others are where
+            # the draft runs
             logp = torch.log_softmax(logits.float(), dim=-1) + frontier_logp.to(logits.device)[:, None]
             # The draft's own greedy chain (frontier[0]'s best child) first, then the best of the rest:
             # one copy back per level (the greedy pick, then the top `room` by cumulative probability).
@@ -51,7 +52,7 @@ class DraftModel:
             if level == depth - 1:
                 return
             frontier = list(range(lo, hi))
-            frontier_logp = logp.flatten()[torch.tensor(picks).to(logp.device, non_blocking=True)]
+            frontier_logp = logp.flatten()[torch.tensor(picks, device=logp.device)]
             positions, mask = tree_attention(tree, start, lo, hi, gen.model.args.sliding_window)
             logits = gen.tree_logits(tree.tokens[lo:hi], start + lo, positions, mask)  # a captured step when it can be
             self._ran.update(frontier)
@@ -61,12 +62,7 @@ class DraftModel:
         A few new tokens (the usual round: the accepted path's deepest and the target's own) run as one chain
         through the decode steps, a captured graph on the GPU; more, or a model with no steps, through prefill."""
         gen = self.generator
-        common = 0
-        for a, b in zip(gen.cached, history):
-            if a != b:
-                break
-            common += 1
-        new = list(history[min(common, len(history) - 1) :])
+        new = list(history[gen.reusable_prefix(history) :])
         if gen.steps is None or len(new) > MAX_GRAPH_TOKENS:
             return gen.prefill(list(history), GenerationStats())[None]
         start = len(history) - len(new)
