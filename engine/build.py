@@ -58,6 +58,11 @@ class Engine:
     def ctx(self) -> int:
         return self.generator.max_seq_len
 
+    def close(self) -> None:
+        """Stop streaming (the ring's copies, cuDNN attention's switch) and free the pinned host store."""
+        if self.offloaded is not None:
+            self.offloaded.close()
+
 
 def build_engine(cfg: RunConfig, log: TextIO | None = None) -> Engine:
     """Load, quantize and place the model cfg describes; every failure the user can fix is a UserError.

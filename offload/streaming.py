@@ -7,10 +7,12 @@ releases the slot. The model itself is untouched: it runs its normal forward.
 The host must run ahead of the GPU so that copies are queued before the link goes idle. cuDNN's
 attention blocks the host until the GPU catches up (1.5 ms a call measured on an H100 while streaming,
 77 us when resident), so while streaming is attached scaled_dot_product_attention uses its other
-CUDA backends (flash, memory-efficient); the setting is restored on detach.
+CUDA backends (flash, memory-efficient). The switch is process-wide, so it is counted: the user's setting
+comes back when the last streaming model detaches or is garbage-collected, whatever the order.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +42,26 @@ def is_parameter(root: nn.Module, name: str) -> bool:
     """Whether `name` (dotted, relative to root) is a parameter (else a buffer: a format's own tensors)."""
     path, _, leaf = name.rpartition(".")
     return leaf in root.get_submodule(path)._parameters
+
+
+class _CudnnAttentionOff:
+    """Process-wide count of streaming models that need cuDNN attention off; the first saves the setting."""
+
+    holders = 0
+    saved = True
+
+    @classmethod
+    def hold(cls) -> None:
+        if cls.holders == 0:
+            cls.saved = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        cls.holders += 1
+
+    @classmethod
+    def drop(cls) -> None:
+        cls.holders -= 1
+        if cls.holders == 0:
+            torch.backends.cuda.enable_cudnn_sdp(cls.saved)
 
 
 @dataclass(frozen=True)
@@ -110,9 +132,10 @@ class StreamedBlocks:
         )
         self._blocks = blocks
         self._streamed = streamed
-        self._cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
-        if device.type == "cuda":
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        # detach() drops the hold; a model never detached drops it when it is collected
+        self._cudnn_hold = weakref.finalize(self, _CudnnAttentionOff.drop) if device.type == "cuda" else None
+        if self._cudnn_hold is not None:
+            _CudnnAttentionOff.hold()
         self._hooks: list[RemovableHandle] = []
         for b in order:
             self._hooks.append(blocks[b].register_forward_pre_hook(self._pre_hook(b)))
@@ -143,7 +166,8 @@ class StreamedBlocks:
         self._hooks.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            torch.backends.cuda.enable_cudnn_sdp(self._cudnn_sdp)
+        if self._cudnn_hold is not None:
+            self._cudnn_hold()  # runs once: a second detach, or the collection after it, does nothing
         for b, names in self._streamed.items():
             for name in names:
                 set_tensor(self._blocks[b], name, self.store.view(b, name))
