@@ -4,9 +4,10 @@ CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ah
 matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
 CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain Int4Weight (what streams)
 is converted to tinygemm's layout per call for decode-sized inputs (one cheap pass over the packed bytes),
-and for prefill-sized inputs dequantized in row chunks (one Triton pass each: int4_triton.py) and
-multiplied by cuBLAS, since tinygemm is a small-batch kernel. int8, and int4 weights tinygemm cannot take, are dequantized on the device per call
-(a transient copy, freed after the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
+and for larger inputs (token trees, prefill) multiplied by a Triton kernel that dequantizes inside the matmul
+(int4_gemm_triton.py), since tinygemm is a small-batch kernel. int8, and int4 where neither kernel runs
+(float32 activations, no Triton), are dequantized on the device per call (a transient copy, freed after
+the call). int8 with grouped scales (GGUF Q8_0, 32 inputs per scale) has no
 CPU kernel (ours takes one scale per row): on the CPU it is dequantized DEQUANT_ROWS rows at a time.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from offload.kernels.cpu_ext import cpu_extension
-from offload.kernels.int4_triton import dequantize_int4
+from offload.kernels.int4_gemm_triton import int4_gemm, int4_gemm_supported
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_converting, int4_matmul_tinygemm, tinygemm_supports
@@ -60,6 +61,8 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
         y = int4_matmul_tinygemm(x2, w)
     elif w.packed.device.type == "cuda" and x2.shape[0] <= TINYGEMM_MAX_TOKENS and tinygemm_supports(w):
         y = int4_matmul_converting(x2, w)
+    elif w.packed.device.type == "cuda" and int4_gemm_supported(x2, w):
+        y = int4_gemm(x2, w)
     elif w.packed.device.type == "cuda":
         y = _dequantized_linear(x2, w)
     elif w.packed.device.type == "cpu" and (ext := cpu_extension()) is not None:
@@ -70,11 +73,9 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
 
 
 def _dequantized_linear(x: torch.Tensor, w: Int4Weight | Int8Weight) -> torch.Tensor:
-    """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype (int4 on a GPU
-    by one kernel pass: int4_dequant_cuda.py)."""
+    """x [tokens, in] @ w.T, dequantizing DEQUANT_ROWS weight rows at a time into x's dtype."""
     parts = []
     for r in range(0, w.out_features, DEQUANT_ROWS):
         rows = type(w).from_tensors({n: t[r : r + DEQUANT_ROWS] for n, t in w.tensors().items()})
-        weight = dequantize_int4(rows, x.dtype) if isinstance(rows, Int4Weight) else rows.dequantize(x.dtype)
-        parts.append(F.linear(x, weight))
+        parts.append(F.linear(x, rows.dequantize(x.dtype)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
