@@ -35,6 +35,9 @@ bench cpu_decode "$PY" bench/cpu_decode.py --shape smollm2-135m --repeats 3 --to
 bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
 bench decode_bench "$PY" bench/decode_bench.py --modes fp16,int4,pytiny,app --json "$OUT/decode_bench.json" \
     --markdown "$OUT/decode_bench.md"
+bench int4_gemm_bench "$PY" bench/int4_gemm_bench.py
+bench speculative_bench "$PY" bench/speculative_bench.py --modes stream_fp16,stream_int4,resident --prompts 2 \
+    --new-tokens 64 --repeats 2 --json "$OUT/speculative_bench.json" --markdown "$OUT/speculative_bench.md"
 bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"
 # Several GPUs (issue 15): only where two or more are visible (the split on one GPU is among the CUDA tests).
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then bench multi_gpu_bench "$PY" bench/multi_gpu_bench.py --markdown "$OUT/multi_gpu_bench.md"; else echo "multi_gpu_bench: skipped (fewer than 2 GPUs visible)"; fi
