@@ -7,8 +7,10 @@
   bucket, so tok/s cannot exceed bandwidth / those bytes.
 - fp16, int4: the Llama-2-7B shape (dim 4096, 32 layers, FFN 11008, vocab 32000), random weights, resident
   (int4: groups of 128 in tinygemm's layout, bfloat16), q/k/v and gate/up fused as app.py fuses them.
-  Greedy decode through the Generator with graphs on, off (the same steps op by op: --no_graphs), and the
-  model's plain forward per token with the logits copied back (the decode path before the steps).
+  Greedy decode through the Generator with graphs on, off (the same steps op by op: --no_graphs), the
+  model's plain forward per token with the logits copied back (the decode path before the steps), and graphs
+  with llama/fused_ops.py held to its torch references (the step before the fused kernels). Each step's
+  kernels, by name, with their count and device time, go to stderr and the json.
 - pytiny: the bundled 14M model, fp16, the same three ways.
 - app: app.py as a user runs it (`--prompt ... --max_new_tokens 128`) on a random fp16 checkpoint of the
   7B shape written to --ckpt (vocabulary of the bundled tokenizer), and the bundled model, with graphs,

@@ -22,6 +22,7 @@ from llama.fused_triton import kernels
 MAX_NORM_DIM = 16384  # one program holds a row in registers
 ATTENTION_BLOCK = 32  # cache positions per tile of the split attention
 ATTENTION_PROGRAMS = 1024  # splits are chosen so that a step launches about this many programs
+ATTENTION_WARPS = 2
 MAX_SPLITS = 64
 MAX_ATTENTION_QUERIES = 32  # queries per sequence; a prefill-sized chunk reads the cache once per query here
 
@@ -68,11 +69,11 @@ def add_rms_norm_reference(
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (statistics in float32), as F.rms_norm."""
-    k = kernels_for(x, weight)
-    if k is None or not _norm_fits(x, weight):
+    kern = kernels_for(x, weight)
+    if kern is None or not _norm_fits(x, weight):
         return rms_norm_reference(x, weight, eps)
     out = torch.empty_like(x)
-    _launch_norm(k, x, None, weight, None, out, eps)
+    _launch_norm(kern, x, None, weight, None, out, eps)
     return out
 
 
@@ -80,11 +81,11 @@ def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, RMSNorm(x + delta)): the residual stream and the next sublayer's input, one pass."""
-    k = kernels_for(x, delta, weight)
-    if k is None or not _norm_fits(x, weight) or delta.shape != x.shape or not delta.is_contiguous():
+    kern = kernels_for(x, delta, weight)
+    if kern is None or not _norm_fits(x, weight) or delta.shape != x.shape or not delta.is_contiguous():
         return add_rms_norm_reference(x, delta, weight, eps)
     h, out = torch.empty_like(x), torch.empty_like(x)
-    _launch_norm(k, x, delta, weight, h, out, eps)
+    _launch_norm(kern, x, delta, weight, h, out, eps)
     return h, out
 
 
@@ -93,10 +94,10 @@ def _norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[-1] == weight.shape[0] <= MAX_NORM_DIM and x.numel() > 0)
 
 
-def _launch_norm(k, x, delta, weight, h, out, eps: float) -> None:
+def _launch_norm(kern, x, delta, weight, h, out, eps: float) -> None:
     dim = x.shape[-1]
-    block = k.next_power_of_2(dim)
-    k.add_rms_norm[(x.numel() // dim,)](x, x if delta is None else delta, weight, out if h is None else h, out,
+    block = kern.next_power_of_2(dim)
+    kern.add_rms_norm[(x.numel() // dim,)](x, x if delta is None else delta, weight, out if h is None else h, out,
                                          dim, eps, HAS_DELTA=delta is not None, BLOCK=block,
                                          num_warps=min(16, max(1, block // 256)))
 
@@ -109,16 +110,16 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up for gate, up (..., width) whose last dim is contiguous (halves of one fused matmul)."""
-    k = kernels_for(gate, up)
+    kern = kernels_for(gate, up)
     width = gate.shape[-1]
-    if k is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.numel() == 0:
+    if kern is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.numel() == 0:
         return silu_mul_reference(gate, up)
     g2, u2 = _rows(gate, width), _rows(up, width)
     if g2 is None or u2 is None:
         return silu_mul_reference(gate, up)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    k.silu_mul[(g2.shape[0], -(-width // block))](g2, u2, out, width, g2.stride(0), u2.stride(0), BLOCK=block)
+    kern.silu_mul[(g2.shape[0], -(-width // block))](g2, u2, out, width, g2.stride(0), u2.stride(0), BLOCK=block)
     return out
 
 
@@ -158,17 +159,17 @@ def rope_store(
     and k with rotation = llama.model.rope_rotation's factors; k and v go to keys/values (slots, n_kv_heads,
     capacity, head_dim) at row b, position slots[b, t] (slots (batch, seqlen) int64). Returns rotated q
     (batch, seqlen, n_heads, head_dim)."""
-    k = kernels_for(heads, keys, values, rotation[0], rotation[1])
+    kern = kernels_for(heads, keys, values, rotation[0], rotation[1])
     bsz, seqlen, n_all, head_dim = heads.shape
     n_kv = (n_all - n_heads) // 2
-    if (k is None or not _is_power_of_2(head_dim) or head_dim < 4 or heads.stride(3) != 1 or heads.stride(2) != head_dim
-            or keys.stride(3) != 1 or values.stride() != keys.stride() or slots.shape != (bsz, seqlen)
+    if (kern is None or not _is_power_of_2(head_dim) or head_dim < 4 or heads.stride(3) != 1
+            or heads.stride(2) != head_dim or keys.stride(3) != 1 or values.stride() != keys.stride() or slots.shape != (bsz, seqlen)
             or slots.device != heads.device or keys.dtype != values.dtype):
         return rope_store_reference(heads, n_heads, rotation, keys, values, slots)
     cos = torch.broadcast_to(rotation[0], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 0]  # (batch, seqlen, half)
     sin = torch.broadcast_to(rotation[1], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 1]  # +sin
     q = torch.empty(bsz, seqlen, n_heads, head_dim, dtype=heads.dtype, device=heads.device)
-    k.rope_store[(bsz * seqlen, n_heads + n_kv)](
+    kern.rope_store[(bsz * seqlen, n_heads + n_kv)](
         heads, cos, sin, slots, q, keys, values, seqlen, n_heads, n_kv,
         heads.stride(0), heads.stride(1), cos.stride(0), cos.stride(1), cos.stride(2), slots.stride(0),
         slots.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), HALF=head_dim // 2, num_warps=1)
@@ -190,32 +191,35 @@ def attention_reference(
 
 
 def attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+    block: int = ATTENTION_BLOCK, programs: int = ATTENTION_PROGRAMS, warps: int = ATTENTION_WARPS,
 ) -> torch.Tensor:
-    """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding)."""
+    """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding).
+    block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program
+    (bench/attention_bench.py compares them)."""
     tensors = (q, keys, values) if mask is None else (q, keys, values, mask)
-    k = kernels_for(*tensors)
+    kern = kernels_for(*tensors)
     bsz, seqlen, n_heads, head_dim = q.shape
     n_kv, kv_len = keys.shape[1], keys.shape[2]
-    if (k is None or not _is_power_of_2(head_dim) or seqlen > MAX_ATTENTION_QUERIES or n_heads % n_kv
+    if (kern is None or not _is_power_of_2(head_dim) or seqlen > MAX_ATTENTION_QUERIES or n_heads % n_kv
             or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1 or keys.shape[0] != bsz
             or (mask is not None and mask.stride(-1) != 1) or kv_len == 0):
         return attention_reference(q, keys, values, mask)
     m = q if mask is None else torch.broadcast_to(mask, (bsz, seqlen, kv_len))  # (batch, seqlen, kv_len)
     queries = bsz * seqlen * n_heads
-    tiles = -(-kv_len // ATTENTION_BLOCK)
-    splits = max(1, min(MAX_SPLITS, tiles, -(-ATTENTION_PROGRAMS // queries)))
-    per_split = -(-tiles // splits) * ATTENTION_BLOCK
+    tiles = -(-kv_len // block)
+    splits = max(1, min(MAX_SPLITS, tiles, -(-programs // queries)))
+    per_split = -(-tiles // splits) * block
     splits = -(-kv_len // per_split)
     part_acc = torch.empty(queries, splits, head_dim, dtype=torch.float32, device=q.device)
     part_max = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
-    k.attention_split[(queries, splits)](
+    kern.attention_split[(queries, splits)](
         q, keys, values, m, part_acc, part_max, part_sum, seqlen, n_heads, n_heads // n_kv, kv_len,
         head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), m.stride(0), m.stride(1),
-        HEAD_DIM=head_dim, BLOCK_N=ATTENTION_BLOCK, PER_SPLIT=per_split, HAS_MASK=mask is not None, num_warps=2)
+        HEAD_DIM=head_dim, BLOCK_N=block, PER_SPLIT=per_split, HAS_MASK=mask is not None, num_warps=warps)
     out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
-    k.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
-                                    SPLITS=k.next_power_of_2(splits), num_warps=1)
+    kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
+                                    SPLITS=kern.next_power_of_2(splits), num_warps=1)
     return out

@@ -6,7 +6,9 @@ into it when read).
 
 Decode runs a few dozen small kernels per block, so each step is written with few of them: RMSNorm is
 torch's fused rms_norm, RoPE runs in the model's dtype on q and k together when the projections are
-fused, and a boolean mask becomes one additive mask per forward, not one per layer. A loader may fuse
+fused, and a boolean mask becomes one additive mask per forward, not one per layer. On CUDA with Triton,
+llama/fused_ops.py replaces more: the residual add with the FFN's norm, SiLU(gate) * up, and, for a step
+through a BatchStep (the graphed decode steps, batches), RoPE with the cache write and a split attention. A loader may fuse
 wq/wk/wv into `attention.wqkv` and w1/w3 into `feed_forward.w13` (engine/fused_projections.py); the
 model reads the fused module when it is there and Meta's names otherwise.
 """

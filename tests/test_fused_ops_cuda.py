@@ -87,9 +87,11 @@ def test_rope_store_rotates_q_and_writes_k_v_at_the_slots_only(dtype, batch, seq
     assert _rel(by_place[written], ref_by_place[written]) < TOL[dtype]
 
 
+ATTENTION_SHAPES = [(1, 1, 32, 32, 256), (1, 1, 8, 2, 1000), (3, 4, 6, 3, 77), (2, 1, 4, 4, 5000), (1, 8, 2, 2, 3)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("batch, seqlen, n_heads, n_kv, kv_len", [(1, 1, 32, 32, 256), (1, 1, 8, 2, 1000),
-                                                                  (3, 4, 6, 3, 77), (2, 1, 4, 4, 5000), (1, 8, 2, 2, 3)])
+@pytest.mark.parametrize("batch, seqlen, n_heads, n_kv, kv_len", ATTENTION_SHAPES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_split_attention_matches_the_reference(dtype, batch, seqlen, n_heads, n_kv, kv_len, masked):
     head_dim = 64 if n_heads != 32 else 128
@@ -102,11 +104,12 @@ def test_split_attention_matches_the_reference(dtype, batch, seqlen, n_heads, n_
         visible = torch.rand(batch, seqlen, kv_len, generator=gen) < 0.3
         visible[..., kv_len // 2] = True  # every query sees at least one key
         mask = torch.zeros(batch, seqlen, kv_len, dtype=dtype).masked_fill_(~visible, float("-inf")).cuda()
-    out = fused_ops.attention(q, keys, values, mask)
     ref = fused_ops.attention_reference(q.float(), keys.float(), values.float(),
                                         None if mask is None else mask.float())
-    assert out.shape == (batch, seqlen, n_heads * head_dim)
-    assert _rel(out, ref) < TOL[dtype]
+    for block, programs, warps in [(32, 1024, 2), (16, 64, 1), (64, 4096, 4)]:  # one split up to many
+        out = fused_ops.attention(q, keys, values, mask, block=block, programs=programs, warps=warps)
+        assert out.shape == (batch, seqlen, n_heads * head_dim)
+        assert _rel(out, ref) < TOL[dtype]
 
 
 def _tiny_model(dtype: torch.dtype) -> Transformer:
@@ -118,22 +121,25 @@ def _tiny_model(dtype: torch.dtype) -> Transformer:
     return model
 
 
-def _decode(model: Transformer, dtype: torch.dtype, capture: bool, n: int = 40) -> tuple[list[int], torch.Tensor]:
-    """Greedy decode through DecodeSteps from a prompt of 240 (across the 256 bucket's end): tokens, logits."""
+def _decode(
+    model: Transformer, dtype: torch.dtype, capture: bool, forced: list[int] | None = None, n: int = 40
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode through DecodeSteps from a prompt of 240 (across the 256 bucket's end): tokens, logits.
+    forced: feed these tokens instead of the argmax (the same inputs for two paths to be compared)."""
     cache = KVCache(model.args, 600, dtype, "cuda")
     prompt = torch.randint(3, 300, (1, 240), generator=torch.Generator().manual_seed(2)).cuda()
     token = int(model(prompt, 0, cache, last_only=True)[0, -1].argmax())
     steps = DecodeSteps(model, cache, capture=capture)
     tokens, logits = [], []
-    for pos in range(240, 240 + n):
-        tokens.append(token)
-        out = steps.decode(token, pos)
+    for i, pos in enumerate(range(240, 240 + n)):
+        tokens.append(token if forced is None else forced[i])
+        out = steps.decode(tokens[-1], pos)
         logits.append(out.logits[0, -1].float().clone())
         token = int(out.argmax[0, -1])
     return tokens, torch.stack(logits)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @torch.inference_mode()
 def test_fused_steps_choose_the_references_tokens_with_graphs_on_and_off(dtype):
     model = _tiny_model(dtype)
@@ -143,4 +149,17 @@ def test_fused_steps_choose_the_references_tokens_with_graphs_on_and_off(dtype):
         ref, ref_logits = _decode(model, dtype, capture=False)
     assert on == off and torch.equal(on_logits, off_logits)  # the same kernels, captured or not
     assert on == ref
-    assert _rel(on_logits, ref_logits) < 2 * TOL[dtype]
+    assert _rel(on_logits, ref_logits) < 2 * TOL.get(dtype, 1e-4)
+
+
+@torch.inference_mode()
+def test_bfloat16_fused_steps_match_graphs_off_and_the_references_logits():
+    """bfloat16 rounds the references' per-op results coarsely enough that a near-tie can flip (it did at the
+    12th token): the tokens are compared captured vs not, the logits vs the references on the same tokens."""
+    model = _tiny_model(torch.bfloat16)
+    on, on_logits = _decode(model, torch.bfloat16, capture=True)
+    off, off_logits = _decode(model, torch.bfloat16, capture=False)
+    with fused_ops.references_only():
+        _, ref_logits = _decode(model, torch.bfloat16, capture=False, forced=on)
+    assert on == off and torch.equal(on_logits, off_logits)
+    assert _rel(on_logits, ref_logits) < 2 * TOL[torch.bfloat16]
