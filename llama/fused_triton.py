@@ -109,8 +109,7 @@ def kernels() -> SimpleNamespace | None:
             n = split * PER_SPLIT + first + tl.arange(0, BLOCK_N)
             inside = n < kv_len
             k = tl.load(k_base + n[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * qv[None, :], axis=1)  # both loads issued before the scores wait on k
+            s = tl.sum(k * qv[None, :], axis=1)
             if HAS_MASK:
                 s += tl.load(mask + b * m_b + t * m_t + n, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.where(inside, s, float("-inf"))
@@ -118,6 +117,7 @@ def kernels() -> SimpleNamespace | None:
             safe = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing visible yet: keep zeros
             p = tl.exp2(s - safe)
             keep = tl.exp2(best - safe)
+            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
             acc = acc * keep + tl.sum(p[:, None] * v, axis=0)
             total = total * keep + tl.sum(p, axis=0)
             best = new_best
