@@ -7,8 +7,10 @@
   bucket, so tok/s cannot exceed bandwidth / those bytes.
 - fp16, int4: the Llama-2-7B shape (dim 4096, 32 layers, FFN 11008, vocab 32000), random weights, resident
   (int4: groups of 128 in tinygemm's layout, bfloat16), q/k/v and gate/up fused as app.py fuses them.
-  Greedy decode through the Generator with graphs on, off (the same steps op by op: --no_graphs), and the
-  model's plain forward per token with the logits copied back (the decode path before the steps).
+  Greedy decode through the Generator with graphs on, off (the same steps op by op: --no_graphs), the
+  model's plain forward per token with the logits copied back (the decode path before the steps), and graphs
+  with llama/fused_ops.py held to its torch references (the step before the fused kernels). Each step's
+  kernels, by name, with their count and device time, go to stderr and the json.
 - pytiny: the bundled 14M model, fp16, the same three ways.
 - app: app.py as a user runs it (`--prompt ... --max_new_tokens 128`) on a random fp16 checkpoint of the
   7B shape written to --ckpt (vocabulary of the bundled tokenizer), and the bundled model, with graphs,
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.decode_models import LLAMA2_7B, resident_int4_model, resident_model, write_checkpoint  # noqa: E402
 from engine.config import BUNDLED_MODEL  # noqa: E402
 from engine.fused_projections import fuse_projections  # noqa: E402
+from llama import fused_ops  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
 from llama.decode_graphs import kv_bucket  # noqa: E402
 from llama.generation import GenerationStats, Generator  # noqa: E402
@@ -138,23 +141,36 @@ def model_rows(name: str, model: Transformer, dtype: torch.dtype, hbm: float, n:
     off, off_tokens = generator_tps(model, dtype, False, n_slow)
     same = on_tokens[: len(off_tokens)] == off_tokens
     before = forward_tps(model, dtype, n_slow)
+    with fused_ops.references_only():  # the step before llama/fused_ops.py's kernels, in the same process
+        unfused, _ = generator_tps(model, dtype, True, n)
     return [Row(name, "graphs", n, on, limit, same), Row(name, "no_graphs", n_slow, off, limit, same),
-            Row(name, "model forward per token", n_slow, before, limit)]
+            Row(name, "model forward per token", n_slow, before, limit),
+            Row(name, "graphs, torch ops unfused (before)", n, unfused, limit)]
 
 
-def kernel_counts(model: Transformer, dtype: torch.dtype) -> dict[str, int]:
-    """CUDA kernels one uncaptured step launches, by name (what a graph replays)."""
+def kernel_counts(model: Transformer, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """CUDA kernels one uncaptured step launches (what a graph replays), by name: how many and their device time
+    (us): where a step's time goes, besides the gaps between launches."""
     gen = Generator(model, None, "cuda", CTX, dtype, graphs=False)  # type: ignore[arg-type]
     gen.steps.decode(5, PROMPT_LEN)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         gen.steps.decode(5, PROMPT_LEN)
         torch.cuda.synchronize()
-    counts: dict[str, int] = {}
+    kernels: dict[str, dict[str, float]] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            counts[e.name[:80]] = counts.get(e.name[:80], 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+            k = kernels.setdefault(e.name[:80], {"count": 0, "us": 0.0})
+            k["count"] += 1
+            k["us"] += e.device_time_total
+    return dict(sorted(kernels.items(), key=lambda kv: -kv[1]["us"]))
+
+
+def kernel_summary(kernels: dict[str, dict[str, float]]) -> str:
+    count = sum(int(k["count"]) for k in kernels.values())
+    us = sum(k["us"] for k in kernels.values())
+    top = "; ".join(f"{k['count']}x {name[:50]} {k['us']:.0f} us" for name, k in list(kernels.items())[:8])
+    return f"{count} kernels, {us:.0f} us of kernel time per step: {top}"
 
 
 def compiled_tps(model: Transformer, dtype: torch.dtype, n: int) -> tuple[float, float]:
@@ -243,6 +259,10 @@ def main() -> None:
                                 note=f"compile {compile_seconds:.0f} s"))
             else:
                 kernels[mode] = kernel_counts(model, dtype)
+                with fused_ops.references_only():
+                    kernels[f"{mode} unfused"] = kernel_counts(model, dtype)
+                for key in (mode, f"{mode} unfused"):
+                    print(f"{key}: {kernel_summary(kernels[key])}", file=sys.stderr)
                 rows += model_rows(f"7B {mode}", model, dtype, hbm, ns.tokens, ns.slow_tokens)
         except Exception:  # noqa: BLE001  # one mode failing must not lose the others' figures
             traceback.print_exc()

@@ -6,7 +6,9 @@ into it when read).
 
 Decode runs a few dozen small kernels per block, so each step is written with few of them: RMSNorm is
 torch's fused rms_norm, RoPE runs in the model's dtype on q and k together when the projections are
-fused, and a boolean mask becomes one additive mask per forward, not one per layer. A loader may fuse
+fused, and a boolean mask becomes one additive mask per forward, not one per layer. On CUDA with Triton,
+llama/fused_ops.py replaces more: the residual add with the FFN's norm, SiLU(gate) * up, and, for a step
+through a BatchStep (the graphed decode steps, batches), RoPE with the cache write and a split attention. A loader may fuse
 wq/wk/wv into `attention.wqkv` and w1/w3 into `feed_forward.w13` (engine/fused_projections.py); the
 model reads the fused module when it is there and Meta's names otherwise.
 """
@@ -18,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama import fused_ops
 from llama.config import Llama3RopeScaling, ModelArgs
 from llama.kv_cache import KVCache
+from llama.slot_cache import BatchStep
 
 
 class RMSNorm(nn.Module):
@@ -30,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in float32 for half inputs, one kernel on CUDA (was eight: cast, square, mean, ...).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return fused_ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(args: ModelArgs) -> torch.Tensor:
@@ -101,6 +105,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
         bsz, seqlen, _ = x.shape
+        if self.wqkv is not None and isinstance(cache, BatchStep) and fused_ops.kernels_for(x):
+            return self.wo(self._fused_step(x, rotation, cache, layer, mask))
         q, k, v = self._rotated_qkv(x, rotation)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
         if cache is not None:
@@ -126,6 +132,20 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
         return self.wo(out)
 
+    def _fused_step(
+        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A step's attention in three launches besides the projection: RoPE with the cache write, and the
+        split attention over the step's kv_len keys (the caller's mask says which each query sees)."""
+        bsz, seqlen, _ = x.shape
+        heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        q = fused_ops.rope_store(heads, self.n_heads, rotation, *cache.layer(layer))  # (batch, seqlen, heads, dim)
+        k, v = cache.stored(layer)  # (batch, n_kv_heads, kv_len, head_dim)
+        if mask is not None:  # additive, (seqlen, kv_len) for a tree or (batch, 1, seqlen, kv_len) for a batch
+            mask = mask[None] if mask.dim() == 2 else mask.squeeze(1)  # (batch or 1, seqlen, kv_len)
+        return fused_ops.attention(q, k, v, mask)  # (batch, seqlen, n_heads * head_dim)
+
     def _rotated_qkv(
         self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,7 +165,12 @@ class Attention(nn.Module):
     def _decode_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """One query per sequence: two small matmuls, with no backend dispatch, copies of K/V, or host syncs."""
+        """One query per sequence: two small matmuls, with no backend dispatch, copies of K/V, or host syncs
+        (on CUDA the split attention kernel)."""
+        if fused_ops.kernels_for(q):
+            m = None if mask is None else mask.reshape(mask.shape[0], 1, -1)  # (batch or 1, 1, positions)
+            out = fused_ops.attention(q.transpose(1, 2), k, v, m)  # (batch, 1, n_heads * head_dim)
+            return out.view(q.shape[0], 1, self.n_heads, self.head_dim).transpose(1, 2)
         bsz, n_rep = q.shape[0], self.n_heads // self.n_kv_heads
         # Query heads j*n_rep .. (j+1)*n_rep-1 share kv head j.
         qg = q.reshape(bsz, self.n_kv_heads, n_rep, self.head_dim)
@@ -170,7 +195,7 @@ class FeedForward(nn.Module):
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(fused_ops.silu_mul(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -190,8 +215,9 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rotation, start_pos, cache, self.layer, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), rotation, start_pos, cache, self.layer, mask)
+        h, normed = fused_ops.add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)  # one pass
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

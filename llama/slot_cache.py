@@ -59,20 +59,30 @@ class BatchStep:
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
         self._indices = {positions.device: (self.rows, positions)}  # per device of the layers: (rows, positions)
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's whole keys and values (slots, n_kv_heads, capacity, head_dim) and the positions (B, seqlen)
+        on their device: where a fused kernel writes this step's keys and values."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if keys.device not in self._indices:  # a layer on another GPU of a split model
+            self._indices[keys.device] = (self.rows.to(keys.device), self.positions.to(keys.device))
+        return keys, values, self._indices[keys.device][1]
+
+    def stored(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, n_kv_heads, kv_len, head_dim) of slots 0..B-1: what this step attends over."""
+        batch = self.positions.shape[0]
+        return self.cache.keys[layer][:batch, :, : self.kv_len], self.cache.values[layer][:batch, :, : self.kv_len]
+
     def update(
         self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_kv_heads, seqlen, head_dim) at each row's positions; return (B, n_kv_heads, kv_len,
         head_dim) of slots 0..B-1. start_pos is unused: the positions say where each row goes."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if keys.device not in self._indices:  # a layer on another GPU of a split model
-            self._indices[keys.device] = (self.rows.to(keys.device), self.positions.to(keys.device))
-        rows, positions = self._indices[keys.device]
+        keys, values, positions = self.layer(layer)
+        rows = self._indices[keys.device][0]
         # Indexing (slot, :, position) with (B, 1) and (B, seqlen) puts (B, seqlen) first: (B, seqlen, heads, dim).
         keys[rows, :, positions] = k.transpose(1, 2)
         values[rows, :, positions] = v.transpose(1, 2)
-        batch = self.positions.shape[0]
-        return keys[:batch, :, : self.kv_len], values[:batch, :, : self.kv_len]
+        return self.stored(layer)
 
     def mask(self, window: int | None = None) -> torch.Tensor:
         """(B, seqlen, kv_len) bool: the query at position p sees keys at positions (p - window, p]."""

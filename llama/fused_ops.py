@@ -1,0 +1,225 @@
+"""The decode step's fused operations: a Triton kernel (llama/fused_triton.py) on CUDA, its torch reference
+beside it everywhere else.
+
+Each public function computes what its `*_reference` twin computes; the kernel runs when the inputs are on
+CUDA, Triton imports, and the shapes are ones it takes (else the reference, with no error), so the CPU, a
+machine without Triton, and torch.compile's tracing all take the references. The kernels compute in float32
+and round once, where the references round after each torch op: results agree to rounding, not bit for bit,
+so a path either always or never takes a kernel (graphs on and off run the same code).
+
+Measured on the H200 (bench/decode_bench.py): see llama/decode_graphs.py's docstring.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from llama.fused_triton import kernels
+
+MAX_NORM_DIM = 16384  # one program holds a row in registers
+ATTENTION_BLOCK = 32  # cache positions per tile of the split attention
+ATTENTION_PROGRAMS = 1024  # splits are chosen so that a step launches about this many programs
+ATTENTION_WARPS = 2
+MAX_SPLITS = 64
+MAX_ATTENTION_QUERIES = 32  # queries per sequence; a prefill-sized chunk reads the cache once per query here
+
+
+_references_only = False  # set by references_only(): a benchmark's "before" in the same process
+
+
+@contextmanager
+def references_only() -> Iterator[None]:
+    """Run the torch references everywhere inside (steps captured inside keep them): the unfused step."""
+    global _references_only
+    previous, _references_only = _references_only, True
+    try:
+        yield
+    finally:
+        _references_only = previous
+
+
+def kernels_for(*tensors: torch.Tensor):
+    """The kernels when every tensor is on CUDA in a float dtype the kernels take and nothing is traced."""
+    if _references_only or torch.compiler.is_compiling():
+        return None
+    if not all(t.is_cuda and t.dtype in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        return None
+    return kernels()
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# --- residual add + RMSNorm -------------------------------------------------------------------------------
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + delta
+    return h, rms_norm_reference(h, weight, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (statistics in float32), as F.rms_norm."""
+    kern = kernels_for(x, weight)
+    if kern is None or not _norm_fits(x, weight):
+        return rms_norm_reference(x, weight, eps)
+    out = torch.empty_like(x)
+    _launch_norm(kern, x, None, weight, None, out, eps)
+    return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, RMSNorm(x + delta)): the residual stream and the next sublayer's input, one pass."""
+    kern = kernels_for(x, delta, weight)
+    if kern is None or not _norm_fits(x, weight) or delta.shape != x.shape or not delta.is_contiguous():
+        return add_rms_norm_reference(x, delta, weight, eps)
+    h, out = torch.empty_like(x), torch.empty_like(x)
+    _launch_norm(kern, x, delta, weight, h, out, eps)
+    return h, out
+
+
+def _norm_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_contiguous() and weight.is_contiguous() and weight.dtype == x.dtype and weight.dim() == 1
+            and x.shape[-1] == weight.shape[0] <= MAX_NORM_DIM and x.numel() > 0)
+
+
+def _launch_norm(kern, x, delta, weight, h, out, eps: float) -> None:
+    dim = x.shape[-1]
+    block = kern.next_power_of_2(dim)
+    kern.add_rms_norm[(x.numel() // dim,)](x, x if delta is None else delta, weight, out if h is None else h, out,
+                                         dim, eps, HAS_DELTA=delta is not None, BLOCK=block,
+                                         num_warps=min(16, max(1, block // 256)))
+
+
+# --- SiLU(gate) * up ----------------------------------------------------------------------------------------
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate, up (..., width) whose last dim is contiguous (halves of one fused matmul)."""
+    kern = kernels_for(gate, up)
+    width = gate.shape[-1]
+    if kern is None or gate.shape != up.shape or gate.dtype != up.dtype or gate.numel() == 0:
+        return silu_mul_reference(gate, up)
+    g2, u2 = _rows(gate, width), _rows(up, width)
+    if g2 is None or u2 is None:
+        return silu_mul_reference(gate, up)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    block = 1024
+    kern.silu_mul[(g2.shape[0], -(-width // block))](g2, u2, out, width, g2.stride(0), u2.stride(0), BLOCK=block)
+    return out
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor | None:
+    """x as a (rows, width) view with unit column stride, or None where that needs a copy."""
+    try:
+        rows = x.view(-1, width)  # (rows, width)
+    except RuntimeError:
+        return None
+    return rows if rows.stride(1) == 1 or width == 1 else None
+
+
+# --- RoPE of q and k, and the cache write -------------------------------------------------------------------
+
+def rope_store_reference(
+    heads: torch.Tensor, n_heads: int, rotation: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """What the model does op by op: RoPE over q's and k's heads (llama/model.py apply_rope), then k and v
+    stored at keys[b, :, slots[b, t]]; returns q (batch, seqlen, n_heads, head_dim)."""
+    from llama.model import apply_rope  # the model imports this module
+
+    n_kv = (heads.shape[2] - n_heads) // 2
+    qk = apply_rope(heads[:, :, : n_heads + n_kv], rotation)
+    q, k = qk.split((n_heads, n_kv), dim=2)
+    rows = torch.arange(heads.shape[0], device=slots.device)[:, None]  # (batch, 1)
+    keys[rows, :, slots] = k  # (batch, seqlen, n_kv, head_dim) at (slot b, :, position slots[b, t])
+    values[rows, :, slots] = heads[:, :, n_heads + n_kv :]
+    return q
+
+
+def rope_store(
+    heads: torch.Tensor, n_heads: int, rotation: tuple[torch.Tensor, torch.Tensor],
+    keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
+) -> torch.Tensor:
+    """heads (batch, seqlen, n_heads + 2 * n_kv_heads, head_dim): q, k, v of one fused projection. RoPE on q
+    and k with rotation = llama.model.rope_rotation's factors; k and v go to keys/values (slots, n_kv_heads,
+    capacity, head_dim) at row b, position slots[b, t] (slots (batch, seqlen) int64). Returns rotated q
+    (batch, seqlen, n_heads, head_dim)."""
+    kern = kernels_for(heads, keys, values, rotation[0], rotation[1])
+    bsz, seqlen, n_all, head_dim = heads.shape
+    n_kv = (n_all - n_heads) // 2
+    if (kern is None or not _is_power_of_2(head_dim) or head_dim < 4 or heads.stride(3) != 1
+            or heads.stride(2) != head_dim or keys.stride(3) != 1 or values.stride() != keys.stride() or slots.shape != (bsz, seqlen)
+            or slots.device != heads.device or keys.dtype != values.dtype):
+        return rope_store_reference(heads, n_heads, rotation, keys, values, slots)
+    cos = torch.broadcast_to(rotation[0], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 0]  # (batch, seqlen, half)
+    sin = torch.broadcast_to(rotation[1], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 1]  # +sin
+    q = torch.empty(bsz, seqlen, n_heads, head_dim, dtype=heads.dtype, device=heads.device)
+    kern.rope_store[(bsz * seqlen, n_heads + n_kv)](
+        heads, cos, sin, slots, q, keys, values, seqlen, n_heads, n_kv,
+        heads.stride(0), heads.stride(1), cos.stride(0), cos.stride(1), cos.stride(2), slots.stride(0),
+        slots.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), HALF=head_dim // 2, num_warps=1)
+    return q
+
+
+# --- attention of a few queries over the cache --------------------------------------------------------------
+
+def attention_reference(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q (batch, seqlen, n_heads, head_dim) over keys, values (batch, n_kv_heads, kv_len, head_dim), mask
+    additive (batch or 1, seqlen, kv_len) or None -> (batch, seqlen, n_heads * head_dim)."""
+    bsz, seqlen, n_heads, _ = q.shape
+    attn_mask = None if mask is None else mask[:, None]  # (batch or 1, 1, seqlen, kv_len)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
+                                         enable_gqa=n_heads != keys.shape[1])
+    return out.transpose(1, 2).reshape(bsz, seqlen, -1)
+
+
+def attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+    block: int = ATTENTION_BLOCK, programs: int = ATTENTION_PROGRAMS, warps: int = ATTENTION_WARPS,
+) -> torch.Tensor:
+    """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding).
+    block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program
+    (bench/attention_bench.py compares them)."""
+    tensors = (q, keys, values) if mask is None else (q, keys, values, mask)
+    kern = kernels_for(*tensors)
+    bsz, seqlen, n_heads, head_dim = q.shape
+    n_kv, kv_len = keys.shape[1], keys.shape[2]
+    if (kern is None or not _is_power_of_2(head_dim) or seqlen > MAX_ATTENTION_QUERIES or n_heads % n_kv
+            or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1 or keys.shape[0] != bsz
+            or (mask is not None and mask.stride(-1) != 1) or kv_len == 0):
+        return attention_reference(q, keys, values, mask)
+    m = q if mask is None else torch.broadcast_to(mask, (bsz, seqlen, kv_len))  # (batch, seqlen, kv_len)
+    queries = bsz * seqlen * n_heads
+    tiles = -(-kv_len // block)
+    splits = max(1, min(MAX_SPLITS, tiles, -(-programs // queries)))
+    per_split = -(-tiles // splits) * block
+    splits = -(-kv_len // per_split)
+    part_acc = torch.empty(queries, splits, head_dim, dtype=torch.float32, device=q.device)
+    part_max = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
+    kern.attention_split[(queries, splits)](
+        q, keys, values, m, part_acc, part_max, part_sum, seqlen, n_heads, n_heads // n_kv, kv_len,
+        head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), m.stride(0), m.stride(1),
+        HEAD_DIM=head_dim, BLOCK_N=block, PER_SPLIT=per_split, HAS_MASK=mask is not None, num_warps=warps)
+    out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
+    kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
+                                    SPLITS=kern.next_power_of_2(splits), num_warps=1)
+    return out

@@ -1,0 +1,146 @@
+"""Triton kernels for the decode step's small operations, each doing in one launch what torch does in several.
+
+A graphed 7B decode step launched ~600 kernels; outside the matmuls each is a few microseconds of a step
+whose weights the H200 reads in ~3 ms, so their count is what separates the step from memory speed. Here:
+the residual add and RMSNorm in one pass, SiLU(gate) * up, RoPE of q and k together with the write of k
+and v into the cache, and attention of a few queries over the cache split over positions (flash-decoding:
+one launch computes each split's softmax pieces, a second combines them).
+
+Import only through `kernels()`: it imports Triton lazily, so that machines without Triton (the CPU CI)
+never do; llama/fused_ops.py holds the torch references and chooses between the two.
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+LOG2E = 1.4426950408889634
+
+
+@functools.cache
+def kernels() -> SimpleNamespace | None:
+    """The compiled kernels, or None where Triton cannot be imported."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def add_rms_norm(x, delta, weight, sum_out, norm_out, dim, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per row: the row (dim <= BLOCK) stays in registers between the sum and the norm.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < dim
+        h = tl.load(x + row * dim + cols, mask=inside, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            h += tl.load(delta + row * dim + cols, mask=inside, other=0.0).to(tl.float32)
+            h = h.to(sum_out.dtype.element_ty)  # the sum is rounded as the residual stream keeps it
+            tl.store(sum_out + row * dim + cols, h, mask=inside)
+            h = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / dim + eps)
+        w = tl.load(weight + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(norm_out + row * dim + cols, (h * rstd * w).to(norm_out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def silu_mul(gate, up, out, width, gate_row, up_row, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < width
+        g = tl.load(gate + row * gate_row + cols, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(up + row * up_row + cols, mask=inside, other=0.0).to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(out.dtype.element_ty).to(tl.float32)  # rounded where torch's silu rounds
+        tl.store(out + row * width + cols, (act * u).to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def rope_store(heads, cos, sin, slots, q_out, keys, values,
+                   seqlen, n_heads, n_kv_heads,
+                   h_b, h_t, c_b, c_t, c_i, s_b, s_t, kv_b, kv_h, kv_p,
+                   HALF: tl.constexpr):
+        # Program (token, head) over q's and k's heads: rotate the interleaved pairs; k's programs also store
+        # k and its v head into the cache at the token's slot. heads: (batch, seqlen, n_heads + 2 kv, head_dim).
+        bt = tl.program_id(0)
+        head = tl.program_id(1)
+        b = bt // seqlen
+        t = bt % seqlen
+        i = tl.arange(0, HALF)
+        src = heads + b * h_b + t * h_t + head * (2 * HALF)
+        x0 = tl.load(src + 2 * i).to(tl.float32)
+        x1 = tl.load(src + 2 * i + 1).to(tl.float32)
+        c = tl.load(cos + b * c_b + t * c_t + i * c_i).to(tl.float32)
+        s = tl.load(sin + b * c_b + t * c_t + i * c_i).to(tl.float32)
+        r0 = x0 * c - x1 * s
+        r1 = x1 * c + x0 * s
+        if head < n_heads:
+            dst = q_out + (bt * n_heads + head) * (2 * HALF)
+            tl.store(dst + 2 * i, r0.to(q_out.dtype.element_ty))
+            tl.store(dst + 2 * i + 1, r1.to(q_out.dtype.element_ty))
+        else:
+            kh = head - n_heads
+            slot = tl.load(slots + b * s_b + t * s_t)
+            at = b.to(tl.int64) * kv_b + kh * kv_h + slot * kv_p
+            tl.store(keys + at + 2 * i, r0.to(keys.dtype.element_ty))
+            tl.store(keys + at + 2 * i + 1, r1.to(keys.dtype.element_ty))
+            j = tl.arange(0, 2 * HALF)
+            v = tl.load(heads + b * h_b + t * h_t + (head + n_kv_heads) * (2 * HALF) + j)
+            tl.store(values + at + j, v.to(values.dtype.element_ty))
+
+    @triton.jit
+    def attention_split(q, keys, values, mask, part_acc, part_max, part_sum,
+                        seqlen, n_heads, rep, kv_len, scale,
+                        q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr):
+        # Program (query head, split): an online softmax over positions [split * PER_SPLIT, + PER_SPLIT).
+        # Exponentials in base 2: scores are scaled by log2(e) once.
+        bth = tl.program_id(0)
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        h = bth % n_heads
+        b = bth // n_heads // seqlen
+        t = bth // n_heads % seqlen
+        d = tl.arange(0, HEAD_DIM)
+        qv = tl.load(q + b * q_b + t * q_t + h * q_h + d).to(tl.float32) * (scale * 1.4426950408889634)
+        k_base = keys + b.to(tl.int64) * k_b + (h // rep) * k_h
+        v_base = values + b.to(tl.int64) * v_b + (h // rep) * v_h
+        best = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        for first in range(0, PER_SPLIT, BLOCK_N):  # a multiple of BLOCK_N
+            n = split * PER_SPLIT + first + tl.arange(0, BLOCK_N)
+            inside = n < kv_len
+            k = tl.load(k_base + n[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * qv[None, :], axis=1)
+            if HAS_MASK:
+                s += tl.load(mask + b * m_b + t * m_t + n, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.where(inside, s, float("-inf"))
+            new_best = tl.maximum(best, tl.max(s, axis=0))
+            safe = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing visible yet: keep zeros
+            p = tl.exp2(s - safe)
+            keep = tl.exp2(best - safe)
+            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+            acc = acc * keep + tl.sum(p[:, None] * v, axis=0)
+            total = total * keep + tl.sum(p, axis=0)
+            best = new_best
+        at = bth * n_splits + split
+        tl.store(part_acc + at * HEAD_DIM + d, acc)
+        tl.store(part_max + at, best)
+        tl.store(part_sum + at, total)
+
+    @triton.jit
+    def attention_combine(part_acc, part_max, part_sum, out, n_splits,
+                          HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        bth = tl.program_id(0)
+        sp = tl.arange(0, SPLITS)
+        used = sp < n_splits
+        best = tl.load(part_max + bth * n_splits + sp, mask=used, other=float("-inf"))
+        top = tl.max(best, axis=0)
+        w = tl.where(best == float("-inf"), 0.0, tl.exp2(best - top))
+        total = tl.sum(w * tl.load(part_sum + bth * n_splits + sp, mask=used, other=0.0), axis=0)
+        d = tl.arange(0, HEAD_DIM)
+        acc = tl.load(part_acc + (bth * n_splits + sp)[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0)
+        o = tl.sum(w[:, None] * acc, axis=0) / total
+        tl.store(out + bth * HEAD_DIM + d, o.to(out.dtype.element_ty))
+
+    return SimpleNamespace(add_rms_norm=add_rms_norm, silu_mul=silu_mul, rope_store=rope_store,
+                           attention_split=attention_split, attention_combine=attention_combine,
+                           next_power_of_2=triton.next_power_of_2)
