@@ -82,5 +82,5 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     _kernel()[grid](x, packed, scales, zeros, y, m, n, packed.shape[1], w.group_size, x.stride(0),
                     packed.stride(0), scales.stride(0), y.stride(0), BM=bm, BN=BLOCK_N,
                     BB=min(MAX_STEP_BYTES, w.group_size // 2),
-                    num_warps=4, num_stages=3)
+                    num_warps=8, num_stages=3)  # 8: a step's (64, 128) weight tiles stay in registers
     return y
