@@ -7,8 +7,9 @@ into it when read).
 Decode runs a few dozen small kernels per block, so each step is written with few of them: RMSNorm is
 torch's fused rms_norm, RoPE runs in the model's dtype on q and k together when the projections are
 fused, and a boolean mask becomes one additive mask per forward, not one per layer. On CUDA with Triton,
-llama/fused_ops.py replaces more: the residual add with the FFN's norm, SiLU(gate) * up, and, for a step
-through a BatchStep (the graphed decode steps, batches), RoPE with the cache write and a split attention. A loader may fuse
+llama/fused_ops.py replaces more: the residual add with the FFN's norm, SiLU(gate) * up, and, for a
+one-token step through a BatchStep (the graphed decode steps, batches), RoPE with the cache write and a
+split attention (token trees keep the torch ops: see Attention.forward). A loader may fuse
 wq/wk/wv into `attention.wqkv` and w1/w3 into `feed_forward.w13` (engine/fused_projections.py); the
 model reads the fused module when it is there and Meta's names otherwise.
 """
@@ -105,7 +106,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None and isinstance(cache, BatchStep) and fused_ops.kernels_for(x):
+        # One query a sequence only. With the kernels on token trees and chains, resident speculation measured
+        # 0.3-0.7x plain decoding on the H200 (the draft's share of a round grew from ~3 to ~50 ms; each tree size
+        # and bucket is another kernel variant to compile mid-reply, the likely cause); with the torch ops, 1.3-2.1x.
+        if self.wqkv is not None and isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(x):
             return self.wo(self._fused_step(x, rotation, cache, layer, mask))
         q, k, v = self._rotated_qkv(x, rotation)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)

@@ -20,7 +20,7 @@ import torch
 
 from offload.kernels.int4_format import Int4Weight
 
-BLOCK_N = 128  # a program's output columns
+BLOCK_N = 64  # a program's output columns
 MAX_STEP_BYTES = 64  # packed bytes (2x inputs) a program takes per step along K: at most half a group
 
 
@@ -82,5 +82,5 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     _kernel()[grid](x, packed, scales, zeros, y, m, n, packed.shape[1], w.group_size, x.stride(0),
                     packed.stride(0), scales.stride(0), y.stride(0), BM=bm, BN=BLOCK_N,
                     BB=min(MAX_STEP_BYTES, w.group_size // 2),
-                    num_warps=8, num_stages=3)  # 8: a step's (64, 128) weight tiles stay in registers
+                    num_warps=4, num_stages=3)
     return y
