@@ -48,14 +48,40 @@ def fused_copy(model: Transformer) -> Transformer:
     return fused
 
 
+@pytest.fixture
+def exact_int4():
+    """int4 one-token steps reading x as it is: the avx512_vnni path (x rounded to int8) switched off."""
+    ext = cpu_extension()
+    before = ext.set_cpu_paths([p for p in ext.cpu_paths() if p != "avx512_vnni"])
+    yield
+    ext.set_cpu_paths(before)
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "int4"])
-def test_greedy_tokens_equal_the_unfused_model(arch: str, fmt: str) -> None:
+def test_greedy_tokens_equal_the_unfused_model(arch: str, fmt: str, exact_int4) -> None:
     model = tiny_model(arch, fmt)
     tokens, logits = greedy(model, PROMPT, 24)
     fused_tokens, fused_logits = greedy(fused_copy(model), PROMPT, 24)
     assert fused_tokens == tokens
     assert ((fused_logits - logits).norm() / logits.norm()).item() < 1e-4
+
+
+def test_int4_steps_on_the_vnni_path_stay_close_to_exact(exact_int4) -> None:
+    """With avx512_vnni, every one-token int4 linear reads x rounded to int8 per 32 values: on the same
+    tokens the logits stay within 1e-2 of the exact path's (the fused and the unfused model alike)."""
+    ext = cpu_extension()
+    ext.set_cpu_paths(["avx512_vnni", *ext.cpu_paths()])
+    if "avx512_vnni" not in ext.cpu_paths():
+        pytest.skip("this CPU has no avx512_vnni")
+    model = tiny_model("llama", "int4")
+    fused = fused_copy(model)
+    ext.set_cpu_paths([p for p in ext.cpu_paths() if p != "avx512_vnni"])
+    tokens, _ = greedy(model, PROMPT, 24)
+    exact = teacher_forced_logits(fused, PROMPT + tokens)
+    ext.set_cpu_paths(["avx512_vnni", *ext.cpu_paths()])
+    err = lambda m: ((teacher_forced_logits(m, PROMPT + tokens) - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert 1e-5 < err(fused) < 1e-2 and err(model) < 1e-2
 
 
 @torch.inference_mode()
@@ -106,6 +132,29 @@ def test_a_tied_head_stays_tied() -> None:
     assert greedy(fused, PROMPT, 8)[0] == greedy(model, PROMPT, 8)[0]
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int8_head_reads_its_int8_copy(tied: bool) -> None:
+    """int8_head: every call of the head (a decode step and a long prefill alike) reads the int8 copy, one
+    scale per row; the float weight, tied or not, and the state_dict stay as they were."""
+    model = tiny_model("llama", "int4", tie_embeddings=tied)
+    state = model.state_dict()
+    fused = copy.deepcopy(model)
+    use_cpu_decode_blocks(fused, int8_head=True)
+    head = fused.output
+    assert isinstance(head, CpuDecodeHead) and head.qweight.dtype == torch.int8
+    assert (head.weight is fused.tok_embeddings.weight) == tied
+    assert list(fused.state_dict()) == list(state)
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), state.values()))
+    w8 = quantize_int8(model.output.weight.detach()).dequantize()
+    with torch.inference_mode():
+        for tokens in (1, 9):
+            x = torch.randn(1, tokens, model.args.dim)
+            y = head(x)
+            assert y.shape == (1, tokens, model.args.vocab_size)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w8), rtol=1e-5, atol=1e-5)
+            assert (y - model.output(x)).abs().max() > 1e-6  # not the float weight's logits
+
+
 def test_moving_the_model_gathers_its_weights_anew() -> None:
     """.to() rebinds every tensor: the fused blocks must read the new ones (here bfloat16), not the old."""
     fused = fused_copy(tiny_model("llama", "float32")).to(torch.bfloat16)
@@ -127,6 +176,12 @@ def test_blocks_the_kernel_cannot_take_stay_unfused() -> None:
 def test_the_cpu_engine_uses_fused_blocks(tmp_path) -> None:
     engine = build_tiny_engine(tmp_path, quant=QuantMode.INT8)
     assert all(isinstance(b, CpuDecodeBlock) for b in engine.model.layers)
+    assert "qweight" in dict(engine.model.output.named_buffers())  # --quant: the head reads int8 too
+
+
+def test_the_cpu_engine_keeps_a_float_head_without_quant(tmp_path) -> None:
+    engine = build_tiny_engine(tmp_path)
+    assert isinstance(engine.model.output, CpuDecodeHead) and not list(engine.model.output.named_buffers())
 
 
 def test_app_prints_the_same_reply_as_the_unfused_path(tmp_path) -> None:

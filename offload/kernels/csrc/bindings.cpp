@@ -10,6 +10,10 @@ static int64_t vector_width_op() {
   return llama_offload::vector_width();
 }
 
+static bool int4_rounds_activations_op(int64_t in_features, int64_t group_size) {
+  return llama_offload::int4_vnni_takes(in_features, group_size);
+}
+
 TORCH_LIBRARY(llama_offload, m) {
   m.def("int8_matmul(Tensor x, Tensor qweight, Tensor scale) -> Tensor", &llama_offload::int8_matmul);
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scales, Tensor zeros) -> Tensor", &llama_offload::int4_matmul);
@@ -18,6 +22,7 @@ TORCH_LIBRARY(llama_offload, m) {
         "Tensor[] wo, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
         "Tensor cos, Tensor sin, int n_heads, int window) -> Tensor", &llama_offload::decode_block);
   m.def("vector_width() -> int", &vector_width_op);
+  m.def("int4_rounds_activations(int in_features, int group_size) -> bool", &int4_rounds_activations_op);
   m.def("cpu_paths() -> str[]", &llama_offload::cpu_paths);
   m.def("set_cpu_paths(str[] names) -> str[]", &llama_offload::set_cpu_paths);
   m.def("gguf_q8_0_to_int8(Tensor raw, Tensor(a!) qweight, Tensor(b!) scale) -> ()", &llama_offload::gguf_q8_0_to_int8);
