@@ -1,4 +1,4 @@
-"""CPU decode at memory speed: each block's one-token step becomes one compiled call (a module swap).
+"""CPU decode at memory speed: a one-token step of all blocks becomes one compiled call (module swaps).
 
 A small model decoding on the CPU spends more time issuing operator calls than reading weights: on the
 SmolLM2-135M shape at 2 threads the unfused block makes some sixty calls per token. `use_cpu_decode_blocks`
@@ -6,7 +6,9 @@ swaps every TransformerBlock of a CPU model whose linears the kernel takes (plai
 CpuDecodeBlock: the same submodules under the same names (state_dict and exclusion names are unchanged),
 whose forward sends a one-token step through offload.kernels.decode_block and everything else (prefill,
 token trees, batches at their own positions) through TransformerBlock's own forward. Blocks it cannot take
-stay as they are. Without the compiled kernels nothing is swapped: the unfused path is then the faster one.
+stay as they are. When it takes them all, the model itself becomes a CpuDecodeModel, whose one-token steps
+run every block in one call (the C++ DecodeStack). Without the compiled kernels nothing is swapped: the
+unfused path is then the faster one.
 """
 from __future__ import annotations
 
@@ -104,6 +106,68 @@ class CpuDecodeHead(nn.Linear):
         return cpu_linear(x.reshape(tokens, -1), weight).view(*x.shape[:-1], -1)
 
 
+class CpuDecodeModel(Transformer):
+    """A Transformer whose one-token steps over a plain KV cache run all blocks in one compiled call.
+
+    The DecodeStack is gathered from the blocks at first use and made anew after `.to()` and when `layers`
+    is replaced by another list (a bench swaps the unfused blocks back in that way); anything else (prefill,
+    trees, batches at their own positions, blocks the kernel does not take) runs Transformer's own path.
+    RoPE's cos and sin come straight from the float32 tables: per block they came from the rotation in
+    the model's dtype, so a bfloat16 model's angles are now rounded once fewer."""
+
+    _stack: object | None = None
+    _stack_for: nn.ModuleList | None = None  # the layers the stack was gathered from
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._stack_for = None
+        return out
+
+    def _through_blocks(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        blocks: int | None = None,
+    ) -> torch.Tensor:
+        stack = self._decode_stack() if tokens.shape[1] == 1 else None
+        if (stack is None or positions is not None or mask is not None or blocks is not None
+                or type(cache) is not KVCache or torch.is_grad_enabled()):
+            return super()._through_blocks(tokens, start_pos, cache, positions, mask, blocks)
+        if start_pos + 1 > min(cache.max_seq_len, self.rope_cos.shape[0]):
+            raise ValueError(f"position {start_pos + 1} beyond the KV cache or max_seq_len")
+        h = self.tok_embeddings(tokens)  # (batch, 1, dim)
+        cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]  # (head_dim // 2,)
+        if cos.dtype != torch.float32:  # a model moved with .to(dtype) took its tables along
+            cos, sin = cos.float(), sin.float()
+        out = stack.step(h.view(h.shape[0], -1), cache.keys, cache.values, start_pos, cos, sin)
+        return out.view_as(h)
+
+    def _decode_stack(self):
+        if self._stack_for is not self.layers:
+            self._stack, self._stack_for = _decode_stack(self.layers), self.layers
+        return self._stack
+
+
+def _decode_stack(layers: nn.ModuleList):
+    """The DecodeStack of `layers`, or None unless every one is a CpuDecodeBlock of one shape and window."""
+    if not layers or not all(type(b) is CpuDecodeBlock and b.weight_lists is not None for b in layers):
+        return None
+    first = layers[0]
+    if any(b.heads_and_window != first.heads_and_window or b.step_args[2] != first.step_args[2] for b in layers):
+        return None
+    tensors, counts = [], []
+    for b in layers:
+        tensors += [b.attention_norm.weight, b.ffn_norm.weight] + [t for ws in b.weight_lists for t in ws]
+        counts += [len(ws) for ws in b.weight_lists]
+    a = first.attention
+    cpu_extension()  # the class is registered with the operators
+    return torch.classes.llama_offload.DecodeStack(tensors, counts, first.attention_norm.weight.shape[0], a.n_heads,
+                                                   a.n_kv_heads, a.head_dim, a.window or 0, first.step_args[2])
+
+
 _last_rope_row: tuple = (None, None, None, None)  # (rotation's two tensors, cos, sin): one step's, for all blocks
 
 
@@ -152,4 +216,6 @@ def use_cpu_decode_blocks(model: Transformer, int8_head: bool = False) -> int:
             swapped += 1
     if type(model.output) is nn.Linear and cpu_weight_tensors(model.output) is not None:
         model.output = CpuDecodeHead.from_linear(model.output)
+    if swapped == len(model.layers) and type(model) is Transformer:
+        model.__class__ = CpuDecodeModel  # the same object and state: its callers keep their reference
     return swapped

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cpu_paths.h"
+#include "decode_stack.h"
 #include "ext.h"
 #include "kernels.h"
 
@@ -21,6 +22,11 @@ TORCH_LIBRARY(llama_offload, m) {
   m.def("decode_block(Tensor x, Tensor attn_norm, Tensor ffn_norm, float eps, Tensor[] wq, Tensor[] wk, Tensor[] wv, "
         "Tensor[] wo, Tensor[] w1, Tensor[] w3, Tensor[] w2, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
         "Tensor cos, Tensor sin, int n_heads, int window) -> Tensor", &llama_offload::decode_block);
+  m.class_<llama_offload::DecodeStack>("DecodeStack")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       double>())
+      .def("step", &llama_offload::DecodeStack::step)
+      .def("blocks", &llama_offload::DecodeStack::blocks);
   m.def("vector_width() -> int", &vector_width_op);
   m.def("int4_rounds_activations(int in_features, int group_size) -> bool", &int4_rounds_activations_op);
   m.def("cpu_paths() -> str[]", &llama_offload::cpu_paths);
