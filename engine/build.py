@@ -115,8 +115,10 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     chunk = _prefill_chunk(cfg, offloaded, ctx, log)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
-    if device.type == "cpu":  # under --quant int8|int4 the head reads int8 too (engine/cpu_decode.py)
-        use_cpu_decode_blocks(model, int8_head=cfg.quant in (QuantMode.INT8, QuantMode.INT4))
+    if device.type == "cpu":  # blocks quantized by --quant int8|int4 (now or when saved): an int8 head too
+        saved = (quantization or {}).get("format")
+        quantized = cfg.quant in (QuantMode.INT8, QuantMode.INT4) or saved in ("int8", "int4")
+        use_cpu_decode_blocks(model, int8_head=quantized)
     template = find_chat_template(model_dir)
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")
