@@ -7,8 +7,8 @@ CpuDecodeBlock: the same submodules under the same names (state_dict and exclusi
 whose forward sends a one-token step through offload.kernels.decode_block and everything else (prefill,
 token trees, batches at their own positions) through TransformerBlock's own forward. Blocks it cannot take
 stay as they are. When it takes them all, the model itself becomes a CpuDecodeModel, whose one-token steps
-run every block in one call (the C++ DecodeStack). Without the compiled kernels nothing is swapped: the
-unfused path is then the faster one.
+run every block in one call (the C++ DecodeStack). Without the compiled kernels nothing is swapped but an
+int8 head (CpuDecodeHead, through its torch twin): the unfused path is then the faster one.
 """
 from __future__ import annotations
 
@@ -122,6 +122,9 @@ class CpuDecodeModel(Transformer):
         out = super()._apply(fn, recurse)
         self._stack_for = None
         return out
+
+    def __getstate__(self) -> dict:  # deepcopy and pickle: the stack (a C++ object) is gathered anew
+        return {**self.__dict__, "_stack": None, "_stack_for": None}
 
     def _through_blocks(
         self,

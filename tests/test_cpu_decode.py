@@ -15,7 +15,7 @@ from conftest import greedy
 from fixtures import random_state, tiny_args
 from tiny_model import build_tiny_engine, make_tiny_model_dir
 
-from engine.cpu_decode import CpuDecodeBlock, CpuDecodeHead, use_cpu_decode_blocks
+from engine.cpu_decode import CpuDecodeBlock, CpuDecodeHead, CpuDecodeModel, use_cpu_decode_blocks
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from offload.kernels import Int8Linear, cpu_extension, quantize_int8
@@ -115,6 +115,54 @@ def test_sliding_window_past_its_end() -> None:
     fused_tokens, fused_logits = greedy(fused_copy(model), PROMPT, 20)
     assert fused_tokens == tokens
     torch.testing.assert_close(fused_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int4"])
+def test_one_call_for_all_blocks_equals_a_call_per_block(fmt: str, exact_int4) -> None:
+    """A model whose blocks are all fused becomes a CpuDecodeModel: its one-token steps (the DecodeStack) give
+    the logits of the same blocks called one by one, bit for bit in float32 (the same C++ step); in bfloat16
+    the stack's RoPE angles skip one rounding to bfloat16, so there within bfloat16's rounding."""
+    fused = fused_copy(tiny_model("llama", fmt))
+    assert type(fused) is CpuDecodeModel
+    tokens, _ = greedy(fused, PROMPT, 12, dtype=fused.output.weight.dtype)
+    stacked = teacher_forced_logits(fused, PROMPT + tokens)
+    fused.__class__ = Transformer  # the same blocks, each its own call
+    per_block = teacher_forced_logits(fused, PROMPT + tokens)
+    if fmt == "bfloat16":
+        assert ((stacked - per_block).norm() / per_block.norm()).item() < 2e-2
+    else:
+        assert torch.equal(stacked, per_block)
+
+
+def test_replaced_layers_are_not_read_from_an_old_stack() -> None:
+    """Replacing `layers` (as the CPU bench swaps unfused blocks back in) must not keep running the stack
+    gathered from the fused ones: here the replacement blocks have other weights, and their logits win."""
+    fused = fused_copy(tiny_model("llama", "float32"))
+    other = tiny_model("llama", "float32")
+    for p in other.layers.parameters():
+        p.data.normal_(0, 0.05)
+    greedy(fused, PROMPT, 2)  # the stack is built
+    fused.layers = other.layers  # plain TransformerBlocks: the model's own path
+    tokens, logits = greedy(fused, PROMPT, 6)
+    plain = copy.deepcopy(fused)  # a copy gathers its own stack, never shares the original's
+    plain.__class__ = Transformer
+    plain_tokens, plain_logits = greedy(plain, PROMPT, 6)
+    assert tokens == plain_tokens and torch.equal(logits, plain_logits)
+
+
+def test_the_stack_refuses_caches_that_do_not_fit() -> None:
+    fused = fused_copy(tiny_model("llama", "float32"))
+    stack = fused._decode_stack()
+    assert stack.blocks() == len(fused.layers)
+    cache = KVCache(fused.args, 16, torch.float32)
+    cos, sin = fused.rope_cos[3], fused.rope_sin[3]
+    x = torch.randn(1, fused.args.dim)
+    with pytest.raises(RuntimeError, match="caches for 2 blocks"):
+        stack.step(x, cache.keys[:1], cache.values[:1], 3, cos, sin)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        stack.step(x, cache.keys, cache.values, 16, cos, sin)
+    with pytest.raises(RuntimeError, match="features"):
+        stack.step(torch.randn(1, 8), cache.keys, cache.values, 3, cos, sin)
 
 
 def test_names_and_tensors_are_unchanged() -> None:
