@@ -89,9 +89,9 @@ class CpuDecodeHead(nn.Linear):
         head._buffers = dict(head._buffers)  # buffers of its own, not the swapped-out module's
         head._non_persistent_buffers_set = set(head._non_persistent_buffers_set)
         if int8:
-            q = quantize_int8(linear.weight.detach())
-            head.register_buffer("qweight", q.qweight, persistent=False)
-            head.register_buffer("scale", q.scale, persistent=False)
+            qweight, scale = _int8_rows(linear.weight.detach())
+            head.register_buffer("qweight", qweight, persistent=False)
+            head.register_buffer("scale", scale, persistent=False)
         return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,19 @@ def _decode_stack(layers: nn.ModuleList):
     cpu_extension()  # the class is registered with the operators
     return torch.classes.llama_offload.DecodeStack(tensors, counts, first.attention_norm.weight.shape[0], a.n_heads,
                                                    a.n_kv_heads, a.head_dim, a.window or 0, first.step_args[2])
+
+
+HEAD_ROWS = 4096  # head rows quantized at a time: whole, the float temporaries were 3 x 113 MB at peak
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(w)'s qweight and scale (one scale per row), made HEAD_ROWS rows at a time."""
+    qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], HEAD_ROWS):
+        part = quantize_int8(w[r : r + HEAD_ROWS])
+        qweight[r : r + HEAD_ROWS], scale[r : r + HEAD_ROWS] = part.qweight, part.scale
+    return qweight, scale
 
 
 _last_rope_row: tuple = (None, None, None, None)  # (rotation's two tensors, cos, sin): one step's, for all blocks
