@@ -7,7 +7,8 @@ Hugging Face transformers, on the same weights, same machine, same run.
 Random weights (speed does not depend on values; shapes in bench/shapes.py). Each engine runs greedy
 decode with its own KV cache after the same 32-token prompt; the median of --repeats runs is reported, the
 engines taking turns so that drifts in machine load hit all alike. int8 and int4 are `--quant int8|int4`
-(block linears quantized, activations and the head in float32, as app.py runs them on the CPU by default),
+(block linears quantized, the head read from an int8 copy, activations in float32, as app.py runs them on the
+CPU by default),
 int8+bf16 and int4+bf16 the same with `--dtype bfloat16` (activations, head and int4 scales in bfloat16);
 transformers has no CPU counterpart for those, so its column is empty there. On a machine shared with
 others, --wait_idle makes each run first wait (up to SECONDS) for a second in which the CPUs were idle.
@@ -92,7 +93,7 @@ def mode_decoders(mode: str, checkpoint: Path, hf, prompt: torch.Tensor) -> dict
     if mode.startswith("int"):
         quantize_linears(model.layers, QuantMode(mode.removesuffix("+bf16")), progress=False)
     unfused = nn.ModuleList(list(model.layers))
-    if use_cpu_decode_blocks(model) != len(unfused):
+    if use_cpu_decode_blocks(model, int8_head=mode.startswith("int")) != len(unfused):
         raise SystemExit("the CPU kernels did not build or do not take these blocks; nothing fused to measure")
     decoders = {"ours": ours(model, model.layers, prompt), "ours unfused": ours(model, unfused, prompt)}
     if mode in ("float32", "bfloat16"):

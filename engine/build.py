@@ -17,6 +17,7 @@ from engine.llama_offload import build_offloaded_model, build_resident_model
 from engine.memory_check import check_kv_cache_fits
 from engine.offload_messages import flag_messages
 from engine.quantized_checkpoint import (
+    CPU_HEAD,
     check_quantized_run,
     load_quantized_model,
     read_quantization,
@@ -120,8 +121,9 @@ def _build_engine(cfg: RunConfig, log) -> Engine:
     chunk = _prefill_chunk(cfg, offloaded, ctx, log)
     if ctx > model.rope_cos.shape[0]:
         model.set_max_seq_len(ctx)
-    if device.type == "cpu":
-        use_cpu_decode_blocks(model)
+    if device.type == "cpu":  # under --quant int8|int4 (or saved from it) the head reads an int8 copy too
+        int8_head = cfg.quant in (QuantMode.INT8, QuantMode.INT4) or (quantization or {}).get(CPU_HEAD) == "int8"
+        use_cpu_decode_blocks(model, int8_head=int8_head)
     template = find_chat_template(model_dir)
     if template is None and gguf is not None and gguf.chat_template and cfg.tokenizer is None:
         template = (gguf.chat_template, f"{gguf.path} (tokenizer.chat_template)")

@@ -1,4 +1,4 @@
-"""CPU decode at memory speed: each block's one-token step becomes one compiled call (a module swap).
+"""CPU decode at memory speed: a one-token step of all blocks becomes one compiled call (module swaps).
 
 A small model decoding on the CPU spends more time issuing operator calls than reading weights: on the
 SmolLM2-135M shape at 2 threads the unfused block makes some sixty calls per token. `use_cpu_decode_blocks`
@@ -6,7 +6,9 @@ swaps every TransformerBlock of a CPU model whose linears the kernel takes (plai
 CpuDecodeBlock: the same submodules under the same names (state_dict and exclusion names are unchanged),
 whose forward sends a one-token step through offload.kernels.decode_block and everything else (prefill,
 token trees, batches at their own positions) through TransformerBlock's own forward. Blocks it cannot take
-stay as they are. Without the compiled kernels nothing is swapped: the unfused path is then the faster one.
+stay as they are. When it takes them all, the model itself becomes a CpuDecodeModel, whose one-token steps
+run every block in one call (the C++ DecodeStack). Without the compiled kernels nothing is swapped but an
+int8 head (CpuDecodeHead, through its torch twin): the unfused path is then the faster one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from llama.kv_cache import KVCache
 from llama.model import Transformer, TransformerBlock
 from offload.kernels import cpu_extension
 from offload.kernels.decode_block import LinearTensors, cpu_linear, cpu_weight_tensors, decode_block
+from offload.kernels.int8_format import quantize_int8
 
 DECODE_TOKENS = 4  # the head's calls up to this many tokens take the compiled GEMV; larger ones torch's GEMM
 M = TypeVar("M", bound=nn.Module)
@@ -73,17 +76,112 @@ class CpuDecodeBlock(TransformerBlock):
 
 
 class CpuDecodeHead(nn.Linear):
-    """The output head (an nn.Linear, tied or not), its decode-sized calls through the compiled linear."""
+    """The output head (an nn.Linear, tied or not), its decode-sized calls through the compiled linear; with
+    an int8 copy of its weight (`from_linear(..., int8=True)`), every call reads that copy instead.
+
+    The int8 copy (one scale per row, non-persistent buffers: state_dict and the tied float weight, which the
+    embedding reads, are unchanged) is for --quant int8|int4 on the CPU: there the float32 head, 113 MB on
+    the SmolLM2-135M shape, was 5 ms of a 13 ms token, and llama.cpp keeps it in 8 bits too (Q8_0)."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> CpuDecodeHead:
-        return _same_state(cls, linear)
+    def from_linear(cls, linear: nn.Linear, int8: bool = False) -> CpuDecodeHead:
+        head = _same_state(cls, linear)
+        head._buffers = dict(head._buffers)  # buffers of its own, not the swapped-out module's
+        head._non_persistent_buffers_set = set(head._non_persistent_buffers_set)
+        if int8:
+            qweight, scale = _int8_rows(linear.weight.detach())
+            head.register_buffer("qweight", qweight, persistent=False)
+            head.register_buffer("scale", scale, persistent=False)
+        return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        int8 = "qweight" in self._buffers
         tokens = x.shape[:-1].numel()
-        if tokens > DECODE_TOKENS or self.bias is not None or torch.is_grad_enabled() or x.device.type != "cpu":
+        if torch.is_grad_enabled() or x.device.type != "cpu" or (not int8 and (
+                tokens > DECODE_TOKENS or self.bias is not None)):
             return super().forward(x)
-        return cpu_linear(x.reshape(tokens, -1), [self.weight]).view(*x.shape[:-1], -1)
+        weight = [self.qweight, self.scale] if int8 else [self.weight]
+        if self.bias is not None:
+            weight.append(self.bias)
+        return cpu_linear(x.reshape(tokens, -1), weight).view(*x.shape[:-1], -1)
+
+
+class CpuDecodeModel(Transformer):
+    """A Transformer whose one-token steps over a plain KV cache run all blocks in one compiled call.
+
+    The DecodeStack is gathered from the blocks at first use and made anew after `.to()` and when `layers`
+    is replaced by another list (a bench swaps the unfused blocks back in that way); anything else (prefill,
+    trees, batches at their own positions, blocks the kernel does not take) runs Transformer's own path.
+    RoPE's cos and sin come straight from the float32 tables: per block they came from the rotation in
+    the model's dtype, so a bfloat16 model's angles are now rounded once fewer."""
+
+    _stack: object | None = None
+    _stack_for: nn.ModuleList | None = None  # the layers the stack was gathered from
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._stack_for = None
+        return out
+
+    def __getstate__(self) -> dict:  # deepcopy and pickle: the stack (a C++ object) is gathered anew
+        return {**self.__dict__, "_stack": None, "_stack_for": None}
+
+    def _through_blocks(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        blocks: int | None = None,
+    ) -> torch.Tensor:
+        stack = self._decode_stack() if tokens.shape[1] == 1 else None
+        if (stack is None or positions is not None or mask is not None or blocks is not None
+                or type(cache) is not KVCache or torch.is_grad_enabled()):
+            return super()._through_blocks(tokens, start_pos, cache, positions, mask, blocks)
+        if start_pos + 1 > min(cache.max_seq_len, self.rope_cos.shape[0]):
+            raise ValueError(f"position {start_pos + 1} beyond the KV cache or max_seq_len")
+        h = self.tok_embeddings(tokens)  # (batch, 1, dim)
+        cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]  # (head_dim // 2,)
+        if cos.dtype != torch.float32:  # a model moved with .to(dtype) took its tables along
+            cos, sin = cos.float(), sin.float()
+        out = stack.step(h.view(h.shape[0], -1), cache.keys, cache.values, start_pos, cos, sin)
+        return out.view_as(h)
+
+    def _decode_stack(self):
+        if self._stack_for is not self.layers:
+            self._stack, self._stack_for = _decode_stack(self.layers), self.layers
+        return self._stack
+
+
+def _decode_stack(layers: nn.ModuleList):
+    """The DecodeStack of `layers`, or None unless every one is a CpuDecodeBlock of one shape and window."""
+    if not layers or not all(type(b) is CpuDecodeBlock and b.weight_lists is not None for b in layers):
+        return None
+    first = layers[0]
+    if any(b.heads_and_window != first.heads_and_window or b.step_args[2] != first.step_args[2] for b in layers):
+        return None
+    tensors, counts = [], []
+    for b in layers:
+        tensors += [b.attention_norm.weight, b.ffn_norm.weight] + [t for ws in b.weight_lists for t in ws]
+        counts += [len(ws) for ws in b.weight_lists]
+    a = first.attention
+    cpu_extension()  # the class is registered with the operators
+    return torch.classes.llama_offload.DecodeStack(tensors, counts, first.attention_norm.weight.shape[0], a.n_heads,
+                                                   a.n_kv_heads, a.head_dim, a.window or 0, first.step_args[2])
+
+
+HEAD_ROWS = 4096  # head rows quantized at a time: whole, the float temporaries were 3 x 113 MB at peak
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8(w)'s qweight and scale (one scale per row), made HEAD_ROWS rows at a time."""
+    qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for r in range(0, w.shape[0], HEAD_ROWS):
+        part = quantize_int8(w[r : r + HEAD_ROWS])
+        qweight[r : r + HEAD_ROWS], scale[r : r + HEAD_ROWS] = part.qweight, part.scale
+    return qweight, scale
 
 
 _last_rope_row: tuple = (None, None, None, None)  # (rotation's two tensors, cos, sin): one step's, for all blocks
@@ -119,9 +217,12 @@ def _linears(block: TransformerBlock) -> tuple[nn.Module, ...]:
     return a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2
 
 
-def use_cpu_decode_blocks(model: Transformer) -> int:
+def use_cpu_decode_blocks(model: Transformer, int8_head: bool = False) -> int:
     """Swap the blocks of a CPU model that the fused kernel takes, and a plain CPU output head, for their
-    fused forms (module docstring); returns how many blocks were swapped."""
+    fused forms (module docstring); returns how many blocks were swapped. int8_head: the head reads an int8
+    copy of its weight (CpuDecodeHead), with the kernels or without them (then through the torch twin)."""
+    if int8_head and type(model.output) is nn.Linear and model.output.weight.device.type == "cpu":
+        model.output = CpuDecodeHead.from_linear(model.output, int8=True)
     if cpu_extension() is None:
         return 0
     swapped = 0
@@ -131,4 +232,6 @@ def use_cpu_decode_blocks(model: Transformer) -> int:
             swapped += 1
     if type(model.output) is nn.Linear and cpu_weight_tensors(model.output) is not None:
         model.output = CpuDecodeHead.from_linear(model.output)
+    if swapped == len(model.layers) and type(model) is Transformer:
+        model.__class__ = CpuDecodeModel  # the same object and state: its callers keep their reference
     return swapped

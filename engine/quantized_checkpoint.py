@@ -36,6 +36,7 @@ from offload.quant_mode import QuantMode
 from offload.kernels.linear import QuantizedLinear, quantized_linear_from_tensors
 from offload.policy import OffloadConfig
 
+CPU_HEAD = "cpu_head"  # in the quantization record: "int8" when the CPU's head reads an int8 copy
 QUANTIZATION_FIELD = "quantization"  # not HF's "quantization_config", which transformers would try to act on
 SAVED_FORMATS = {"int8": Int8Weight, "int4": Int4Weight}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -51,12 +52,14 @@ def save_quantized(
     out_dir: Path | str,
     mode: str,
     log: TextIO = sys.stderr,
+    int8_head: bool = False,
 ) -> None:
     """Write `model`, whose block linears are all quantized to `mode` ('int8' or 'int4'), to the new or
-    empty directory out_dir, with the tokenizer files from tokenizer_dir_or_file."""
+    empty directory out_dir, with the tokenizer files from tokenizer_dir_or_file. int8_head: record that on
+    the CPU its head reads an int8 copy, as a --quant run's does (engine/cpu_decode.py)."""
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
-    config: dict[str, Any] = {QUANTIZATION_FIELD: _describe(model, mode)}
+    config: dict[str, Any] = {QUANTIZATION_FIELD: _describe(model, mode) | ({CPU_HEAD: "int8"} if int8_head else {})}
     source = Path(tokenizer_dir_or_file)
     source_config = (source if source.is_dir() else source.parent) / CONFIG
     if source_config.is_file():
@@ -89,7 +92,7 @@ def save_quantized_from_config(cfg: RunConfig, log: TextIO = sys.stderr) -> Path
     print(f"loading {model_dir} as {str(dtype).removeprefix('torch.')} on the CPU to quantize it", file=log)
     with flag_messages():
         model = build_resident_model(model_dir, args, OffloadConfig(dtype=dtype, device=cpu, quant=cfg.quant))
-    save_quantized(model, args, cfg.tokenizer or model_dir, out_dir, mode, log)
+    save_quantized(model, args, cfg.tokenizer or model_dir, out_dir, mode, log, int8_head=True)
     return out_dir
 
 

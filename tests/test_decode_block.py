@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from offload.kernels import cpu_extension, quantize_int4, quantize_int8
-from offload.kernels.decode_block import cpu_linear, decode_block_reference, linear_reference
+from offload.kernels.decode_block import (
+    cpu_linear,
+    decode_block_reference,
+    int8_rounded_activations,
+    linear_reference,
+)
 
 # Relative error of the output, set by rounding to the activation dtype (the kernel and the twin both
 # compute in float32 between the residuals).
@@ -56,7 +61,7 @@ def test_linear_matches_reference(ext, fmt: str, tokens: int, bias: bool) -> Non
     assert rel_err(y, linear_reference(x.float(), weight)) < TOL[x.dtype]
 
 
-@pytest.fixture(params=["avx512_bf16", "portable"])
+@pytest.fixture(params=["avx512_bf16", "avx512_vnni", "portable"])
 def cpu_path(request, ext):
     """Each instruction-set path in turn (skipped where this CPU lacks it), the CPU's own set restored after."""
     before = ext.set_cpu_paths([] if request.param == "portable" else [request.param])
@@ -97,13 +102,46 @@ def test_paths_differ_only_by_the_rounding_of_activations(ext) -> None:
         ext.set_cpu_paths(before)
 
 
+INT4_SHAPES = [(83, 576, 64), (83, 384, 128), (40, 512, 256), (33, 256, 32), (20, 128, 8), (9, 160, 32)]
+
+
+@pytest.mark.parametrize("out_f, in_f, group", INT4_SHAPES)  # 576: a last chunk of 64; 160: not taken
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_token_int4_on_each_path(ext, cpu_path: str, out_f: int, in_f: int, group: int,
+                                     scale_dtype: torch.dtype) -> None:
+    """On the avx512_vnni path a one-token int4 call reads x rounded to int8 per 32 values
+    (int8_rounded_activations) and is then exact to float32 rounding; elsewhere, and for shapes the path does
+    not take, it reads x as it is. Both linear (the decode block's routine) and int4_matmul."""
+    w = quantize_int4(torch.randn(out_f, in_f) / math.sqrt(in_f), group, scale_dtype)
+    weight = [w.packed, w.scales, w.zeros]
+    x = torch.randn(1, in_f)
+    rounds = ext.int4_rounds_activations(in_f, w.group_size)
+    assert rounds == (cpu_path == "avx512_vnni" and in_f % 64 == 0)
+    ref = linear_reference(int8_rounded_activations(x) if rounds else x, weight)
+    assert rel_err(cpu_linear(x, weight), ref) < 1e-5
+    assert rel_err(ext.int4_matmul(x, *weight), ref) < 1e-5
+    if rounds:  # the rounding's own error, for scale: what the path gives up
+        assert 1e-4 < rel_err(ref, linear_reference(x, weight)) < 2e-2
+
+
+def test_int8_rounding_per_block_of_32() -> None:
+    x = torch.randn(2, 64)
+    x[0, :32] *= 100  # a block's scale is its own: the next block keeps its fine steps
+    r = int8_rounded_activations(x)
+    for row, block in ((0, slice(0, 32)), (0, slice(32, 64)), (1, slice(0, 32))):
+        step = x[row, block].abs().max() / 127
+        assert (r[row, block] - x[row, block]).abs().max() <= step / 2 * 1.0001
+        assert torch.allclose(r[row, block] / step, (r[row, block] / step).round(), atol=1e-3)
+    assert torch.equal(int8_rounded_activations(torch.zeros(1, 32)), torch.zeros(1, 32))
+
+
 def test_unknown_cpu_path_is_refused(ext) -> None:
     with pytest.raises(RuntimeError, match="unknown path 'avx9'"):
         ext.set_cpu_paths(["avx9"])
 
 
-def block_inputs(fmt: str, batch: int, n_heads: int, n_kv: int, head_dim: int, pos: int, bias: bool):
-    dim, ffn = 96, 160
+def block_inputs(fmt: str, batch: int, n_heads: int, n_kv: int, head_dim: int, pos: int, bias: bool, dim: int = 96,
+                 ffn: int = 160):
     dtype = activation_dtype(fmt)
     q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
     shapes = [(q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim), (ffn, dim), (ffn, dim), (dim, ffn)]
@@ -156,6 +194,14 @@ def test_bfloat16_decode_block_on_each_path(ext, cpu_path: str, batch: int) -> N
     inputs = block_inputs("bfloat16", batch, 6, 2, 16, pos=7, bias=False)
     (y, k, _), (ref, k_ref, _) = run_both(ext, inputs)
     assert rel_err(y, ref) < TOL[torch.bfloat16] and rel_err(k[:, :, 7], k_ref[:, :, 7]) < TOL[torch.bfloat16]
+
+
+def test_int4_decode_block_on_each_path(ext, cpu_path: str) -> None:
+    """Widths the avx512_vnni path takes (128, 192): there every linear reads int8-rounded activations, which
+    costs under 2e-2 of the output; the other paths stay exact."""
+    inputs = block_inputs("int4", 1, 4, 2, 32, pos=9, bias=False, dim=128, ffn=192)
+    (y, _, _), (ref, _, _) = run_both(ext, inputs)
+    assert rel_err(y, ref) < (2e-2 if cpu_path == "avx512_vnni" else TOL[torch.float32])
 
 
 def test_decode_block_with_biases_and_a_window(ext) -> None:

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "ext_int8.cpp", "ext_int4.cpp", "ext_decode.cpp", "gemv_int8.cpp", "gemv_int4.cpp",
-           "gemv_dense.cpp", "linears.cpp", "decode_steps.cpp", "work_sharing.cpp", "gguf_blocks.cpp",
-           "cpu_paths.cpp")
+SOURCES = ("bindings.cpp", "ext_int8.cpp", "ext_int4.cpp", "ext_decode.cpp", "block_step.cpp", "decode_stack.cpp",
+           "gemv_int8.cpp", "gemv_int4.cpp", "gemv_int4_vnni.cpp", "gemv_dense.cpp", "linears.cpp", "decode_steps.cpp",
+           "work_sharing.cpp", "gguf_blocks.cpp", "cpu_paths.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 NAME = "llama_offload_cpu_kernels"
 _LOAD_LOCK = threading.Lock()  # the operators may be registered once per process
@@ -53,8 +53,9 @@ def build_directory() -> Path:
 
 def build_cpu_extension(build_dir: Path) -> Any:
     """Compile (if needed) and load the extension from `build_dir`; returns its operator namespace
-    `torch.ops.llama_offload` (int8_matmul, int4_matmul, linear, decode_block, vector_width, the gguf_*
-    converters); raises if that fails."""
+    `torch.ops.llama_offload` (int8_matmul, int4_matmul, linear, decode_block, vector_width,
+    int4_rounds_activations, cpu_paths, set_cpu_paths, the gguf_* converters; the class DecodeStack is
+    torch.classes.llama_offload.DecodeStack); raises if that fails."""
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)

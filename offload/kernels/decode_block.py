@@ -61,6 +61,17 @@ def linear_reference(x: torch.Tensor, weight: LinearTensors) -> torch.Tensor:
     return F.linear(x, w, rest[0].float() if rest else None)
 
 
+INT8_BLOCK = 32  # activation values per int8 scale on the avx512_vnni path
+
+
+def int8_rounded_activations(x: torch.Tensor) -> torch.Tensor:
+    """x float32 [tokens, in] as a one-token int4 step on the avx512_vnni path reads it: each block of
+    INT8_BLOCK values rounded to int8 steps of max|block| / 127 (the kernel, fed this, computes float math)."""
+    blocks = x.float().unflatten(-1, (-1, INT8_BLOCK))  # (tokens, in / INT8_BLOCK, INT8_BLOCK)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / step.clamp(min=torch.finfo(torch.float32).tiny)) * step).flatten(-2)
+
+
 def decode_block(
     x: torch.Tensor,
     attn_norm: torch.Tensor,

@@ -12,7 +12,7 @@ namespace llama_offload {
 
 namespace {
 
-constexpr const char* kNames[] = {"avx512_bf16"};
+constexpr const char* kNames[] = {"avx512_bf16", "avx512_vnni"};
 constexpr unsigned kCount = sizeof(kNames) / sizeof(kNames[0]);
 
 unsigned bit(CpuPath p) {
@@ -30,6 +30,7 @@ unsigned supported() {
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
   const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
   if (!(f && dq && bw && vl)) return 0;
+  if (c & (1u << 11)) mask |= bit(CpuPath::kAvx512Vnni);  // leaf 7.0 ECX: AVX512_VNNI
   if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5))) mask |= bit(CpuPath::kAvx512Bf16);
 #endif
   return mask;
@@ -62,7 +63,7 @@ std::vector<std::string> set_cpu_paths(const std::vector<std::string>& names) {
   for (const std::string& name : names) {
     unsigned i = 0;
     while (i < kCount && name != kNames[i]) ++i;
-    TORCH_CHECK(i < kCount, "set_cpu_paths: unknown path '", name, "' (known: avx512_bf16)");
+    TORCH_CHECK(i < kCount, "set_cpu_paths: unknown path '", name, "' (known: avx512_bf16, avx512_vnni)");
     mask |= 1u << i;
   }
   return names_of(enabled().exchange(mask & supported()));

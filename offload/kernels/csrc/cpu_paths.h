@@ -11,12 +11,14 @@
 #define LLAMA_OFFLOAD_X86_PATHS 1
 #include <immintrin.h>
 #define LLAMA_OFFLOAD_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define LLAMA_OFFLOAD_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #endif
 
 namespace llama_offload {
 
 enum class CpuPath {
   kAvx512Bf16,  // "avx512_bf16": bfloat16 dot products (dense bfloat16 weights)
+  kAvx512Vnni,  // "avx512_vnni": int8 dot products (one-token int4 steps, activations rounded to int8)
 };
 
 bool cpu_path_on(CpuPath path);

@@ -34,6 +34,9 @@ void gguf_q4_0_to_int4(const at::Tensor& raw, const at::Tensor& packed, const at
 void gguf_q4_1_to_int4(const at::Tensor& raw, const at::Tensor& packed, const at::Tensor& scales,
                        const at::Tensor& zeros);
 
+// cos and sin of one position: float32 [hd / 2], contiguous.
+void check_rope_row(const at::Tensor& cos, const at::Tensor& sin, int64_t hd, const char* what);
+
 // Activation checks shared by both entry points: a 2-D CPU tensor of a supported float dtype.
 void check_activations(const char* op, const at::Tensor& x);
 

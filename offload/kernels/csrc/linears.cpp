@@ -30,32 +30,55 @@ int64_t row_bytes(const Linear& l) {
   return l.kind == LinearKind::kInt4 ? l.K / 2 : l.kind == LinearKind::kInt8 ? l.K : l.K * (l.dense == DenseType::kF32 ? 4 : 2);
 }
 
-// Rows [n0, n1) of one linear into y (row stride ldy); x_bf16, xperm/xsum: x as bfloat16 dense weights and
-// int4 read it.
-void linear_rows(const Linear& l, const float* x, const uint16_t* x_bf16, const float* xperm, const float* xsum,
-                 int64_t T, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// How int4 reads its activations, made once per group size (a layer's linears share one): permuted floats
+// (int4_permute_activations), or for one token on the avx512_vnni path x rounded to int8.
+struct Int4Activations {
+  int64_t G;
+  bool vnni;
+  std::vector<float> xperm, xsum;  // xperm: the float path's [T][K]; xsum [T][K / G]
+  std::vector<int8_t> xq;  // vnni: [K]
+  std::vector<float> x8scale;  // vnni: [K / 8]
+};
+
+Int4Activations int4_activations(const float* x, int64_t T, int64_t K, int64_t G) {
+  Int4Activations a{G, T == 1 && int4_vnni_takes(K, G), {}, std::vector<float>(T * (K / G)), {}, {}};
+  if (a.vnni) {
+    a.xq.resize(K);
+    a.x8scale.resize(K / 8);
+    int4_vnni_activations(x, K, G, a.xq.data(), a.x8scale.data(), a.xsum.data());
+  } else {
+    a.xperm.resize(T * K);
+    int4_permute_activations(x, T, K, G, a.xperm.data(), a.xsum.data());
+  }
+  return a;
+}
+
+template <typename S>
+void int4_rows(const Linear& l, const Int4Activations& a, int64_t T, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const auto* p = static_cast<const uint8_t*>(l.weight);
+  const S* scales = l.scale.data_ptr<S>();
+  const S* zeros = l.zeros.data_ptr<S>();
+  if (a.vnni)
+    int4_vnni_gemv_rows<S>(a.xq.data(), a.x8scale.data(), a.xsum.data(), l.K, l.G, p, scales, zeros, y, n0, n1);
+  else
+    int4_gemv_rows<S>(a.xperm.data(), a.xsum.data(), T, l.K, l.G, p, scales, zeros, y, ldy, n0, n1);
+}
+
+// Rows [n0, n1) of one linear into y (row stride ldy); x_bf16, int4: x as bfloat16 dense weights and int4 read it.
+void linear_rows(const Linear& l, const float* x, const uint16_t* x_bf16, const Int4Activations* int4, int64_t T,
+                 float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (l.kind) {
     case LinearKind::kDense: dense_gemv_rows(l.dense, x, x_bf16, T, l.K, l.weight, y, ldy, n0, n1); break;
     case LinearKind::kInt8:
       int8_gemv_rows(x, T, l.K, static_cast<const int8_t*>(l.weight), l.scale.data_ptr<float>(), y, ldy, n0, n1);
       break;
-    case LinearKind::kInt4: {
-      const auto* p = static_cast<const uint8_t*>(l.weight);
+    case LinearKind::kInt4:
       switch (l.scale.scalar_type()) {
-        case at::kFloat:
-          int4_gemv_rows<float>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<float>(), l.zeros.data_ptr<float>(),
-                                y, ldy, n0, n1);
-          break;
-        case at::kBFloat16:
-          int4_gemv_rows<c10::BFloat16>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<c10::BFloat16>(),
-                                        l.zeros.data_ptr<c10::BFloat16>(), y, ldy, n0, n1);
-          break;
-        default:
-          int4_gemv_rows<c10::Half>(xperm, xsum, T, l.K, l.G, p, l.scale.data_ptr<c10::Half>(),
-                                    l.zeros.data_ptr<c10::Half>(), y, ldy, n0, n1);
+        case at::kFloat: int4_rows<float>(l, *int4, T, y, ldy, n0, n1); break;
+        case at::kBFloat16: int4_rows<c10::BFloat16>(l, *int4, T, y, ldy, n0, n1); break;
+        default: int4_rows<c10::Half>(l, *int4, T, y, ldy, n0, n1);
       }
       break;
-    }
   }
 }
 
@@ -114,23 +137,15 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
   const int64_t K = linears.at(0)->K;
   std::vector<int64_t> offsets;
   int64_t total = 0, widest = 0;
-  // int4 reads its activations permuted, once per group size (all of a layer's linears share one).
-  struct Permuted {
-    int64_t G;
-    std::vector<float> xperm, xsum;
-  };
-  std::vector<Permuted> permuted;
+  std::vector<Int4Activations> int4;
   for (const Linear* l : linears) {
     TORCH_CHECK(l->K == K, "linears sharing an input must have the same in_features: ", l->K, " != ", K);
     offsets.push_back(total);
     total += l->N;
     widest = std::max(widest, row_bytes(*l));
-    if (l->kind != LinearKind::kInt4) continue;
-    if (std::none_of(permuted.begin(), permuted.end(), [&](const Permuted& p) { return p.G == l->G; })) {
-      Permuted& p = permuted.emplace_back(
-          Permuted{l->G, std::vector<float>(T * K), std::vector<float>(T * (K / l->G))});
-      int4_permute_activations(x, T, K, l->G, p.xperm.data(), p.xsum.data());
-    }
+    if (l->kind == LinearKind::kInt4 &&
+        std::none_of(int4.begin(), int4.end(), [&](const Int4Activations& a) { return a.G == l->G; }))
+      int4.push_back(int4_activations(x, T, K, l->G));
   }
   std::vector<uint16_t> x_bf16;
   const bool any_bf16 = std::any_of(linears.begin(), linears.end(), [](const Linear* l) {
@@ -140,10 +155,10 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
     x_bf16.resize(T * K);
     for (int64_t i = 0; i < T * K; ++i) x_bf16[i] = c10::BFloat16(x[i]).x;
   }
-  auto activations = [&](const Linear& l) -> std::pair<const float*, const float*> {
-    for (const Permuted& p : permuted)
-      if (p.G == l.G) return {p.xperm.data(), p.xsum.data()};
-    return {nullptr, nullptr};
+  auto int4_of = [&](const Linear& l) -> const Int4Activations* {
+    for (const Int4Activations& a : int4)
+      if (a.G == l.G) return &a;
+    return nullptr;
   };
   // Chunks of whole 8-row tiles: a few per thread, so that a thread held up by another process leaves its
   // chunks to the others, and each at least kChunkBytes of weights, long streams for the prefetchers.
@@ -156,8 +171,7 @@ void run_linears(const std::vector<const Linear*>& linears, const float* x, int6
       const Linear& l = *linears[i];
       const int64_t lo = std::max(r0, offsets[i]) - offsets[i], hi = std::min(r1, offsets[i] + l.N) - offsets[i];
       if (lo >= hi) continue;
-      const auto [xp, xs] = activations(l);  // null for the formats that read x as it is
-      linear_rows(l, x, x_bf16.empty() ? nullptr : x_bf16.data(), xp, xs, T, y + offsets[i], total, lo, hi);
+      linear_rows(l, x, x_bf16.empty() ? nullptr : x_bf16.data(), int4_of(l), T, y + offsets[i], total, lo, hi);
     }
   });
   for (size_t i = 0; i < linears.size(); ++i) {
