@@ -83,3 +83,39 @@ def test_a_nan_logit_never_wins_the_argmax():
     cache = KVCache(model.args, CAPACITY, torch.float32)
     out = DecodeSteps(model, cache, capture=False).decode(5, 0)
     assert out.logits[0, -1, 17].isnan() and int(out.argmax[0, -1]) != 17
+
+
+@torch.inference_mode()
+def test_only_one_token_steps_take_the_fused_attention(monkeypatch):
+    """The fused RoPE + split attention serves one query a sequence; token trees keep the torch ops (through the
+    kernels, every tree size and bucket was another kernel variant, and resident speculation fell behind plain
+    decoding on the H200). Kernels are made to look present, and the fused step records its callers."""
+    import types
+
+    import llama.model as model_module
+    from engine.fused_projections import fuse_projections
+
+    model = _model("llama")
+    fuse_projections(model)
+    real = model_module.fused_ops
+    present = {n: getattr(real, n) for n in dir(real) if not n.startswith("__")} | {"kernels_for": lambda *t: True}
+    monkeypatch.setattr(model_module, "fused_ops", types.SimpleNamespace(**present))
+    seen = []
+
+    def fused_step(self, x, rotation, cache, layer, mask):
+        seen.append(x.shape[1])
+        return torch.zeros(*x.shape[:2], self.n_heads * self.head_dim)
+
+    monkeypatch.setattr(model_module.Attention, "_fused_step", fused_step)
+    monkeypatch.setattr(model_module.Attention, "_decode_attention", lambda self, q, k, v, mask: torch.zeros_like(q))
+    cache = KVCache(model.args, CAPACITY, torch.float32)
+    steps = DecodeSteps(model, cache, capture=False)
+    steps.decode(5, 0)
+    assert seen and set(seen) == {1}
+    seen.clear()
+    tree = TokenTree(7)
+    tree.add_path(0, [8, 9], 10)
+    tree.add_path(1, [11], 10)
+    positions, mask = tree_attention(tree, 1)
+    steps.tree(tree.tokens, 1, positions, mask)
+    assert seen == []
