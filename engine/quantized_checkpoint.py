@@ -121,7 +121,8 @@ def copy_tokenizer(source: Path, out_dir: Path) -> None:
 
 def read_quantization(model_dir: Path | str) -> dict[str, Any] | None:
     """The "quantization" field of model_dir's config.json ({"format": "int8"} or {"format": "int4",
-    "group_size": G}), None for an unquantized model; UserError naming the file when it is malformed."""
+    "group_size": G}, either with "cpu_head": "int8" when a --quant run saved it), None for an unquantized
+    model; UserError naming the file when it is malformed."""
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         return None
@@ -134,6 +135,8 @@ def read_quantization(model_dir: Path | str) -> dict[str, Any] | None:
     group = quant.get("group_size")
     if fmt == "int4" and not (isinstance(group, int) and group >= 2 and group % 2 == 0):
         raise UserError(f"{path}: '{QUANTIZATION_FIELD}' needs an even integer group_size >= 2 for int4")
+    if quant.get(CPU_HEAD, "int8") != "int8":
+        raise UserError(f"{path}: '{QUANTIZATION_FIELD}.{CPU_HEAD}' may only be \"int8\", not {quant[CPU_HEAD]!r}")
     return quant
 
 

@@ -176,6 +176,17 @@ def test_malformed_quantization_field_names_config(int8_dir, tmp_path):
         read_quantization(out)
 
 
+def test_an_unknown_cpu_head_is_refused_by_the_app(int8_dir, tmp_path, capsys):
+    out = _tampered_copy(int8_dir, tmp_path, lambda t: None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["cpu_head"] == "int8"  # what a --quant run saves
+    config["quantization"]["cpu_head"] = "fp8"
+    (out / "config.json").write_text(json.dumps(config))
+    assert app.main([str(out), "--prompt", "hi", *GREEDY_FLAGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config.json" in err and "cpu_head" in err and "'fp8'" in err and "\n" not in err
+
+
 def test_round_trip_keeps_biases_and_tied_embeddings(tmp_path):
     """Qwen2 shape: q/k/v biases (their rows are permuted in HF files), GQA, and a head tied to the embedding."""
     args = tiny_args("qwen2", ffn_dim=256, tie_embeddings=True)
