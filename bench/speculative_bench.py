@@ -147,10 +147,15 @@ def decode(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[f
 
 
 def warm_up(gen: Generator, prompts: list[list[int]], ns: argparse.Namespace) -> None:
-    """A short untimed reply first, as a conversation's second reply finds things: graphs captured, kernels
-    compiled, and (speculating) the planner's pass times and acceptance measured."""
+    """A short untimed reply to each prompt first, as a conversation's later replies find things: graphs
+    captured for the tree sizes and cache buckets these prompts reach, kernels compiled, and (speculating) the
+    planner's pass times and acceptance measured. What is still captured while timed is reported."""
     if ns.warmup_tokens:
-        decode(gen, prompts[-1:], ns.warmup_tokens)
+        decode(gen, prompts, ns.warmup_tokens)
+
+
+def graphs_captured(*gens: Generator) -> int:
+    return sum(g.steps.captured for g in gens if g.steps is not None)
 
 
 def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: float | None) -> dict:
@@ -175,7 +180,9 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
         gen.speculator = Speculator(DraftModel(draft.generator), PromptLookup(), planner, planner.announce)
         warm_up(gen, prompts, ns)
         gen.speculator.spent = dict.fromkeys(gen.speculator.spent, 0.0)
+        captured = graphs_captured(gen, draft.generator)
         spec_tps, per_pass, got = decode(gen, prompts, ns.new_tokens)
+        captured = graphs_captured(gen, draft.generator) - captured
         spent = gen.speculator.spent
         rounds = max(spent["rounds"], 1.0)
         row[name] = {
@@ -183,6 +190,7 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
             "speedup": spec_tps / plain_tps, "same_tokens": got == want,
             "x_link_limit": spec_tps / limit if limit else None,
             "ms_per_round": {k: 1e3 * spent[k] / rounds for k in ("draft", "target", "round")},
+            "graphs_captured_while_timed": captured,
         }
         print(f"[{mode}] {name}: {json.dumps(row[name])}", flush=True)
     if off is not None:
@@ -223,7 +231,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=96)
-    p.add_argument("--warmup-tokens", type=int, default=24, help="an untimed reply of this many tokens first (0: none)")
+    p.add_argument("--warmup-tokens", type=int, default=24, help="an untimed reply of this many tokens to each prompt first (0: none)")
     p.add_argument("--threads", type=int, default=16, help="CPU threads in the cpu mode")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)

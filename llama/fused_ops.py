@@ -23,7 +23,7 @@ MAX_NORM_DIM = 16384  # one program holds a row in registers
 ATTENTION_BLOCK = 32  # cache positions per tile of the split attention
 ATTENTION_PROGRAMS = 1024  # splits are chosen so that a step launches about this many programs
 ATTENTION_WARPS = 2
-MAX_SPLITS = 64
+MAX_SPLITS = 64  # a power of 2: the combine kernel's fixed width
 MAX_ATTENTION_QUERIES = 32  # queries per sequence; a prefill-sized chunk reads the cache once per query here
 
 
@@ -215,11 +215,11 @@ def attention(
     part_max = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     kern.attention_split[(queries, splits)](
-        q, keys, values, m, part_acc, part_max, part_sum, seqlen, n_heads, n_heads // n_kv, kv_len,
+        q, keys, values, m, part_acc, part_max, part_sum, seqlen, n_heads, n_heads // n_kv, kv_len, per_split,
         head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), m.stride(0), m.stride(1),
-        HEAD_DIM=head_dim, BLOCK_N=block, PER_SPLIT=per_split, HAS_MASK=mask is not None, num_warps=warps)
+        HEAD_DIM=head_dim, BLOCK_N=block, HAS_MASK=mask is not None, num_warps=warps)
     out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
     kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
-                                    SPLITS=kern.next_power_of_2(splits), num_warps=1)
+                                    SPLITS=MAX_SPLITS, num_warps=1)
     return out

@@ -87,10 +87,11 @@ def kernels() -> SimpleNamespace | None:
 
     @triton.jit
     def attention_split(q, keys, values, mask, part_acc, part_max, part_sum,
-                        seqlen, n_heads, rep, kv_len, scale,
+                        seqlen, n_heads, rep, kv_len, per_split, scale,
                         q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t,
-                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PER_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr):
-        # Program (query head, split): an online softmax over positions [split * PER_SPLIT, + PER_SPLIT).
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+        # Program (query head, split): an online softmax over positions [split * per_split, + per_split).
+        # The lengths are runtime values, so every tree size, cache bucket and position shares one compiled kernel.
         # Exponentials in base 2: scores are scaled by log2(e) once.
         bth = tl.program_id(0)
         split = tl.program_id(1)
@@ -105,8 +106,8 @@ def kernels() -> SimpleNamespace | None:
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.zeros((), tl.float32)
         acc = tl.zeros((HEAD_DIM,), tl.float32)
-        for first in range(0, PER_SPLIT, BLOCK_N):  # a multiple of BLOCK_N
-            n = split * PER_SPLIT + first + tl.arange(0, BLOCK_N)
+        for first in range(0, per_split, BLOCK_N):  # a multiple of BLOCK_N
+            n = split * per_split + first + tl.arange(0, BLOCK_N)
             inside = n < kv_len
             k = tl.load(k_base + n[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
             s = tl.sum(k * qv[None, :], axis=1)

@@ -103,3 +103,35 @@ def test_the_drafts_chain_catch_up_proposes_what_its_prefill_does(root):
             trees.append((tree.tokens, tree.parents, path))
         assert trees[0] == trees[1]
         history += [trees[0][0][n] for n in trees[0][2]] + [history[-1] % 50 + 3]  # the path, then a bonus token
+
+
+def test_a_round_whose_draft_caught_up_by_prefill_is_not_timed(root):
+    """A draft far behind (a new prompt, speculation off for a while) runs a prefill: a one-off cost."""
+    engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
+    gen = engine.generator
+    speculator = gen.speculator
+    draft_gen = speculator.draft.generator
+    draft_gen.steps = DecodeSteps(draft_gen.model, draft_gen.cache, capture=False)  # as on a GPU: chains catch up
+    _decode(engine, 4)
+    history = list(gen.cached) + [9]
+    observed = speculator.planner.draft_steps
+    speculator._draft(gen, TokenTree(history[-1]), history, decoder.TreeShape(2, 1))  # the prompt: a prefill
+    assert speculator.draft.prefills >= 1 and speculator.planner.draft_steps == observed
+    speculator._draft(gen, TokenTree(history[-1]), history, decoder.TreeShape(2, 1))  # caught up: a chain step
+    assert speculator.planner.draft_steps == observed + 2
+
+
+def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatch):
+    engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
+    speculator = engine.generator.speculator
+    speculator.planner.needs_probe = lambda: False
+    speculator.planner.choose = lambda: None  # off throughout
+    events = []  # "p": a plain pass, "t": a try's draft
+    for name, mark in (("_draft", "t"), ("_plain_pass", "p")):
+        real = getattr(speculator, name)
+        monkeypatch.setattr(speculator, name, lambda *a, real=real, mark=mark: (events.append(mark), real(*a))[1])
+    monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)
+    speculator._explore_every = 4
+    _decode(engine, 60)
+    runs = [len(run) for run in "".join(events).split("t")]
+    assert runs[:3] == [4, 8, 16]  # plain passes before each try

@@ -24,7 +24,8 @@ from llama.speculative.verify import verify_tree
 if TYPE_CHECKING:
     from llama.generation import GenerationStats, Generator
 
-EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens
+EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens,
+MAX_EXPLORE_EVERY = 512  # twice as many after each try that leaves it off (a try first catches the draft up)
 PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation,
 PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large model: speculation pays at once)
 
@@ -43,6 +44,7 @@ class Speculator:
         self.announce = announce
         self._said_mirostat = False
         self._pass_seconds = 0.0  # the latest tree pass
+        self._explore_every = EXPLORE_EVERY  # plain tokens between tries while speculation is off
         # Where the speculative rounds' time went, summed (benchmarks report it): drafting, the target's tree
         # passes, whole rounds (the rest is verifying, moving keys, sampling).
         self.spent = {"draft": 0.0, "target": 0.0, "round": 0.0, "rounds": 0.0}
@@ -64,7 +66,7 @@ class Speculator:
         while True:
             yield from pending
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
-            begin, captures = time.perf_counter(), self._captures(gen)
+            begin, one_offs = time.perf_counter(), self._one_offs(gen)
             if self.planner.needs_probe():
                 if plain_run < PROBE_AFTER and sum(self.planner.plain_passes) < PROBE_SECONDS:
                     plain_run += 1
@@ -73,10 +75,13 @@ class Speculator:
                     continue
                 self._probe(gen, history, start)
                 plain_run = 0
-                begin, captures = time.perf_counter(), self._captures(gen)
+                begin, one_offs = time.perf_counter(), self._one_offs(gen)
             shape = self.planner.choose()
-            if shape is None and plain_run >= EXPLORE_EVERY:
+            if shape is not None:
+                self._explore_every = EXPLORE_EVERY
+            elif plain_run >= self._explore_every:
                 shape, plain_run = TreeShape(2, 1), 0
+                self._explore_every = min(2 * self._explore_every, MAX_EXPLORE_EVERY)
             tree = TokenTree(history[-1])
             if shape is not None:
                 self._draft(gen, tree, history, shape)
@@ -88,16 +93,18 @@ class Speculator:
                 pending = self._verify(gen, tree, sampler, history, start, shape)
             depth = shape.depth if shape is not None and len(tree) > 1 else 0
             seconds = time.perf_counter() - begin
-            if self._captures(gen) == captures:  # a round that captured a graph took a one-off time
+            if self._one_offs(gen) == one_offs:
                 self.planner.observe_round_time(len(tree), depth, seconds)
             if depth:
                 self._account(drafted - begin, seconds)
             stats.decode_passes += 1
 
-    def _captures(self, gen: Generator) -> int:
-        """Graphs the target's and the draft's decode steps have captured so far."""
+    def _one_offs(self, gen: Generator) -> int:
+        """Graphs the target's and the draft's decode steps have captured so far, and the draft's catch-ups by
+        prefill: a round with one took a one-off time, which the planner does not take for a round's cost."""
         steps = [gen.steps, self.draft.generator.steps if self.draft is not None else None]
-        return sum(s.captured for s in steps if s is not None)
+        prefills = self.draft.prefills if self.draft is not None else 0
+        return prefills + sum(s.captured for s in steps if s is not None)
 
     def _account(self, draft_seconds: float, round_seconds: float) -> None:
         spent = self.spent
@@ -107,7 +114,7 @@ class Speculator:
         spent["rounds"] += 1
 
     def _draft(self, gen: Generator, tree: TokenTree, history: list[int], shape: TreeShape) -> None:
-        begin, captures = time.perf_counter(), self._captures(gen)
+        begin, one_offs = time.perf_counter(), self._one_offs(gen)
         room = gen.max_seq_len - (len(history) - 1)
         budget = min(shape.budget, room)
         if self.draft is not None:
@@ -115,7 +122,7 @@ class Speculator:
         if self.lookup is not None:  # after the draft, so that its paths never block the draft's
             extra = shape.depth * self.lookup.max_paths if self.draft is not None else 0
             self.lookup.propose(tree, history, shape.depth, min(budget + extra, room, self.planner.max_tokens))
-        if self._captures(gen) == captures:
+        if self._one_offs(gen) == one_offs:
             self.planner.observe_draft(shape.depth, time.perf_counter() - begin)
 
     def _verify(
@@ -141,17 +148,17 @@ class Speculator:
 
     def _plain_pass(self, gen: Generator, token: int, start: int) -> torch.Tensor:
         """One token through the plain decode path (what decoding without speculation costs), timed."""
-        begin, captures = time.perf_counter(), self._captures(gen)
+        begin, one_offs = time.perf_counter(), self._one_offs(gen)
         logits = gen._forward([token], start)  # on the CPU: the device has finished
-        if self._captures(gen) == captures:
+        if self._one_offs(gen) == one_offs:
             self.planner.observe_plain_pass(time.perf_counter() - begin)
         return logits
 
     def _timed(self, fn: Callable[..., torch.Tensor], n: int, gen: Generator, *args: object) -> torch.Tensor:
-        begin, captures = time.perf_counter(), self._captures(gen)
+        begin, one_offs = time.perf_counter(), self._one_offs(gen)
         out = fn(gen, *args)  # on the CPU: the device has finished
         self._pass_seconds = time.perf_counter() - begin
-        if self._captures(gen) == captures:
+        if self._one_offs(gen) == one_offs:
             self.planner.observe_pass(n, self._pass_seconds)
         return out
 
