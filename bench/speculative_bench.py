@@ -11,7 +11,7 @@
    speculation (the planner choosing) give the same tokens (checked), each timed after an untimed short reply
    (--warmup-tokens); reported: decode tok/s of each,
    tokens per target pass, and the multiple of the link limit (link GB/s / GB streamed per pass, measured
-   in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (bf16, all threads).
+   in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (--threads, the dtype app.py picks there).
 `--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths (streaming with synchronous copies).
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.build import build_engine
+from engine.choices import pick_dtype
 from engine.config import BUNDLED_MODEL, RunConfig
+from engine.cpu_decode import use_cpu_decode_blocks
 from engine.flag_values import parse_device
 from engine.llama_offload import offload_transformer, resident_transformer
 from engine.speculative import default_tree_cap
@@ -49,7 +51,7 @@ from llama.loader import empty_model
 from offload.link import probe_link_gbps
 from offload.policy import OffloadConfig
 from offload.quant_mode import QuantMode
-from tools.inflate_model import inflate
+from tools.inflate_model import inflate, inflated_args
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 PASS_SIZES = (1, 4, 16, 64, 256, 1024)
@@ -60,13 +62,17 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
     """(model, its offload state or None, dtype) of the twin in `mode`."""
     small = load_model(BUNDLED_MODEL, torch.float32, "cpu")
     quant = QuantMode.INT4 if mode == "stream_int4" else None
-    dtype = torch.bfloat16 if mode in ("stream_int4", "cpu") else torch.float16
+    dtype = torch.bfloat16 if mode == "stream_int4" else torch.float16
+    if mode == "cpu":  # as app.py picks on this machine: float32 where it fits comfortably in RAM, else bfloat16
+        dtype = pick_dtype("auto", torch.device("cpu"), inflated_args(small.args, ns.dim, ns.layers, ns.ffn))
     state, args = inflate(small.state_dict(), small.args, ns.dim, ns.layers, ns.ffn, dtype)
     args = replace(args, max_seq_len=ns.ctx)
     model = empty_model(args)
-    if mode == "cpu":
+    if mode == "cpu":  # and as app.py runs it: one-token steps through the compiled CPU decode blocks
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
+        use_cpu_decode_blocks(model)
+        print(f"cpu: {dtype}, {torch.get_num_threads()} threads", flush=True)
         return model.eval(), None, dtype
     config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
                            prefill_chunk=512, quant=quant, pin=device.type == "cuda")  # every block streamed
