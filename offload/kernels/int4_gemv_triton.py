@@ -14,8 +14,9 @@ as it is stored (no tinygemm layout), each program owning `block_n` output rows 
   shared by all rows, so that costs per input, not per weight). The three nibbles above bit 19 come from
   w >> 12. A nibble costs one logic op, one add and one fma.
 - The zero point folds per group: sum_k x_k s (q_k - z) = s (sum_k x_k q_k - z sum_k x_k).
-- A step spans `block_k_words // units` units of whole groups (or part of one where a group is wider than a
-  step), one scale and zero per row and unit; a step past the last group rereads it with scale 0.
+- A step's block_k_words words a row are units of equal width (powers of two), each inside one group: whole
+  groups, or parts of a group wider than the step. One scale and zero per row and unit; units past the last
+  (a step beyond K's end) reread the last with scale 0.
 - split_k > 1 splits K over programs (0: enough splits for AUTO_SPLIT_WARPS warps in all); float32 partials
   are then summed by a second small kernel, or added atomically into a zeroed float32 row (`atomic`) and cast.
 Accumulates in float32; the result is in x's dtype.
