@@ -8,8 +8,9 @@
 2. Decode: the twin of models/pytiny with models/pytiny-draft as its draft (plus prompt lookup), greedy, for
    (a) continuations of held-out standard-library files and (b) an edit workload (a held-out function,
    then its first line again under a new name: the reply rewrites the function). Plain decoding and
-   speculation (the planner choosing) give the same tokens (checked), each timed after an untimed short reply
-   (--warmup-tokens); reported: decode tok/s of each,
+   speculation (the planner choosing) give the same tokens (checked), each timed after untimed replies to the
+   same prompts (--warmup-tokens: a conversation's later replies find graphs captured, kernels compiled and
+   the planner's measurements made; the first reply pays those once); reported: decode tok/s of each,
    tokens per target pass, and the multiple of the link limit (link GB/s / GB streamed per pass, measured
    in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (--threads, the dtype app.py picks there).
 `--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths (streaming with synchronous copies).
@@ -237,11 +238,14 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=96)
-    p.add_argument("--warmup-tokens", type=int, default=24, help="an untimed reply of this many tokens to each prompt first (0: none)")
+    p.add_argument("--warmup-tokens", type=int, help="an untimed reply of this many tokens to each prompt first "
+                   "(default: --new-tokens, so that the timed replies capture no graph; 0: none)")
     p.add_argument("--threads", type=int, default=16, help="CPU threads in the cpu mode")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     ns = p.parse_args()
+    if ns.warmup_tokens is None:
+        ns.warmup_tokens = ns.new_tokens
     torch.set_num_threads(ns.threads)
     device = torch.device(ns.device)
     link = probe_link_gbps(device, pin=True) if device.type == "cuda" else None

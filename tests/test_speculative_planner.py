@@ -1,7 +1,9 @@
 """The planner's choices from synthetic measurements: big trees where passes are flat, none where they are not."""
 from __future__ import annotations
 
-from llama.speculative.planner import REPLAN_EVERY, Planner, TreeShape
+import pytest
+
+from llama.speculative.planner import MIN_ROUNDS, REPLAN_EVERY, Planner, TreeShape
 
 
 def _planner(plain: float, tree_pass, draft_step: float, max_tokens: int = 256) -> Planner:
@@ -71,3 +73,16 @@ def test_a_one_off_slow_pass_does_not_tilt_the_fit() -> None:
         planner.observe_pass(256, seconds)
     assert abs(planner.pass_seconds(256) - 0.235) < 0.01
     assert abs(planner.pass_seconds(1) - 0.235) < 0.01
+
+
+def test_rounds_delivering_less_than_plain_steps_turn_it_off_from_the_next_round() -> None:
+    """Each round takes 30 ms for one token where a plain step takes 20: off without waiting for the replan."""
+    planner = _planner(0.020, lambda n: 0.020 + 0.0001 * n, 0.0005)
+    shape = planner.choose()
+    assert shape is not None
+    for _ in range(MIN_ROUNDS):
+        assert planner.choose() == shape
+        planner.observe_round(shape, accepted=0)
+        planner.observe_round_time(shape.budget, shape.depth, 0.030)
+    assert planner.spec_rate == pytest.approx(1 / 0.030)
+    assert planner.choose() is None

@@ -100,11 +100,11 @@ class Speculator:
             stats.decode_passes += 1
 
     def _one_offs(self, gen: Generator) -> int:
-        """Graphs the target's and the draft's decode steps have captured so far, and the draft's catch-ups by
-        prefill: a round with one took a one-off time, which the planner does not take for a round's cost."""
+        """Graphs the target's and the draft's decode steps have captured so far, and the draft's long catch-ups:
+        a round with one took a one-off time, which the planner does not take for a round's cost."""
         steps = [gen.steps, self.draft.generator.steps if self.draft is not None else None]
-        prefills = self.draft.prefills if self.draft is not None else 0
-        return prefills + sum(s.captured for s in steps if s is not None)
+        catch_ups = self.draft.long_catch_ups if self.draft is not None else 0
+        return catch_ups + sum(s.captured for s in steps if s is not None)
 
     def _account(self, draft_seconds: float, round_seconds: float) -> None:
         spent = self.spent

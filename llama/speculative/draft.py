@@ -23,9 +23,9 @@ class DraftModel:
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
         self._ran: set[int] = set()  # nodes of the last tree whose keys are in the draft's cache (slot start + i)
-        # Catch-ups that ran a prefill (the draft far behind: a new prompt, or speculation was off): a round with
-        # one took a one-off time, which the planner must not take for what a round costs.
-        self.prefills = 0
+        # Catch-ups of more tokens than a round commits (a new prompt, or speculation was off): a round with one
+        # took a one-off time, which the planner must not take for what a round costs.
+        self.long_catch_ups = 0
 
     def propose(self, tree: TokenTree, history: Sequence[int], depth: int, width: int, budget: int) -> None:
         """Add up to `depth` levels of at most `width` nodes each under the root, within `budget` nodes."""
@@ -66,8 +66,9 @@ class DraftModel:
         through the decode steps, a captured graph on the GPU; more, or a model with no steps, through prefill."""
         gen = self.generator
         new = list(history[gen.reusable_prefix(history) :])
-        if gen.steps is None or len(new) > MAX_GRAPH_TOKENS:
-            self.prefills += 1
+        far_behind = len(new) > MAX_GRAPH_TOKENS
+        self.long_catch_ups += far_behind
+        if gen.steps is None or far_behind:
             return gen.prefill(list(history), GenerationStats())[None]
         start = len(history) - len(new)
         chain = TokenTree(new[0])

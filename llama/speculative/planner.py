@@ -13,8 +13,9 @@ Each round's wall time is measured too, against what the model above predicted f
 of that ratio (one for speculative rounds, one for plain steps) scales the predicted costs, so time the
 model does not see (building and verifying the tree, sampling, moving keys, a pass of a few tokens
 costing more than the fitted line says) counts, and a plan that only looked good on paper is dropped
-at the next replan. Last, the tokens per second that speculative rounds actually delivered (a running
-mean) must beat plain decoding's: when they do not, speculation is off whatever the model promises.
+at the next replan. Last, the tokens per second that speculative rounds actually delivered (tokens over
+seconds of the recent rounds, older ones decayed) must beat plain decoding's: when they do not, speculation
+is off from the next round, whatever the model promises.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ WIDTHS = (1, 2, 4, 8, 16, 32)
 DECAY = 0.98  # older rounds count less, so the plan follows the conversation
 REPLAN_EVERY = 8  # rounds (or plain steps) between plans
 SURPRISE = 1.5  # a round that takes this many times its prediction replans at once
-MIN_ROUNDS = 2  # speculative rounds measured before their delivered rate can veto speculation
+MIN_ROUNDS = 4  # speculative rounds measured before their delivered rate can veto speculation
+RATE_DECAY = 0.9  # per speculative round: the delivered rate follows about the last ten
 RATIO_WEIGHT = 0.25  # weight of the newest round in the running mean of measured / predicted time
 
 
@@ -70,7 +72,8 @@ class Planner:
         self.draft_steps = 0
         # measured / predicted seconds, running mean: {True: speculative rounds, False: plain steps}
         self.time_ratio: dict[bool, float | None] = {True: None, False: None}
-        self.spec_rate: float | None = None  # tokens per second that speculative rounds delivered, running mean
+        self.spec_rate: float | None = None  # tokens per second that the recent speculative rounds delivered
+        self._delivered = (0.0, 0.0)  # their tokens and seconds, decayed
         self.spec_rounds = 0
         self._last_tokens = 1  # tokens the latest round produced (accepted + the target's own)
         self.hits: dict[int, float] = defaultdict(float)  # width -> levels accepted (decayed)
@@ -114,9 +117,12 @@ class Planner:
         if speculative and ratio > SURPRISE:
             self._rounds_left = 0  # the plan was made on costs that proved wrong: make it again now
         if speculative:
-            rate = self._last_tokens / seconds
-            self.spec_rate = rate if self.spec_rate is None else self.spec_rate + RATIO_WEIGHT * (rate - self.spec_rate)
+            tokens, spent = self._delivered
+            self._delivered = (RATE_DECAY * tokens + self._last_tokens, RATE_DECAY * spent + seconds)
+            self.spec_rate = self._delivered[0] / self._delivered[1]
             self.spec_rounds += 1
+            if self._delivery_vetoes():
+                self._rounds_left = 0  # speculation delivers less than plain decoding: off from the next round
 
     def observe_round(self, shape: TreeShape, accepted: int) -> None:
         for width in self.hits:
@@ -157,8 +163,16 @@ class Planner:
         self._plan = self._best()
         return self._plan
 
+    def _plain_rate(self) -> float:
+        """Tokens per second of plain decoding, as measured."""
+        return 1.0 / (self.plain_seconds() * (self.time_ratio[False] or 1.0))
+
+    def _delivery_vetoes(self) -> bool:
+        return (self.spec_rounds >= MIN_ROUNDS and self.spec_rate is not None
+                and self.spec_rate < self._plain_rate() * MIN_GAIN)
+
     def _best(self) -> TreeShape | None:
-        plain = 1.0 / (self.plain_seconds() * (self.time_ratio[False] or 1.0))
+        plain = self._plain_rate()
         spec_ratio = self.time_ratio[True] or 1.0
         best, best_rate = None, plain * MIN_GAIN
         for width in self.widths:
@@ -170,7 +184,7 @@ class Planner:
                 rate = expected_tokens(depth, self.alpha(width)) / cost
                 if rate > best_rate:
                     best, best_rate = shape, rate
-        if self.spec_rounds >= MIN_ROUNDS and self.spec_rate is not None and self.spec_rate < plain * MIN_GAIN:
+        if self._delivery_vetoes():
             best = None  # measured, speculation delivers less than plain decoding here
         if not self._announced:
             self._announced = True
