@@ -168,7 +168,7 @@ class Planner:
         return 1.0 / (self.plain_seconds() * (self.time_ratio[False] or 1.0))
 
     def _delivery_vetoes(self) -> bool:
-        return (self.spec_rounds >= MIN_ROUNDS and self.spec_rate is not None
+        return (self.spec_rounds >= MIN_ROUNDS and bool(self.plain_passes) and self.spec_rate is not None
                 and self.spec_rate < self._plain_rate() * MIN_GAIN)
 
     def _best(self) -> TreeShape | None:
