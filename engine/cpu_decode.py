@@ -21,6 +21,7 @@ from llama.kv_cache import KVCache
 from llama.model import Transformer, TransformerBlock
 from offload.kernels import cpu_extension
 from offload.kernels.decode_block import LinearTensors, cpu_linear, cpu_weight_tensors, decode_block
+from offload.kernels.few_token_linear import FewTokenLinear
 from offload.kernels.int8_format import quantize_int8
 
 DECODE_TOKENS = 4  # the head's calls up to this many tokens take the compiled GEMV; larger ones torch's GEMM
@@ -39,7 +40,15 @@ class CpuDecodeBlock(TransformerBlock):
 
     @classmethod
     def from_block(cls, block: TransformerBlock) -> CpuDecodeBlock:
+        """The block swapped, its float32/float16 linears FewTokenLinear (a token tree's pass) in attention and
+        feed-forward modules of its own (`block`'s are left as they were, for a bench's unfused baseline)."""
         fused = _same_state(cls, block)
+        fused._modules = dict(fused._modules)
+        for name in ("attention", "feed_forward"):
+            part = _same_state(type(fused._modules[name]), fused._modules[name])
+            part._modules = {n: FewTokenLinear.from_linear(m) if FewTokenLinear.takes(m) else m
+                             for n, m in part._modules.items()}
+            fused._modules[name] = part
         fused._bind_weights()
         return fused
 

@@ -14,8 +14,10 @@ from llama.speculative.decoder import Speculator
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner, TreeShape
+from offload.kernels.few_token_linear import FEW_TOKENS
 
-MAX_TREE_TOKENS = {"cuda": 256, "cpu": 32}  # the planner's cap without --draft_tokens
+# The planner's cap without --draft_tokens; on the CPU, what a pass takes through the compiled GEMV.
+MAX_TREE_TOKENS = {"cuda": 256, "cpu": FEW_TOKENS}
 
 
 def default_tree_cap(generator: Generator) -> int:

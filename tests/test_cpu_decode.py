@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from cli_runner import CPU_GREEDY, ROOT
 from conftest import greedy
 from fixtures import random_state, tiny_args
@@ -20,6 +22,7 @@ from llama.kv_cache import KVCache
 from llama.model import Transformer
 from offload.kernels import Int8Linear, cpu_extension, quantize_int8
 from offload.kernels.cpu_ext import build_directory
+from offload.kernels.few_token_linear import FEW_TOKENS, FewTokenLinear
 from offload.kernels.linear import quantize_linears
 from offload.quant_mode import QuantMode
 
@@ -248,3 +251,31 @@ def test_app_prints_the_same_reply_as_the_unfused_path(tmp_path) -> None:
     fused = reply(TORCH_EXTENSIONS_DIR=str(build_directory().parent))  # this process's build
     unfused = reply(CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "no-ext"))
     assert fused.strip() and fused == unfused
+
+
+def test_a_token_trees_float_linears_take_the_compiled_gemv() -> None:
+    """Passes of up to FEW_TOKENS tokens (a token tree, a chain) read float32 weights through the compiled GEMV;
+    larger ones and the blocks a bench keeps unfused stay torch's. Tree logits match the unfused model's."""
+    model = tiny_model("llama", "float32")
+    unfused = list(model.layers)
+    assert use_cpu_decode_blocks(model) == len(unfused)
+    assert all(type(m) is FewTokenLinear for b in model.layers for m in (b.attention.wq, b.feed_forward.w2))
+    assert all(type(b.attention.wq) is nn.Linear for b in unfused)
+    linear = model.layers[0].feed_forward.w2
+    calls = []
+    real = cpu_extension().linear
+    with torch.inference_mode():
+        for tokens in (2, FEW_TOKENS, FEW_TOKENS + 1):
+            x = torch.randn(1, tokens, linear.in_features)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_extension(), "linear", lambda *a: (calls.append(tokens), real(*a))[1])
+                y = linear(x)
+            assert torch.allclose(y, F.linear(x, linear.weight), atol=1e-5)
+    assert calls == [2, FEW_TOKENS]
+    reference = Transformer(model.args)
+    reference.load_state_dict(model.state_dict(), strict=False)
+    reference.eval()
+    tree = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        got, want = model(tree, 0, None), reference(tree, 0, None)
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from offload.kernels.cpu_ext import cpu_extension
+from offload.kernels.few_token_linear import FewTokenLinear
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import FLOAT_DTYPES, Int8Weight
 from offload.kernels.linear import Int4Linear, Int8Linear
@@ -26,9 +27,10 @@ LinearTensors = list[torch.Tensor]
 
 
 def cpu_weight_tensors(module: nn.Module) -> LinearTensors | None:
-    """The tensor list of a plain nn.Linear, Int8Linear (one scale per row) or Int4Linear whose tensors are
-    contiguous on the CPU; None for anything else (bitsandbytes, GPTQ act-order, grouped int8, CUDA)."""
-    if type(module) is nn.Linear and module.weight.dtype in FLOAT_DTYPES:
+    """The tensor list of a plain nn.Linear (or FewTokenLinear), Int8Linear (one scale per row) or Int4Linear
+    whose tensors are contiguous on the CPU; None for anything else (bitsandbytes, GPTQ act-order, grouped int8,
+    CUDA)."""
+    if type(module) in (nn.Linear, FewTokenLinear) and module.weight.dtype in FLOAT_DTYPES:
         tensors = [module.weight]
     elif type(module) in (Int8Linear, Int4Linear) and module.format_type in (Int8Weight, Int4Weight):
         tensors = [getattr(module, name) for name in module.format_names]
