@@ -46,7 +46,7 @@ class CpuDecodeBlock(TransformerBlock):
         fused._modules = dict(fused._modules)
         for name in ("attention", "feed_forward"):
             part = _same_state(type(fused._modules[name]), fused._modules[name])
-            part._modules = {n: FewTokenLinear.from_linear(m) if FewTokenLinear.takes(m) else m
+            part._modules = {n: _same_state(FewTokenLinear, m) if FewTokenLinear.takes(m) else m
                              for n, m in part._modules.items()}
             fused._modules[name] = part
         fused._bind_weights()

@@ -5,7 +5,8 @@ torch's float32 GEMM on the CPU costs several one-token GEMVs for 2-8 tokens: on
 the compiled kernel, which reads each tile of rows once for all the tokens (offload/kernels/csrc/gemv_tiles.h).
 On the 16-core host of the lent H200 a Llama-2-7B-shape float32 pass of 2-7 tokens cost ~3x a one-token step,
 which made speculation on the CPU slower than plain decoding. bfloat16 weights keep torch's GEMM, which already
-reads them about once for a few tokens there. The swap keeps the module's state and name.
+reads them about once for a few tokens there. engine/cpu_decode.py swaps the class of a block's linears,
+keeping their state and names.
 """
 from __future__ import annotations
 
@@ -22,12 +23,6 @@ class FewTokenLinear(nn.Linear):
     @classmethod
     def takes(cls, module: nn.Module) -> bool:
         return type(module) is nn.Linear and module.weight.dtype in COMPILED_DTYPES
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> FewTokenLinear:
-        swapped = cls.__new__(cls)
-        swapped.__dict__ = linear.__dict__.copy()  # the same parameters, under the same names
-        return swapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[:-1].numel()
