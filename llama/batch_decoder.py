@@ -63,7 +63,8 @@ class BatchDecoder:
 
     @property
     def running(self) -> int:
-        return len(self.decoding) + (self.prefilling is not None)
+        """Sequences prefilling or decoding that have not ended (an ended one leaves at the next step)."""
+        return sum(not seq.ended for seq in self.decoding) + (self.prefilling is not None)
 
     @property
     def idle(self) -> bool:
@@ -186,11 +187,11 @@ class BatchDecoder:
                 self.slots.set(seq.slot, [])
                 seq.end(error=e)
             return
+        self.largest_batch = max(self.largest_batch, len(self.decoding))
+        self.rate.add(len(self.decoding), time.perf_counter() - begin)  # before a delivery can wake its client
         for seq, row in zip(self.decoding, logits):
             seq.stats.decode_passes += 1
             self._deliver(seq, lambda: seq.sampler.sample(row, seq.history))  # noqa: B023 - called at once
-        self.largest_batch = max(self.largest_batch, len(self.decoding))
-        self.rate.add(len(self.decoding), time.perf_counter() - begin)
 
     @torch.inference_mode()
     def _batched_logits(self) -> torch.Tensor:
@@ -249,8 +250,8 @@ class BatchDecoder:
             return
         # The cache holds at least the history with this token (maybe verified tokens past it: kept too).
         self.slots.set(0, gen.cached[: len(seq.history) + 1])
+        self.rate.add(1, time.perf_counter() - begin)  # before a delivery can wake its client
         self._deliver(seq, lambda: token)
-        self.rate.add(1, time.perf_counter() - begin)
 
     def _sync(self) -> None:
         if self.generator.device.type == "cuda":

@@ -137,6 +137,22 @@ def test_full_slots_make_requests_wait_first_come_first_served(engine, requests)
     assert stats.running == stats.queued == 0 and stats.decoded_tokens > 0 and stats.decode_tokens_per_s > 0
 
 
+def test_a_reply_is_counted_done_when_its_client_hears_it_end(engine, requests):
+    """A client told its reply ended (the server then answers it) and asking for the load at once sees that
+    reply no longer running and all its decoded tokens counted, though the sequence leaves its slot only at
+    the next step."""
+    decoder = decoder_over(engine.model, engine.tokenizer, slots=2, ctx=CTX)
+    jobs = [replace(r, max_new_tokens=n, stop_strings=[]).job() for r, n in zip(requests[:2], (3, 9))]
+    seen = []
+    for job in jobs:
+        decoder.submit(job, on_end=lambda error, job=job: seen.append((job, decoder.stats())))
+    decoder.drain()
+    (short, at_short_end), (long, at_long_end) = seen
+    assert short is jobs[0] and at_short_end.running == 1  # the long one still runs
+    assert at_long_end.running == 0
+    assert at_long_end.decoded_tokens == sum(len(job.result.token_ids) - 1 for job in jobs)  # firsts: prefill's
+
+
 def test_a_waiting_request_whose_client_left_never_runs(engine, requests):
     decoder = decoder_over(engine.model, engine.tokenizer, slots=1, ctx=CTX)
     first, second = requests[0].job(), requests[1].job()
