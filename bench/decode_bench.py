@@ -49,6 +49,7 @@ from llama.loader import load_model  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.sampling import Sampler, SamplingParams  # noqa: E402
 from llama.slot_cache import BatchStep  # noqa: E402
+from offload.kernels.int4_gemv_cuda import int4_gemv_library  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 CTX = 1024
@@ -251,6 +252,7 @@ def main() -> None:
     for mode in (m for m in modes if m in ("fp16", "int4", "compile")):
         model = resident_model(args, torch.float16, device) if mode != "int4" else resident_int4_model(args, device)
         dtype = torch.float16 if mode != "int4" else torch.bfloat16
+        name = f"7B {mode}" if mode != "int4" else f"7B int4 ({'our kernel' if int4_gemv_library() else 'tinygemm'})"
         try:
             if mode == "compile":
                 compile_seconds, tps = compiled_tps(model, dtype, ns.tokens)
@@ -263,10 +265,10 @@ def main() -> None:
                     kernels[f"{mode} unfused"] = kernel_counts(model, dtype)
                 for key in (mode, f"{mode} unfused"):
                     print(f"{key}: {kernel_summary(kernels[key])}", file=sys.stderr)
-                rows += model_rows(f"7B {mode}", model, dtype, hbm, ns.tokens, ns.slow_tokens)
+                rows += model_rows(name, model, dtype, hbm, ns.tokens, ns.slow_tokens)
         except Exception:  # noqa: BLE001  # one mode failing must not lose the others' figures
             traceback.print_exc()
-            rows.append(Row(f"7B {mode}", "failed", 0, 0.0, None, note="see the log"))
+            rows.append(Row(name, "failed", 0, 0.0, None, note="see the log"))
         print(table(rows, hbm), file=sys.stderr)
         del model
         torch.cuda.empty_cache()

@@ -36,8 +36,9 @@ def resident_model(args: ModelArgs, dtype: torch.dtype, device: torch.device) ->
 
 
 def resident_int4_model(args: ModelArgs, device: torch.device) -> Transformer:
-    """Block linears as random int4 (groups of 128) in tinygemm's layout, the rest bfloat16 (what
-    `--quant int4` builds on a GPU, without the minutes of quantizing random weights)."""
+    """Block linears as random int4 (groups of 128) prepared for decode (tinygemm's layout, or plain for our
+    kernel), the rest bfloat16 (what `--quant int4` builds on a GPU, without the minutes of quantizing random
+    weights)."""
     model = empty_model(args)
     gen = torch.Generator(device).manual_seed(1)
     for name, shape in args.weight_shapes().items():

@@ -92,8 +92,9 @@ def quantize_block(block: nn.Module, quant: QuantMode) -> None:
 
 
 def prepare_resident_int4(block: nn.Module, is_streamed: Callable[[str], bool], device: torch.device) -> None:
-    """Resident int4 linears take tinygemm's layout once (decode ~1.4x faster than converting per call);
-    streamed ones keep the plain layout, which also serves prefill through cuBLAS."""
+    """Resident int4 linears are prepared once (Int4Linear.prepare_for_cuda: kept plain for our one-token
+    kernel, else tinygemm's layout, decode ~1.4x faster than converting per call); streamed ones keep the
+    plain layout, which also serves prefill through the Triton kernel."""
     from offload.kernels.linear import Int4Linear
 
     for name, module in block.named_modules():

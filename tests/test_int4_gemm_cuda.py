@@ -47,7 +47,7 @@ def test_gemm_equals_the_twins_weight_multiplied(tokens, out, inp, group, dtype)
     assert float((y.float() - ref).norm() / ref.norm()) < TOLERANCE[dtype]
 
 
-def test_trees_and_prefill_take_the_kernel_and_one_token_takes_tinygemm(monkeypatch):
+def test_trees_and_prefill_take_the_kernel_and_decode_sizes_do_not(monkeypatch):
     calls = []
     monkeypatch.setattr(matmul, "int4_gemm", lambda x, w: calls.append(x.shape[0]) or int4_gemm(x, w))
     x, w = _pair(64, 2560, 512, 128, torch.bfloat16, seed=1)

@@ -19,6 +19,7 @@ from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
 from offload.kernels.matmul import int4_matmul, int8_matmul
+from offload.kernels.int4_gemv_cuda import int4_gemv_fits, int4_gemv_library
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
 from offload.quant_mode import QuantMode
 
@@ -73,8 +74,11 @@ class Int4Linear(QuantizedLinear):
         return cls(quantize_int4(linear.weight.detach(), group_size), linear.bias)
 
     def prepare_for_cuda(self, device: torch.device | str = "cuda") -> None:
-        """Rebind the weight in tinygemm's layout (made on `device`) if tinygemm supports its shape."""
+        """Rebind the weight in tinygemm's layout (made on `device`) if tinygemm supports its shape, unless our
+        one-token kernel takes the plain layout there (int4_gemv_cuda.py: faster decode, no second layout)."""
         w = self.weight_format()
+        if isinstance(w, Int4Weight) and int4_gemv_fits(w) and int4_gemv_library(device) is not None:
+            return
         if isinstance(w, Int4Weight) and tinygemm_supports(w):
             self._bind(prepare_for_cuda(w, device))
 
@@ -92,8 +96,9 @@ def quantized_linear_from_tensors(tensors: Mapping[str, torch.Tensor]) -> Quanti
 
 
 def prepare_linears_for_cuda(module: nn.Module, device: torch.device | str = "cuda") -> nn.Module:
-    """Convert every Int4Linear in `module` that tinygemm supports to tinygemm's layout (made on `device`;
-    the tensors stay there and may be moved to pinned host memory afterwards). Returns `module`."""
+    """Prepare every Int4Linear in `module` for `device` (Int4Linear.prepare_for_cuda: the plain layout for our
+    one-token kernel, else tinygemm's layout made there; the tensors stay there and may be moved to pinned
+    host memory afterwards). Returns `module`."""
     for m in module.modules():
         if isinstance(m, Int4Linear):
             m.prepare_for_cuda(device)

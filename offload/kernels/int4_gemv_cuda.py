@@ -1,0 +1,146 @@
+"""One token times a plain Int4Weight on CUDA through our own kernel (csrc/int4_gemv.cu), built with nvcc.
+
+tinygemm, the one-token int4 kernel torch ships, read the 7B step's weights at 29-43% of the H200's memory
+speed, which held resident int4 decode near 30% of its limit. This kernel reads the plain layout that
+streams (no second layout to prepare), one 32-input chunk of x per thread and one 16-byte weight load per
+row and thread (see the .cu file for the arithmetic).
+
+It is compiled on first use with the CUDA compiler (`nvcc` on PATH, or under $CUDA_HOME) for the GPU at
+hand, into the same cache folder as the CPU kernels, and loaded with ctypes: a plain shared library with one
+C entry point, so the build needs neither torch's headers nor a minute of compiling. Without nvcc, or if the
+build fails, `int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
+
+Opt-in for now (LLAMA_OFFLOAD_INT4_GEMV=1): it was written and compiled for sm_90 in a session that had no
+GPU time left, and its arithmetic was checked against the twin's by a numpy replica of the bit tricks; it
+becomes the default once its CUDA tests and bench/int4_gemv_bench.py have run on a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from offload.kernels.int4_format import Int4Weight
+
+SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cu"
+NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
+ROWS = 8  # weight rows a block reduces (2, 4, 8 or 16); chosen on the H200 by bench/int4_gemv_bench.py
+MAX_IN_FEATURES = 32 * 1024  # one 32-input chunk per thread, at most 1024 threads a block
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
+_BUILD_LOCK = threading.Lock()
+OPT_IN = "LLAMA_OFFLOAD_INT4_GEMV"  # "1": use the kernel (see the module's docstring)
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").exists():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}"
+
+
+def library_path(nvcc: str, arch: str) -> Path:
+    """Where this machine's build of the current source for `arch` lives (keyed by source, flags, compiler)."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "llama-offload" / "ext")
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*NVCC_FLAGS, nvcc, str(Path(nvcc).resolve()), arch):
+        h.update(part.encode())
+    return root / f"llama_offload_int4_gemv_sm{arch}_{h.hexdigest()[:16]}.so"
+
+
+def build_library(nvcc: str, arch: str) -> ctypes.CDLL:
+    """Compile (if needed) and load the kernel's shared library for compute capability `arch`; raises on failure."""
+    path = library_path(nvcc, arch)
+    if not path.exists():
+        print("llama-offload: compiling the CUDA int4 kernel (first use, a few seconds)...", file=sys.stderr,
+              flush=True)
+        start = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [nvcc, *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o", str(partial)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"nvcc failed: {said[0] if said else f'exit status {done.returncode}'}")
+        partial.replace(path)  # atomic: a concurrent process sees the whole library or none
+        print(f"llama-offload: CUDA int4 kernel built in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+              flush=True)
+    lib = ctypes.CDLL(str(path))
+    lib.int4_gemv.restype = ctypes.c_int
+    lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
+def int4_gemv_library(device: torch.device | str = "cuda") -> ctypes.CDLL | None:
+    """The compiled kernel for `device`'s GPU, or None: not opted in, or (after one warning) it cannot be built
+    or loaded."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    with _BUILD_LOCK:
+        return _load_once(_arch(device))
+
+
+@functools.cache
+def _load_once(arch: str) -> ctypes.CDLL | None:
+    if os.environ.get(OPT_IN) != "1":
+        return None
+    nvcc = _nvcc()
+    if nvcc is None:
+        warnings.warn("llama-offload: no nvcc found (PATH, $CUDA_HOME): one-token int4 steps use torch's tinygemm",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    try:
+        return build_library(nvcc, arch)
+    except Exception as e:  # noqa: BLE001 - a build or load failure means "keep tinygemm"
+        warnings.warn(f"llama-offload: the CUDA int4 kernel is unavailable ({e}); one-token int4 steps use "
+                      "torch's tinygemm", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def int4_gemv_fits(w: Int4Weight) -> bool:
+    """Whether the kernel takes this weight's shape: inputs a multiple of 32 (at most MAX_IN_FEATURES), groups
+    of a multiple of 32 inputs, fp16/bf16 scales."""
+    k = w.in_features
+    return (k % 32 == 0 and k <= MAX_IN_FEATURES and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES)
+
+
+def int4_gemv_supported(x: torch.Tensor, w: Int4Weight) -> bool:
+    """Whether int4_gemv takes this pair: one token of x in the scales' dtype, both on one CUDA device."""
+    return (x.device.type == "cuda" and w.packed.device == x.device and x.dtype == w.scales.dtype
+            and x.numel() == w.in_features and int4_gemv_fits(w) and int4_gemv_library(x.device) is not None)
+
+
+def int4_gemv(x: torch.Tensor, w: Int4Weight, rows: int = ROWS) -> torch.Tensor:
+    """x [1, in] @ dequantized(w).T -> [1, out] in x's dtype (int4_gemv_supported must hold)."""
+    lib = int4_gemv_library(x.device)
+    assert lib is not None
+    x, packed = _aligned(x.contiguous()), _aligned(w.packed.contiguous())
+    scales, zeros = w.scales.contiguous(), w.zeros.contiguous()
+    y = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
+    err = lib.int4_gemv(_DTYPE_CODES[x.dtype], rows, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
+                        zeros.data_ptr(), y.data_ptr(), w.out_features, w.in_features, scales.shape[1],
+                        torch.cuda.current_stream(x.device).cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"int4_gemv: CUDA error {err} launching the kernel")
+    return y
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it starts on a 16-byte boundary (the kernel's vector loads), else an aligned copy."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
