@@ -21,10 +21,9 @@ from llama.kv_cache import KVCache
 from llama.model import Transformer, TransformerBlock
 from offload.kernels import cpu_extension
 from offload.kernels.decode_block import LinearTensors, cpu_linear, cpu_weight_tensors, decode_block
-from offload.kernels.few_token_linear import FewTokenLinear
+from offload.kernels.few_token_linear import FEW_TOKENS, FewTokenLinear
 from offload.kernels.int8_format import quantize_int8
 
-DECODE_TOKENS = 4  # the head's calls up to this many tokens take the compiled GEMV; larger ones torch's GEMM
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -107,7 +106,7 @@ class CpuDecodeHead(nn.Linear):
         int8 = "qweight" in self._buffers
         tokens = x.shape[:-1].numel()
         if torch.is_grad_enabled() or x.device.type != "cpu" or (not int8 and (
-                tokens > DECODE_TOKENS or self.bias is not None)):
+                tokens > FEW_TOKENS or self.bias is not None)):
             return super().forward(x)
         weight = [self.qweight, self.scale] if int8 else [self.weight]
         if self.bias is not None:
@@ -119,8 +118,11 @@ class CpuDecodeModel(Transformer):
     """A Transformer whose one-token steps over a plain KV cache run all blocks in one compiled call.
 
     The DecodeStack is gathered from the blocks at first use and made anew after `.to()` and when `layers`
-    is replaced by another list (a bench swaps the unfused blocks back in that way); anything else (prefill,
-    trees, batches at their own positions, blocks the kernel does not take) runs Transformer's own path.
+    is replaced by another list (a bench swaps the unfused blocks back in that way). A token tree of up to
+    FEW_TOKENS tokens runs through the stack too (tree_step), each token's row computed as its one-token
+    step would compute it, so that speculative decoding on the CPU gives plain greedy's tokens bit for bit;
+    anything else (prefill, batches at their own positions, blocks the kernel does not take) runs
+    Transformer's own path.
     RoPE's cos and sin come straight from the float32 tables: per block they came from the rotation in
     the model's dtype, so a bfloat16 model's angles are now rounded once fewer."""
 
@@ -144,10 +146,14 @@ class CpuDecodeModel(Transformer):
         mask: torch.Tensor | None,
         blocks: int | None = None,
     ) -> torch.Tensor:
-        stack = self._decode_stack() if tokens.shape[1] == 1 else None
-        if (stack is None or positions is not None or mask is not None or blocks is not None
-                or type(cache) is not KVCache or torch.is_grad_enabled()):
+        tree = _is_tree(tokens, positions, mask)
+        plain = tokens.shape[1] == 1 and positions is None and mask is None
+        stack = self._decode_stack() if tree or plain else None
+        if stack is None or blocks is not None or type(cache) is not KVCache or torch.is_grad_enabled():
             return super()._through_blocks(tokens, start_pos, cache, positions, mask, blocks)
+        if tree:
+            assert positions is not None and mask is not None
+            return self._tree_through_blocks(stack, tokens, start_pos, cache, positions, mask)
         if start_pos + 1 > min(cache.max_seq_len, self.rope_cos.shape[0]):
             raise ValueError(f"position {start_pos + 1} beyond the KV cache or max_seq_len")
         h = self.tok_embeddings(tokens)  # (batch, 1, dim)
@@ -157,10 +163,37 @@ class CpuDecodeModel(Transformer):
         out = stack.step(h.view(h.shape[0], -1), cache.keys, cache.values, start_pos, cos, sin)
         return out.view_as(h)
 
+    def _tree_through_blocks(
+        self, stack, tokens: torch.Tensor, start_pos: int, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """A token tree (1, T) through every block in one compiled call; each token's hidden state is bit for bit
+        the one its one-token step would give after its ancestors (csrc/step_rows.h)."""
+        seqlen = tokens.shape[1]
+        if start_pos + seqlen > cache.max_seq_len or int(positions.max()) >= self.rope_cos.shape[0]:
+            raise ValueError(f"position {start_pos + seqlen} beyond the KV cache or max_seq_len")
+        h = self.tok_embeddings(tokens)  # (1, T, dim)
+        cos, sin = self.rope_cos[positions].float(), self.rope_sin[positions].float()  # (T, head_dim // 2)
+        out = stack.tree_step(h[0], cache.keys, cache.values, start_pos, cos, sin, mask.to(torch.bool).contiguous())
+        return out.view_as(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The head over hidden states (batch, seqlen, dim); a few tokens on the CPU are normed one at a time,
+        so that a tree's rows are bit for bit the one-token steps' (the head's kernel already is per row)."""
+        if h.device.type != "cpu" or h.shape[0] != 1 or not 1 < h.shape[1] <= FEW_TOKENS:
+            return super().logits(h)
+        normed = torch.cat([self.norm(h[:, t : t + 1]) for t in range(h.shape[1])], dim=1)
+        return self.output(normed)
+
     def _decode_stack(self):
         if self._stack_for is not self.layers:
             self._stack, self._stack_for = _decode_stack(self.layers), self.layers
         return self._stack
+
+
+def _is_tree(tokens: torch.Tensor, positions: torch.Tensor | None, mask: torch.Tensor | None) -> bool:
+    """Whether a forward's arguments are one sequence's token tree of up to FEW_TOKENS tokens."""
+    return (positions is not None and positions.dim() == 1 and mask is not None and mask.dim() == 2
+            and tokens.shape[0] == 1 and tokens.shape[1] <= FEW_TOKENS)
 
 
 def _decode_stack(layers: nn.ModuleList):

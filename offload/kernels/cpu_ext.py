@@ -24,7 +24,7 @@ import torch
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("bindings.cpp", "ext_int8.cpp", "ext_int4.cpp", "ext_decode.cpp", "block_step.cpp", "decode_stack.cpp",
            "gemv_int8.cpp", "gemv_int4.cpp", "gemv_int4_vnni.cpp", "gemv_dense.cpp", "linears.cpp", "decode_steps.cpp",
-           "work_sharing.cpp", "gguf_blocks.cpp", "cpu_paths.cpp")
+           "work_sharing.cpp", "gguf_blocks.cpp", "cpu_paths.cpp", "step_rows.cpp")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 NAME = "llama_offload_cpu_kernels"
 _LOAD_LOCK = threading.Lock()  # the operators may be registered once per process

@@ -26,6 +26,7 @@ TORCH_LIBRARY(llama_offload, m) {
       .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, int64_t, int64_t, int64_t, int64_t, int64_t,
                        double>())
       .def("step", &llama_offload::DecodeStack::step)
+      .def("tree_step", &llama_offload::DecodeStack::tree_step)
       .def("blocks", &llama_offload::DecodeStack::blocks);
   m.def("vector_width() -> int", &vector_width_op);
   m.def("int4_rounds_activations(int in_features, int group_size) -> bool", &int4_rounds_activations_op);

@@ -62,23 +62,28 @@ float* scratch(int64_t n) {
   return buffer.data();
 }
 
+// Every row's query heads against the slots it sees in its sequence's caches; q rows of qkv_width, out rows of
+// n_heads * head_dim.
 template <typename L>
-void attend_all(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B, int64_t n_heads,
-                int64_t lo, int64_t end, float* out) {
+void attend_all(const float* q, const at::Tensor& k_cache, const at::Tensor& v_cache, const StepRows& rows,
+                int64_t n_heads, float* out) {
   const int64_t n_kv = k_cache.size(1), S = k_cache.size(2), hd = k_cache.size(3), rep = n_heads / n_kv;
   const auto* keys = static_cast<const typename L::T*>(k_cache.data_ptr());
   const auto* values = static_cast<const typename L::T*>(v_cache.data_ptr());
   const float scale = 1.f / std::sqrt(float(hd));
+  const int64_t most = rows.most_seen();
   // Heads per chunk: a short context is a few microseconds of work, less than waking a second thread.
-  const int64_t per_chunk = std::max<int64_t>(1, kAttentionGrain / std::max<int64_t>(1, (end - lo) * hd));
-  const int64_t n = B * n_heads;
+  const int64_t per_chunk = std::max<int64_t>(1, kAttentionGrain / std::max<int64_t>(1, most * hd));
+  const int64_t n = rows.rows() * n_heads;
   share_chunks((n + per_chunk - 1) / per_chunk, [&](int64_t c) {
-    std::vector<float> scores(end - lo);
+    std::vector<float> scores(most);
     for (int64_t i = c * per_chunk; i < std::min(n, (c + 1) * per_chunk); ++i) {
-      const int64_t b = i / n_heads, h = i % n_heads;
-      const int64_t kv_row = (b * n_kv + h / rep) * S * hd;  // query heads h*rep.. share kv head h / rep
-      attend_one_query<L>(q + b * (n_heads + 2 * n_kv) * hd + h * hd, keys + kv_row, values + kv_row, lo, end, hd,
-                          scale, scores.data(), out + (b * n_heads + h) * hd);
+      const int64_t r = i / n_heads, h = i % n_heads;
+      const int64_t kv_row = (rows.batch[r] * n_kv + h / rep) * S * hd;  // query heads h*rep.. share kv head h / rep
+      const int64_t first = rows.seen_at[r];
+      attend_one_query<L>(q + r * (n_heads + 2 * n_kv) * hd + h * hd, keys + kv_row, values + kv_row,
+                          rows.seen.data() + first, rows.seen_at[r + 1] - first, hd, scale, scores.data(),
+                          out + (r * n_heads + h) * hd);
     }
   });
 }
@@ -128,14 +133,13 @@ BlockWeights block_weights(const at::Tensor& attn_norm, const at::Tensor& ffn_no
   return b;
 }
 
-void block_step(const BlockWeights& w, at::ScalarType dtype, float* x, int64_t B, int64_t D, const at::Tensor& k_cache,
-                const at::Tensor& v_cache, int64_t pos, const float* cos, const float* sin, int64_t n_heads,
-                int64_t window, float eps) {
+void block_step(const BlockWeights& w, at::ScalarType dtype, float* x, const StepRows& rows, int64_t D,
+                const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t n_heads, float eps) {
   const Linear &q = w.q, &k = w.k, &v = w.v, &o = w.o, &gate = w.gate, &up = w.up, &down = w.down;
   const float *const norm1 = w.attn_norm.data(), *const norm2 = w.ffn_norm.data();
-  const int64_t n_kv = k_cache.size(1), hd = k_cache.size(3);
+  const int64_t B = rows.rows(), n_kv = k_cache.size(1), hd = k_cache.size(3);
   const int64_t qkv_width = (n_heads + 2 * n_kv) * hd, F = gate.N;
-  // The step's rows, all float32 (per sequence: q heads, then k heads, then v heads in qkv).
+  // The step's rows, all float32 (per row: q heads, then k heads, then v heads in qkv).
   float* const normed = scratch(B * (4 * D + qkv_width + n_heads * hd + 3 * F));
   float *const qkv = normed + B * D, *const att = qkv + B * qkv_width, *const attended = att + B * n_heads * hd;
   float *const h = attended + B * D, *const gate_up = h + B * D, *const act = gate_up + B * 2 * F;
@@ -147,20 +151,19 @@ void block_step(const BlockWeights& w, at::ScalarType dtype, float* x, int64_t B
   const size_t elem = k_cache.element_size();
   for (int64_t b = 0; b < B; ++b) {
     float* row = qkv + b * qkv_width;
-    rope_interleaved(row, n_heads + n_kv, hd, cos, sin);
+    rope_interleaved(row, n_heads + n_kv, hd, rows.cos[b], rows.sin[b]);
     for (int64_t i = 0; i < n_kv; ++i) {
-      const int64_t at_pos = ((b * n_kv + i) * S + pos) * hd;
+      const int64_t at_slot = ((rows.batch[b] * n_kv + i) * S + rows.slot[b]) * hd;
       store_row(k_cache.scalar_type(), row + (n_heads + i) * hd, hd,
-                static_cast<char*>(k_cache.data_ptr()) + at_pos * elem);
+                static_cast<char*>(k_cache.data_ptr()) + at_slot * elem);
       store_row(v_cache.scalar_type(), row + (n_heads + n_kv + i) * hd, hd,
-                static_cast<char*>(v_cache.data_ptr()) + at_pos * elem);
+                static_cast<char*>(v_cache.data_ptr()) + at_slot * elem);
     }
   }
-  const int64_t end = pos + 1, lo = window > 0 && end > window ? end - window : 0;
   switch (k_cache.scalar_type()) {
-    case at::kFloat: attend_all<LoadF32>(qkv, k_cache, v_cache, B, n_heads, lo, end, att); break;
-    case at::kBFloat16: attend_all<LoadBF16>(qkv, k_cache, v_cache, B, n_heads, lo, end, att); break;
-    default: attend_all<LoadF16>(qkv, k_cache, v_cache, B, n_heads, lo, end, att);
+    case at::kFloat: attend_all<LoadF32>(qkv, k_cache, v_cache, rows, n_heads, att); break;
+    case at::kBFloat16: attend_all<LoadBF16>(qkv, k_cache, v_cache, rows, n_heads, att); break;
+    default: attend_all<LoadF16>(qkv, k_cache, v_cache, rows, n_heads, att);
   }
   run_linears({&o}, att, B, attended);
   residual_add(dtype, x, attended, B * D, h);  // the residual stream stays in x's dtype

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "linears.h"
+#include "step_rows.h"
 
 namespace llama_offload {
 
@@ -25,12 +26,10 @@ BlockWeights block_weights(const at::Tensor& attn_norm, const at::Tensor& ffn_no
 // Checks a layer's caches [B, kv_heads, positions, head_dim] for a step at pos.
 void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t B, int64_t pos, const char* what);
 
-// x [B][D]: the residual stream (values of `dtype`, held as floats), replaced by the block's output. The
-// token's k and v go to the caches at pos; attention covers (pos - window, pos] (window 0: all); cos, sin:
-// [head_dim / 2] at pos.
-void block_step(const BlockWeights& w, at::ScalarType dtype, float* x, int64_t B, int64_t D, const at::Tensor& k_cache,
-                const at::Tensor& v_cache, int64_t pos, const float* cos, const float* sin, int64_t n_heads,
-                int64_t window, float eps);
+// x [rows][D]: the residual stream (values of `dtype`, held as floats), replaced by the block's output. Each
+// row's k and v go to the caches where `rows` says, and it attends the slots `rows` gives it (step_rows.h).
+void block_step(const BlockWeights& w, at::ScalarType dtype, float* x, const StepRows& rows, int64_t D,
+                const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t n_heads, float eps);
 
 // n values of `type` (float32, bfloat16 or float16) as floats, and back (rounding as a tensor conversion does).
 void load_row(at::ScalarType type, const void* src, int64_t n, float* dst);

@@ -25,6 +25,12 @@ class DecodeStack : public torch::CustomClassHolder {
   at::Tensor step(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t pos,
                   at::Tensor cos, at::Tensor sin);
 
+  // One sequence's token tree x [T, dim] (cache row 0) through every block: token t's key and value go to
+  // slot start + t, it attends the slots visible[t] (bool [T, start + T]) marks, RoPE'd at cos, sin float32
+  // [T, head_dim / 2]. Each row is bit for bit the one-token step() of that token after its ancestors.
+  at::Tensor tree_step(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
+                       int64_t start, at::Tensor cos, at::Tensor sin, at::Tensor visible);
+
   int64_t blocks() const { return int64_t(blocks_.size()); }
 
  private:

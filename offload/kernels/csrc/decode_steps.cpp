@@ -37,19 +37,19 @@ static float dot_row(const float* q, const typename L::T* k, int64_t n) {
 }
 
 template <typename L>
-void attend_one_query(const float* q, const typename L::T* keys, const typename L::T* values, int64_t lo,
-                      int64_t end, int64_t head_dim, float scale, float* scores, float* out) {
+void attend_one_query(const float* q, const typename L::T* keys, const typename L::T* values, const int64_t* slots,
+                      int64_t n, int64_t head_dim, float scale, float* scores, float* out) {
   float top = -INFINITY;
-  for (int64_t j = lo; j < end; ++j) {
-    scores[j - lo] = scale * dot_row<L>(q, keys + j * head_dim, head_dim);
-    top = scores[j - lo] > top ? scores[j - lo] : top;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = scale * dot_row<L>(q, keys + slots[j] * head_dim, head_dim);
+    top = scores[j] > top ? scores[j] : top;
   }
   float total = 0.f;
-  for (int64_t j = 0; j < end - lo; ++j) total += scores[j] = std::exp(scores[j] - top);
+  for (int64_t j = 0; j < n; ++j) total += scores[j] = std::exp(scores[j] - top);
   for (int64_t d = 0; d < head_dim; ++d) out[d] = 0.f;
-  for (int64_t j = lo; j < end; ++j) {
-    const float p = scores[j - lo] / total;
-    const typename L::T* v = values + j * head_dim;
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = scores[j] / total;
+    const typename L::T* v = values + slots[j] * head_dim;
     int64_t d = 0;
     for (; d + kW <= head_dim; d += kW) {
       vfloat o = load_f(out + d) + splat(p) * L::load(v + d);
@@ -59,11 +59,11 @@ void attend_one_query(const float* q, const typename L::T* keys, const typename 
   }
 }
 
-template void attend_one_query<LoadF32>(const float*, const float*, const float*, int64_t, int64_t, int64_t,
+template void attend_one_query<LoadF32>(const float*, const float*, const float*, const int64_t*, int64_t, int64_t,
                                         float, float*, float*);
-template void attend_one_query<LoadBF16>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t,
+template void attend_one_query<LoadBF16>(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                                          int64_t, float, float*, float*);
-template void attend_one_query<LoadF16>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t,
+template void attend_one_query<LoadF16>(const float*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
                                         int64_t, float, float*, float*);
 
 }  // namespace llama_offload

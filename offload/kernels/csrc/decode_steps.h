@@ -16,9 +16,10 @@ void rope_interleaved(float* v, int64_t n_heads, int64_t head_dim, const float* 
 void silu_mul_row(const float* gate, const float* up, int64_t n, float* out);
 
 // One query head q [head_dim] against keys and values [positions][head_dim] of storage type L::T
-// (LoadF32 / LoadBF16 / LoadF16), positions [lo, end): out = softmax(q.k * scale) @ v. scores: end - lo floats.
+// (LoadF32 / LoadBF16 / LoadF16) at the n slots given, in their order: out = softmax(q.k * scale) @ v.
+// scores: n floats.
 template <typename L>
-void attend_one_query(const float* q, const typename L::T* keys, const typename L::T* values, int64_t lo,
-                      int64_t end, int64_t head_dim, float scale, float* scores, float* out);
+void attend_one_query(const float* q, const typename L::T* keys, const typename L::T* values, const int64_t* slots,
+                      int64_t n, int64_t head_dim, float scale, float* scores, float* out);
 
 }  // namespace llama_offload

@@ -31,8 +31,8 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attn_norm, const 
   const at::Tensor xc = x.contiguous();
   std::vector<float> xf(B * D);
   load_row(dtype, xc.data_ptr(), B * D, xf.data());
-  block_step(w, dtype, xf.data(), B, D, k_cache, v_cache, pos, cos.data_ptr<float>(), sin.data_ptr<float>(), n_heads,
-             window, float(eps));
+  block_step(w, dtype, xf.data(), sequences_at(B, pos, window, cos.data_ptr<float>(), sin.data_ptr<float>()), D,
+             k_cache, v_cache, n_heads, float(eps));
   at::Tensor out = at::empty({B, D}, x.options().memory_format(at::MemoryFormat::Contiguous));
   store_row(dtype, xf.data(), B * D, out.data_ptr());
   return out;
