@@ -53,7 +53,7 @@ def fused_copy(model: Transformer) -> Transformer:
 
 @pytest.fixture
 def exact_int4():
-    """int4 one-token steps reading x as it is: the avx512_vnni path (x rounded to int8) switched off."""
+    """int4 linears reading x as it is: the avx512_vnni path (x rounded to int8) switched off."""
     ext = cpu_extension()
     before = ext.set_cpu_paths([p for p in ext.cpu_paths() if p != "avx512_vnni"])
     yield
@@ -71,8 +71,9 @@ def test_greedy_tokens_equal_the_unfused_model(arch: str, fmt: str, exact_int4) 
 
 
 def test_int4_steps_on_the_vnni_path_stay_close_to_exact(exact_int4) -> None:
-    """With avx512_vnni, every one-token int4 linear reads x rounded to int8 per 32 values: on the same
-    tokens the logits stay within 1e-2 of the exact path's (the fused and the unfused model alike)."""
+    """With avx512_vnni, every int4 linear of up to 8 tokens (the steps, and this 5-token prompt's pass) reads
+    x rounded to int8 per 32 values: on the same tokens the logits stay within 2e-2 of the exact path's (the
+    fused and the unfused model alike)."""
     ext = cpu_extension()
     ext.set_cpu_paths(["avx512_vnni", *ext.cpu_paths()])
     if "avx512_vnni" not in ext.cpu_paths():
@@ -84,7 +85,7 @@ def test_int4_steps_on_the_vnni_path_stay_close_to_exact(exact_int4) -> None:
     exact = teacher_forced_logits(fused, PROMPT + tokens)
     ext.set_cpu_paths(["avx512_vnni", *ext.cpu_paths()])
     err = lambda m: ((teacher_forced_logits(m, PROMPT + tokens) - exact).norm() / exact.norm()).item()  # noqa: E731
-    assert 1e-5 < err(fused) < 1e-2 and err(model) < 1e-2
+    assert 1e-5 < err(fused) < 2e-2 and err(model) < 2e-2
 
 
 @torch.inference_mode()

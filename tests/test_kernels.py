@@ -143,14 +143,15 @@ def test_cpu_int8_matmul_matches_reference(dtype: torch.dtype, tokens: int, shap
 def test_cpu_int4_matmul_matches_reference(
     dtype: torch.dtype, tokens: int, shape: tuple[int, int, int], scale_dtype: torch.dtype
 ) -> None:
-    """One token on the avx512_vnni path (where this CPU has it and the shape fits) reads x rounded to int8
-    per 32 values: then the reference is fed that rounding (tests/test_decode_block.py holds each path)."""
+    """The avx512_vnni path (where this CPU has it, the shape fits and there are at most 8 tokens) reads x
+    rounded to int8 per 32 values: then the reference is fed that rounding (tests/test_decode_block.py holds
+    each path)."""
     out_f, in_f, group = shape  # group 40 and 8 exercise the scalar tail of a group
     w = quantize_int4(torch.randn(out_f, in_f), group, scale_dtype)
     x = torch.randn(tokens, in_f).to(dtype)
     y = int4_matmul(x, w)
     assert y.dtype == dtype and y.shape == (tokens, out_f)
-    rounds = tokens == 1 and cpu_extension().int4_rounds_activations(in_f, w.group_size)
+    rounds = cpu_extension().int4_rounds_activations(in_f, w.group_size, tokens)
     xr = int8_rounded_activations(x.float()) if rounds else x.float()
     assert rel_err(y, F.linear(xr, w.dequantize())) < TOL[dtype]
 

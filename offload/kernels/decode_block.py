@@ -67,8 +67,10 @@ INT8_BLOCK = 32  # activation values per int8 scale on the avx512_vnni path
 
 
 def int8_rounded_activations(x: torch.Tensor) -> torch.Tensor:
-    """x float32 [tokens, in] as a one-token int4 step on the avx512_vnni path reads it: each block of
-    INT8_BLOCK values rounded to int8 steps of max|block| / 127 (the kernel, fed this, computes float math)."""
+    """x float32 [tokens, in] as an int4 linear of up to 8 tokens on the avx512_vnni path reads it, each token
+    on its own: each
+    block of INT8_BLOCK values rounded to int8 steps of max|block| / 127 (the kernel, fed this, computes float
+    math)."""
     blocks = x.float().unflatten(-1, (-1, INT8_BLOCK))  # (tokens, in / INT8_BLOCK, INT8_BLOCK)
     step = blocks.abs().amax(-1, keepdim=True) / 127
     return (torch.round(blocks / step.clamp(min=torch.finfo(torch.float32).tiny)) * step).flatten(-2)

@@ -11,8 +11,8 @@ static int64_t vector_width_op() {
   return llama_offload::vector_width();
 }
 
-static bool int4_rounds_activations_op(int64_t in_features, int64_t group_size) {
-  return llama_offload::int4_vnni_takes(in_features, group_size);
+static bool int4_rounds_activations_op(int64_t in_features, int64_t group_size, int64_t tokens) {
+  return llama_offload::int4_vnni_takes(tokens, in_features, group_size);
 }
 
 TORCH_LIBRARY(llama_offload, m) {
@@ -29,7 +29,7 @@ TORCH_LIBRARY(llama_offload, m) {
       .def("tree_step", &llama_offload::DecodeStack::tree_step)
       .def("blocks", &llama_offload::DecodeStack::blocks);
   m.def("vector_width() -> int", &vector_width_op);
-  m.def("int4_rounds_activations(int in_features, int group_size) -> bool", &int4_rounds_activations_op);
+  m.def("int4_rounds_activations(int in_features, int group_size, int tokens=1) -> bool", &int4_rounds_activations_op);
   m.def("cpu_paths() -> str[]", &llama_offload::cpu_paths);
   m.def("set_cpu_paths(str[] names) -> str[]", &llama_offload::set_cpu_paths);
   m.def("gguf_q8_0_to_int8(Tensor raw, Tensor(a!) qweight, Tensor(b!) scale) -> ()", &llama_offload::gguf_q8_0_to_int8);

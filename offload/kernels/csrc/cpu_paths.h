@@ -18,7 +18,7 @@ namespace llama_offload {
 
 enum class CpuPath {
   kAvx512Bf16,  // "avx512_bf16": bfloat16 dot products (dense bfloat16 weights)
-  kAvx512Vnni,  // "avx512_vnni": int8 dot products (one-token int4 steps, activations rounded to int8)
+  kAvx512Vnni,  // "avx512_vnni": int8 dot products (int4 passes of up to 8 tokens, x rounded to int8)
 };
 
 bool cpu_path_on(CpuPath path);

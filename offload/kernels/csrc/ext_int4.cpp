@@ -34,12 +34,12 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor xsum = at::empty({T, K / G}, xf.options());
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  const bool vnni = T == 1 && int4_vnni_takes(K, G);  // one token: x rounded to int8 where the CPU has VNNI
+  const bool vnni = int4_vnni_takes(T, K, G);  // x rounded to int8 per token where the CPU has VNNI
   at::Tensor xperm, xq, x8scale;
   if (vnni) {
-    xq = at::empty({K}, xf.options().dtype(at::kChar));
-    x8scale = at::empty({K / 8}, xf.options());
-    int4_vnni_activations(xf.data_ptr<float>(), K, G, xq.data_ptr<int8_t>(), x8scale.data_ptr<float>(),
+    xq = at::empty({T, K}, xf.options().dtype(at::kChar));
+    x8scale = at::empty({T, K / 8}, xf.options());
+    int4_vnni_activations(xf.data_ptr<float>(), T, K, G, xq.data_ptr<int8_t>(), x8scale.data_ptr<float>(),
                           xsum.data_ptr<float>());
   } else {
     xperm = at::empty_like(xf);
@@ -50,7 +50,8 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
     using S = std::remove_const_t<std::remove_pointer_t<decltype(sc)>>;
     at::parallel_for(0, N, row_grain(K / 2), [&](int64_t n0, int64_t n1) {
       if (vnni)
-        int4_vnni_gemv_rows<S>(xq.data_ptr<int8_t>(), x8scale.data_ptr<float>(), sp, K, G, pp, sc, ze, yp, n0, n1);
+        int4_vnni_gemv_rows<S>(xq.data_ptr<int8_t>(), x8scale.data_ptr<float>(), sp, T, K, G, pp, sc, ze, yp, N, n0,
+                               n1);
       else
         int4_gemv_rows<S>(xperm.data_ptr<float>(), sp, T, K, G, pp, sc, ze, yp, N, n0, n1);
     });

@@ -1,8 +1,9 @@
 // Dense GEMV for float32, bfloat16 and float16 weights, accumulating in float32. Decode reads every weight
-// once per token, so the loop is built to stream: R rows at a time share each activation vector, each
-// weight vector is widened to float32 once and used for TB tokens, and the next block's rows are
-// prefetched one cache line ahead. bfloat16 weights take AVX512_BF16 dot products where the CPU has them
-// (activations rounded to bfloat16, as a bfloat16 model's are anyway).
+// once per token, so the loop is built to stream: rows one after another, each weight vector widened to
+// float32 once and used for up to 4 tokens, the row prefetched ahead. bfloat16 weights take AVX512_BF16 dot
+// products where the CPU has them (activations rounded to bfloat16, as a bfloat16 model's are anyway).
+#include <cmath>
+
 #include "cpu_paths.h"
 #include "gemv_tiles.h"
 #include "kernels.h"
@@ -15,6 +16,8 @@ namespace {
 constexpr int64_t kLineBytes = 64;
 constexpr int64_t kAheadBytes = 2048;  // how far ahead in a row stream to prefetch
 
+// Passes of more than kRowInvariantTokens tokens (prefill): blocks of R rows x TB tokens, each activation
+// vector loaded once for R rows, the next block's rows prefetched a line ahead.
 template <typename L, int R, int TB>
 void dense_block(const float* x, int64_t K, const typename L::T* w, float* y, int64_t ldy) {
   constexpr int64_t per_line = kLineBytes / sizeof(typename L::T);
@@ -39,38 +42,47 @@ void dense_block(const float* x, int64_t K, const typename L::T* w, float* y, in
   }
 }
 
-// One token: rows one after another, a single sequential stream for the prefetchers (which follow one
-// stream far better than eight interleaved ones), prefetching kAheadBytes ahead, four sums in flight.
-template <typename L>
-void dense_row_stream(const float* x, int64_t K, const typename L::T* w, float* y, int64_t n0, int64_t n1) {
+// One row against TB tokens (x [TB][K], y[t * ldy]), as one sequential stream for the prefetchers (which
+// follow one stream far better than eight interleaved ones), prefetching kAheadBytes ahead. Each token's sum
+// takes the same steps whatever TB is: four sums in flight over steps of 4 * kW, then whole vectors into
+// the first, then single values (std::fma: fused whether or not the compiler vectorizes the loop across
+// tokens); so a token's row is bit for bit what a one-token call gives. The later tokens find the row in L1.
+template <typename L, int TB>
+void dense_row(const float* x, int64_t K, const typename L::T* wr, float* y, int64_t ldy) {
   constexpr int64_t ahead = kAheadBytes / sizeof(typename L::T), step = 4 * kW;
   constexpr int64_t per_line = kLineBytes / sizeof(typename L::T);
   const int64_t kv = K - K % step;
-  for (int64_t n = n0; n < n1; ++n) {
-    const typename L::T* wr = w + n * K;
-    vfloat acc[4] = {};
-    int64_t k = 0;
-    for (; k < kv; k += step) {
-      for (int64_t b = 0; b < step; b += per_line) __builtin_prefetch(wr + k + ahead + b);
-      for (int u = 0; u < 4; ++u) acc[u] += L::load(wr + k + u * kW) * load_f(x + k + u * kW);
+  vfloat acc[4][TB] = {};
+  int64_t k = 0;
+  for (; k < kv; k += step) {
+    for (int64_t b = 0; b < step; b += per_line) __builtin_prefetch(wr + k + ahead + b);
+    for (int u = 0; u < 4; ++u) {
+      const vfloat wv = L::load(wr + k + u * kW);
+      for (int t = 0; t < TB; ++t) acc[u][t] += wv * load_f(x + t * K + k + u * kW);
     }
-    for (; k + kW <= K; k += kW) acc[0] += L::load(wr + k) * load_f(x + k);
-    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-    for (; k < K; ++k) s += L::one(wr + k) * x[k];
-    y[n] = s;
+  }
+  for (; k + kW <= K; k += kW) {
+    const vfloat wv = L::load(wr + k);
+    for (int t = 0; t < TB; ++t) acc[0][t] += wv * load_f(x + t * K + k);
+  }
+  for (int t = 0; t < TB; ++t) {
+    float s = hsum((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]));
+    for (int64_t j = k; j < K; ++j) s = std::fma(L::one(wr + j), x[t * K + j], s);
+    y[t * ldy] = s;
   }
 }
 
 template <typename L>
 void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, float* y, int64_t N, int64_t n0,
                 int64_t n1) {
-  if (T == 1) {
-    dense_row_stream<L>(x, K, w, y, n0, n1);
+  if (T > kRowInvariantTokens) {
+    gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+      dense_block<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
+    });
     return;
   }
-  gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
-    dense_block<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
-  });
+  for (int64_t n = n0; n < n1; ++n)
+    token_chunks(T, [&](auto TB, int64_t t) { dense_row<L, TB>(x + t * K, K, w + n * K, y + t * N + n, N); });
 }
 
 #if defined(LLAMA_OFFLOAD_X86_PATHS)
@@ -102,43 +114,48 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, con
   }
 }
 
-// One token: rows one after another, a single sequential stream for the prefetchers, with four sums in
-// flight to cover the instruction's latency.
-LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row_stream(const uint16_t* xb, int64_t K, const uint16_t* w, float* y,
-                                                   int64_t n0, int64_t n1) {
+// One row against TB tokens, as dense_row: four sums in flight per token (covering the instruction's
+// latency), then a line at a time into the first, then single values, the same steps for every TB.
+template <int TB>
+LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row(const uint16_t* xb, int64_t K, const uint16_t* wr, float* y,
+                                            int64_t ldy) {
   const int64_t kv = K - K % 128;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * K;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t k = 0;
-    for (; k < kv; k += 128) {
-      __builtin_prefetch(wr + k + (kAheadBytes / 2));
-      __builtin_prefetch(wr + k + (kAheadBytes / 2) + 32);
-      __builtin_prefetch(wr + k + (kAheadBytes / 2) + 64);
-      __builtin_prefetch(wr + k + (kAheadBytes / 2) + 96);
-      for (int u = 0; u < 4; ++u)
-        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(wr + k + 32 * u),
-                                  (__m512bh)_mm512_loadu_si512(xb + k + 32 * u));
+  __m512 acc[4][TB];
+  for (int u = 0; u < 4; ++u)
+    for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k < kv; k += 128) {
+    for (int b = 0; b < 128; b += 32) __builtin_prefetch(wr + k + (kAheadBytes / 2) + b);
+    for (int u = 0; u < 4; ++u) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * u);
+      for (int t = 0; t < TB; ++t)
+        acc[u][t] = _mm512_dpbf16_ps(acc[u][t], wv, (__m512bh)_mm512_loadu_si512(xb + t * K + k + 32 * u));
     }
-    for (; k + 32 <= K; k += 32) {  // a line at a time, still prefetching: rows of 576 end here
-      __builtin_prefetch(wr + k + (kAheadBytes / 2));
-      acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(wr + k), (__m512bh)_mm512_loadu_si512(xb + k));
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-    for (; k < K; ++k) s += LoadBF16::one(wr + k) * LoadBF16::one(xb + k);
-    y[n] = s;
+  }
+  for (; k + 32 <= K; k += 32) {  // a line at a time, still prefetching: rows of 576 end here
+    __builtin_prefetch(wr + k + (kAheadBytes / 2));
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
+    for (int t = 0; t < TB; ++t)
+      acc[0][t] = _mm512_dpbf16_ps(acc[0][t], wv, (__m512bh)_mm512_loadu_si512(xb + t * K + k));
+  }
+  for (int t = 0; t < TB; ++t) {
+    float s = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[0][t], acc[1][t]), _mm512_add_ps(acc[2][t], acc[3][t])));
+    for (int64_t j = k; j < K; ++j) s = std::fma(LoadBF16::one(wr + j), LoadBF16::one(xb + t * K + j), s);
+    y[t * ldy] = s;
   }
 }
 
 void bf16_dot_gemv(const uint16_t* xb, int64_t T, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0,
                    int64_t n1) {
-  if (T == 1) {
-    bf16_dot_row_stream(xb, K, w, y, n0, n1);
+  if (T > kRowInvariantTokens) {
+    gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+      bf16_dot_block<R, TB>(xb + t * K, K, w + n * K, y + t * N + n, N);
+    });
     return;
   }
-  gemv_tiles<8, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
-    bf16_dot_block<R, TB>(xb + t * K, K, w + n * K, y + t * N + n, N);
-  });
+  for (int64_t n = n0; n < n1; ++n)
+    token_chunks(T, [&](auto TB, int64_t t) { bf16_dot_row<TB>(xb + t * K, K, w + n * K, y + t * N + n, N); });
 }
 #endif
 

@@ -1,5 +1,8 @@
-// int8 weight-only GEMV: each block of R rows x TB tokens keeps R*TB vector accumulators, so a weight
-// vector is converted once and used TB times, and an activation vector is loaded once for R rows.
+// int8 weight-only GEMV: rows one after another, a single sequential stream for the prefetchers (which
+// follow one stream far better than several interleaved ones), each weight vector converted once and used
+// for up to 4 tokens.
+#include <cmath>
+
 #include "gemv_tiles.h"
 #include "kernels.h"
 #include "vec.h"
@@ -9,6 +12,9 @@ namespace llama_offload {
 constexpr int64_t kLine = 64;  // bytes per cache line: one prefetch each
 constexpr int64_t kAhead = 2048;  // how far ahead in a row stream to prefetch, in bytes
 
+// Passes of more than kRowInvariantTokens tokens (prefill): blocks of R rows x TB tokens, R * TB vector
+// sums, so that a weight vector is converted once and used TB times and an activation vector loaded once
+// for R rows.
 template <int R, int TB>
 static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, int64_t ldq,
                        const float* scale, float* y, int64_t ldy) {
@@ -39,36 +45,44 @@ static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, 
   }
 }
 
-// One token: rows one after another, a single sequential stream for the prefetchers (which follow one
-// stream far better than several interleaved ones), prefetching kAhead bytes ahead, four sums in flight.
-static void int8_row_stream(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t n0,
-                            int64_t n1) {
+// One row against TB tokens (x [TB][K], y[t * ldy]). Each token's sum takes the same steps whatever TB is:
+// four sums in flight over steps of 4 * kW, then whole vectors into the first, then single values (std::fma:
+// fused whether or not the compiler vectorizes the loop across tokens); so a token's row is bit for bit
+// what a one-token call gives. The later tokens find the row in L1.
+template <int TB>
+static void int8_row(const float* x, int64_t K, const int8_t* qr, float scale, float* y, int64_t ldy) {
   constexpr int64_t step = 4 * kW;
   const int64_t kv = K - K % step;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* qr = q + n * K;
-    vfloat acc[4] = {};
-    int64_t k = 0;
-    for (; k < kv; k += step) {
-      for (int64_t b = 0; b < step; b += kLine) __builtin_prefetch(qr + k + kAhead + b);
-      for (int u = 0; u < 4; ++u) acc[u] += load_i8_as_f(qr + k + u * kW) * load_f(x + k + u * kW);
+  vfloat acc[4][TB] = {};
+  int64_t k = 0;
+  for (; k < kv; k += step) {
+    for (int64_t b = 0; b < step; b += kLine) __builtin_prefetch(qr + k + kAhead + b);
+    for (int u = 0; u < 4; ++u) {
+      const vfloat w = load_i8_as_f(qr + k + u * kW);
+      for (int t = 0; t < TB; ++t) acc[u][t] += w * load_f(x + t * K + k + u * kW);
     }
-    for (; k + kW <= K; k += kW) acc[0] += load_i8_as_f(qr + k) * load_f(x + k);
-    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
-    for (; k < K; ++k) s += float(qr[k]) * x[k];
-    y[n] = s * scale[n];
+  }
+  for (; k + kW <= K; k += kW) {
+    const vfloat w = load_i8_as_f(qr + k);
+    for (int t = 0; t < TB; ++t) acc[0][t] += w * load_f(x + t * K + k);
+  }
+  for (int t = 0; t < TB; ++t) {
+    float s = hsum((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]));
+    for (int64_t j = k; j < K; ++j) s = std::fma(float(qr[j]), x[t * K + j], s);
+    y[t * ldy] = s * scale;
   }
 }
 
 void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
                     int64_t N, int64_t n0, int64_t n1) {
-  if (T == 1) {
-    int8_row_stream(x, K, q, scale, y, n0, n1);
+  if (T > kRowInvariantTokens) {
+    gemv_tiles<4, 2, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+      int8_block<R, TB>(x + t * K, K, K, q + n * K, K, scale + n, y + t * N + n, N);
+    });
     return;
   }
-  gemv_tiles<4, 2, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
-    int8_block<R, TB>(x + t * K, K, K, q + n * K, K, scale + n, y + t * N + n, N);
-  });
+  for (int64_t n = n0; n < n1; ++n)
+    token_chunks(T, [&](auto TB, int64_t t) { int8_row<TB>(x + t * K, K, q + n * K, scale[n], y + t * N + n, N); });
 }
 
 int vector_width() {

@@ -5,6 +5,12 @@
 
 namespace llama_offload {
 
+// Passes of up to this many tokens (a token tree's verification) give each token's row bit for bit what a
+// one-token call gives: every kernel then sums each (row, token) in the one-token order. Longer passes
+// (prefill) take blocks of rows that share activation loads (dense, int8: faster there) and int4's float
+// path (x as it is, not rounded to int8).
+constexpr int64_t kRowInvariantTokens = 8;
+
 // y[t][n] = scale[n] * sum_k q[n][k] * x[t][k], for n in [n0, n1); x is [T][K], q is [N][K], y is [T][N].
 void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const float* scale, float* y,
                     int64_t N, int64_t n0, int64_t n1);
@@ -23,16 +29,19 @@ void int4_gemv_rows(const float* xperm, const float* xsum, int64_t T, int64_t K,
                     const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N, int64_t n0,
                     int64_t n1);
 
-// One token through int4 weights with x rounded to int8 (gemv_int4_vnni.cpp says how). int4_vnni_takes: the
-// avx512_vnni path is on and K (a multiple of 64) and G (a multiple of 8 that divides 128, or a multiple of
-// 128) fit it. int4_vnni_activations: x [K] -> xq int8 [K] (the kernel's order), x8scale [K / 8] (each
-// 8 values' scale), xsum [K / G] (each group's sum of the rounded values). int4_vnni_gemv_rows: y[n] for n
-// in [n0, n1), scales and zeros as int4_gemv_rows takes them.
-bool int4_vnni_takes(int64_t K, int64_t G);
-void int4_vnni_activations(const float* x, int64_t K, int64_t G, int8_t* xq, float* x8scale, float* xsum);
+// int4 weights against x rounded to int8 per token (gemv_int4_vnni.cpp says how). int4_vnni_takes: at most
+// kRowInvariantTokens tokens, the avx512_vnni path is on, and K (a multiple of 64) and G (a multiple of 8
+// that divides 128, or a multiple of 128) fit it. int4_vnni_activations: x [T][K] -> xq int8 [T][K] (the
+// kernel's order), x8scale [T][K / 8] (each 8 values' scale), xsum [T][K / G] (each group's sum of the
+// rounded values). int4_vnni_gemv_rows: y[t][n] for n in [n0, n1) (y is [T][N]), scales and zeros as
+// int4_gemv_rows takes them.
+bool int4_vnni_takes(int64_t T, int64_t K, int64_t G);
+void int4_vnni_activations(const float* x, int64_t T, int64_t K, int64_t G, int8_t* xq, float* x8scale,
+                           float* xsum);
 template <typename S>
-void int4_vnni_gemv_rows(const int8_t* xq, const float* x8scale, const float* xsum, int64_t K, int64_t G,
-                         const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t n0, int64_t n1);
+void int4_vnni_gemv_rows(const int8_t* xq, const float* x8scale, const float* xsum, int64_t T, int64_t K,
+                         int64_t G, const uint8_t* packed, const S* scales, const S* zeros, float* y, int64_t N,
+                         int64_t n0, int64_t n1);
 
 // y[t][n] = sum_k w[n][k] * x[t][k] for n in [n0, n1), accumulated in float32; w is [N][K] of `type`.
 // x_bf16: x rounded to bfloat16 (raw bits, [T][K]) or null; bfloat16 weights then take the AVX512_BF16

@@ -31,21 +31,22 @@ int64_t row_bytes(const Linear& l) {
 }
 
 // How int4 reads its activations, made once per group size (a layer's linears share one): permuted floats
-// (int4_permute_activations), or for one token on the avx512_vnni path x rounded to int8.
+// (int4_permute_activations), or on the avx512_vnni path (passes of up to kRowInvariantTokens) each token's
+// x rounded to int8.
 struct Int4Activations {
   int64_t G;
   bool vnni;
   std::vector<float> xperm, xsum;  // xperm: the float path's [T][K]; xsum [T][K / G]
-  std::vector<int8_t> xq;  // vnni: [K]
-  std::vector<float> x8scale;  // vnni: [K / 8]
+  std::vector<int8_t> xq;  // vnni: [T][K]
+  std::vector<float> x8scale;  // vnni: [T][K / 8]
 };
 
 Int4Activations int4_activations(const float* x, int64_t T, int64_t K, int64_t G) {
-  Int4Activations a{G, T == 1 && int4_vnni_takes(K, G), {}, std::vector<float>(T * (K / G)), {}, {}};
+  Int4Activations a{G, int4_vnni_takes(T, K, G), {}, std::vector<float>(T * (K / G)), {}, {}};
   if (a.vnni) {
-    a.xq.resize(K);
-    a.x8scale.resize(K / 8);
-    int4_vnni_activations(x, K, G, a.xq.data(), a.x8scale.data(), a.xsum.data());
+    a.xq.resize(T * K);
+    a.x8scale.resize(T * (K / 8));
+    int4_vnni_activations(x, T, K, G, a.xq.data(), a.x8scale.data(), a.xsum.data());
   } else {
     a.xperm.resize(T * K);
     int4_permute_activations(x, T, K, G, a.xperm.data(), a.xsum.data());
@@ -59,7 +60,8 @@ void int4_rows(const Linear& l, const Int4Activations& a, int64_t T, float* y, i
   const S* scales = l.scale.data_ptr<S>();
   const S* zeros = l.zeros.data_ptr<S>();
   if (a.vnni)
-    int4_vnni_gemv_rows<S>(a.xq.data(), a.x8scale.data(), a.xsum.data(), l.K, l.G, p, scales, zeros, y, n0, n1);
+    int4_vnni_gemv_rows<S>(a.xq.data(), a.x8scale.data(), a.xsum.data(), T, l.K, l.G, p, scales, zeros, y, ldy, n0,
+                           n1);
   else
     int4_gemv_rows<S>(a.xperm.data(), a.xsum.data(), T, l.K, l.G, p, scales, zeros, y, ldy, n0, n1);
 }
