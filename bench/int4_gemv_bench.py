@@ -1,11 +1,12 @@
 """Our one-token int4 kernel (offload/kernels/int4_gemv_cuda.py) beside tinygemm and cuBLAS, Llama-2-7B shapes.
 
-    python bench/int4_gemv_bench.py [--rows 2,4,8,16] [--markdown out.md]
+    python bench/int4_gemv_bench.py [--shapes 1,2,...] [--tokens 1,4,8] [--markdown out.md]
 
 Per matrix: microseconds of one call, each call on the next of WEIGHTS fresh random weights (more bytes than
 the L2 holds, as in a decode step), 20 calls captured in a CUDA graph and replayed (the launch gaps a graphed
 step has), median of --repeats replays; beside the bytes each reads over the device-to-device copy bandwidth
-measured in the same run. bfloat16 x and scales, groups of 128, as `--quant int4` runs.
+measured in the same run. bfloat16 x and scales, groups of 128, as `--quant int4` runs. Each launch shape
+(warps a block, rows a warp, chunks in flight) is timed for one token; the chosen one for --tokens.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.decode_bench import hbm_gbps  # noqa: E402
 from offload.kernels.int4_format import Int4Weight  # noqa: E402
-from offload.kernels.int4_gemv_cuda import OPT_IN, int4_gemv, int4_gemv_library  # noqa: E402
+from offload.kernels.int4_gemv_cuda import SWITCH, SHAPE, int4_gemv, int4_gemv_library  # noqa: E402
+from offload.kernels.int4_gemv_cuda import SHAPES as LAUNCH_SHAPES  # noqa: E402
 from offload.kernels.tinygemm import int4_matmul_tinygemm, prepare_for_cuda  # noqa: E402
 
 SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008)}
@@ -63,29 +65,32 @@ def random_int4(out: int, inp: int, gen: torch.Generator) -> Int4Weight:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", default="2,4,8,16", help="rows a block reduces, each timed")
+    p.add_argument("--shapes", default=",".join(map(str, LAUNCH_SHAPES)), help="launch shapes, each timed for one token")
+    p.add_argument("--tokens", default="4,8", help="token counts timed with the chosen shape")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--markdown")
     ns = p.parse_args()
-    os.environ[OPT_IN] = "1"
+    os.environ.pop(SWITCH, None)
     if int4_gemv_library() is None:
         sys.exit("int4_gemv_bench: the CUDA int4 kernel did not build here (see the warning above)")
     hbm = hbm_gbps(torch.device("cuda"))
-    rows_options = [int(r) for r in ns.rows.split(",")]
+    variants = [(int(s), 1) for s in ns.shapes.split(",")] + [(SHAPE, int(t)) for t in ns.tokens.split(",")]
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, HBM copy {hbm:.0f} GB/s; us per call "
              "(% of the copy bandwidth)", "",
-             "| matrix | " + " | ".join(f"ours rows={r}" for r in rows_options) + " | tinygemm | cuBLAS bf16 (4x the bytes) |",
-             "|---|" + "---|" * (len(rows_options) + 2)]
-    totals = dict.fromkeys([*rows_options, "tinygemm", "dense"], 0.0)
+             "| matrix | " + " | ".join(f"ours shape {s}, {t} tok" for s, t in variants)
+             + " | tinygemm | cuBLAS bf16 (4x the bytes) |",
+             "|---|" + "---|" * (len(variants) + 2)]
+    totals = dict.fromkeys([*variants, "tinygemm", "dense"], 0.0)
     for name, (out, inp) in SHAPES.items():
         gen = torch.Generator("cuda").manual_seed(out + inp)
         weights = [random_int4(out, inp, gen) for _ in range(WEIGHTS)]
-        x = torch.randn(1, inp, generator=gen, device="cuda").to(torch.bfloat16)
+        xs = torch.randn(max(t for _, t in variants), inp, generator=gen, device="cuda").to(torch.bfloat16)
+        x = xs[:1]
         int4_bytes = weights[0].packed.numel() + 4 * weights[0].scales.numel()
         cells = []
-        for rows in rows_options:
-            us = graphed_us(lambda i, rows=rows: int4_gemv(x, weights[i % WEIGHTS], rows), ns.repeats)
-            totals[rows] += us
+        for shape, tokens in variants:
+            us = graphed_us(lambda i, s=shape, t=tokens: int4_gemv(xs[:t], weights[i % WEIGHTS], s), ns.repeats)
+            totals[shape, tokens] += us
             cells.append(f"{us:.2f} ({100 * int4_bytes / (us * 1e-6) / 1e9 / hbm:.1f}%)")
         tiny = [prepare_for_cuda(w) for w in weights]
         us = graphed_us(lambda i: int4_matmul_tinygemm(x, tiny[i % WEIGHTS]), ns.repeats)

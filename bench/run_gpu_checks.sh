@@ -36,10 +36,10 @@ bench gguf_bench "$PY" bench/gguf_bench.py --markdown "$OUT/gguf_bench.md"
 bench decode_bench "$PY" bench/decode_bench.py --modes fp16,int4,pytiny,app --json "$OUT/decode_bench.json" \
     --markdown "$OUT/decode_bench.md"
 bench int4_gemm_bench "$PY" bench/int4_gemm_bench.py
-# Our one-token int4 kernel (opt-in until measured): beside tinygemm per matrix, then the resident 7B step with it.
+# Our int4 GEMV beside tinygemm per matrix, then the resident 7B step with tinygemm instead (decode_bench above has ours).
 bench int4_gemv_bench "$PY" bench/int4_gemv_bench.py --markdown "$OUT/int4_gemv_bench.md"
-bench decode_bench_int4_gemv env LLAMA_OFFLOAD_INT4_GEMV=1 "$PY" bench/decode_bench.py --modes int4 \
-    --markdown "$OUT/decode_bench_int4_gemv.md"
+bench decode_bench_int4_tinygemm env LLAMA_OFFLOAD_INT4_GEMV=0 "$PY" bench/decode_bench.py --modes int4 \
+    --markdown "$OUT/decode_bench_int4_tinygemm.md"
 bench speculative_bench "$PY" bench/speculative_bench.py --modes stream_fp16,stream_int4,resident --prompts 2 \
     --new-tokens 64 --repeats 2 --json "$OUT/speculative_bench.json" --markdown "$OUT/speculative_bench.md"
 bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"

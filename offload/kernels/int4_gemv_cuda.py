@@ -1,18 +1,19 @@
-"""One token times a plain Int4Weight on CUDA through our own kernel (csrc/int4_gemv.cu), built with nvcc.
+"""A few tokens times a plain Int4Weight on CUDA through our own kernel (csrc/int4_gemv.cu), built with nvcc.
 
 tinygemm, the one-token int4 kernel torch ships, read the 7B step's weights at 29-43% of the H200's memory
 speed, which held resident int4 decode near 30% of its limit. This kernel reads the plain layout that
-streams (no second layout to prepare), one 32-input chunk of x per thread and one 16-byte weight load per
-row and thread (see the .cu file for the arithmetic).
+streams (no second layout to prepare), rounds x to int8 per 32 inputs and multiplies with integer dot
+products (see the .cu file). A call of up to MAX_TOKENS tokens gives each token what a one-token call gives
+it, bit for bit, so token trees and one-token steps agree.
 
 It is compiled on first use with the CUDA compiler (`nvcc` on PATH, or under $CUDA_HOME) for the GPU at
 hand, into the same cache folder as the CPU kernels, and loaded with ctypes: a plain shared library with one
 C entry point, so the build needs neither torch's headers nor a minute of compiling. Without nvcc, or if the
 build fails, `int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
 
-Opt-in for now (LLAMA_OFFLOAD_INT4_GEMV=1): it was written and compiled for sm_90 in a session that had no
-GPU time left, and its arithmetic was checked against the twin's by a numpy replica of the bit tricks; it
-becomes the default once its CUDA tests and bench/int4_gemv_bench.py have run on a GPU.
+LLAMA_OFFLOAD_INT4_GEMV=0 turns it off (tinygemm then serves one-token steps): for debugging, and for
+bench/decode_bench.py's comparison. On the H200 the 7B step's matmuls took 1.49 ms against tinygemm's 2.05
+(bench/int4_gemv_bench.py; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -34,11 +35,14 @@ from offload.kernels.int4_format import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cu"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
-ROWS = 8  # weight rows a block reduces (2, 4, 8 or 16); chosen on the H200 by bench/int4_gemv_bench.py
-MAX_IN_FEATURES = 32 * 1024  # one 32-input chunk per thread, at most 1024 threads a block
+SHAPE = 1  # the launch shape (warps a block, rows a warp, chunks in flight; see the .cu file), by int4_gemv_bench
+SHAPES = range(1, 9)
+MAX_TOKENS = 8  # tokens one call takes; each gets what a one-token call would give it, bit for bit
+SMEM_BYTES_PER_CHUNK = 40  # a token's int8 x per 32 inputs (32 bytes) and its two floats
+SMEM_LIMIT = 200 * 1024  # of the 227 KB a Hopper block may have
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _BUILD_LOCK = threading.Lock()
-OPT_IN = "LLAMA_OFFLOAD_INT4_GEMV"  # "1": use the kernel (see the module's docstring)
+SWITCH = "LLAMA_OFFLOAD_INT4_GEMV"  # "0": leave the kernel out (see the module's docstring)
 
 
 def _nvcc() -> str | None:
@@ -81,13 +85,13 @@ def build_library(nvcc: str, arch: str) -> ctypes.CDLL:
               flush=True)
     lib = ctypes.CDLL(str(path))
     lib.int4_gemv.restype = ctypes.c_int
-    lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, *[ctypes.c_void_p] * 5, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_void_p]
+    lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                              *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4, ctypes.c_void_p]
     return lib
 
 
 def int4_gemv_library(device: torch.device | str = "cuda") -> ctypes.CDLL | None:
-    """The compiled kernel for `device`'s GPU, or None: not opted in, or (after one warning) it cannot be built
+    """The compiled kernel for `device`'s GPU, or None: switched off, or (after one warning) it cannot be built
     or loaded."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -98,7 +102,7 @@ def int4_gemv_library(device: torch.device | str = "cuda") -> ctypes.CDLL | None
 
 @functools.cache
 def _load_once(arch: str) -> ctypes.CDLL | None:
-    if os.environ.get(OPT_IN) != "1":
+    if os.environ.get(SWITCH) == "0":
         return None
     nvcc = _nvcc()
     if nvcc is None:
@@ -113,29 +117,32 @@ def _load_once(arch: str) -> ctypes.CDLL | None:
         return None
 
 
-def int4_gemv_fits(w: Int4Weight) -> bool:
-    """Whether the kernel takes this weight's shape: inputs a multiple of 32 (at most MAX_IN_FEATURES), groups
-    of a multiple of 32 inputs, fp16/bf16 scales."""
+def int4_gemv_fits(w: Int4Weight, tokens: int = 1) -> bool:
+    """Whether the kernel takes this weight's shape for `tokens` tokens: inputs and groups multiples of 32
+    inputs, fp16/bf16 scales, the tokens' int8 x within a block's shared memory."""
     k = w.in_features
-    return (k % 32 == 0 and k <= MAX_IN_FEATURES and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES)
+    return (k % 32 == 0 and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES
+            and 1 <= tokens <= MAX_TOKENS and tokens * (k // 32) * SMEM_BYTES_PER_CHUNK <= SMEM_LIMIT)
 
 
 def int4_gemv_supported(x: torch.Tensor, w: Int4Weight) -> bool:
-    """Whether int4_gemv takes this pair: one token of x in the scales' dtype, both on one CUDA device."""
+    """Whether int4_gemv takes this pair: x [tokens <= MAX_TOKENS, in] in the scales' dtype, both on one
+    CUDA device."""
     return (x.device.type == "cuda" and w.packed.device == x.device and x.dtype == w.scales.dtype
-            and x.numel() == w.in_features and int4_gemv_fits(w) and int4_gemv_library(x.device) is not None)
+            and x.dim() == 2 and x.shape[1] == w.in_features and int4_gemv_fits(w, x.shape[0])
+            and int4_gemv_library(x.device) is not None)
 
 
-def int4_gemv(x: torch.Tensor, w: Int4Weight, rows: int = ROWS) -> torch.Tensor:
-    """x [1, in] @ dequantized(w).T -> [1, out] in x's dtype (int4_gemv_supported must hold)."""
+def int4_gemv(x: torch.Tensor, w: Int4Weight, shape: int = SHAPE) -> torch.Tensor:
+    """x [tokens, in] @ dequantized(w).T -> [tokens, out] in x's dtype (int4_gemv_supported must hold)."""
     lib = int4_gemv_library(x.device)
     assert lib is not None
     x, packed = _aligned(x.contiguous()), _aligned(w.packed.contiguous())
     scales, zeros = w.scales.contiguous(), w.zeros.contiguous()
-    y = torch.empty(1, w.out_features, dtype=x.dtype, device=x.device)
-    err = lib.int4_gemv(_DTYPE_CODES[x.dtype], rows, x.data_ptr(), packed.data_ptr(), scales.data_ptr(),
-                        zeros.data_ptr(), y.data_ptr(), w.out_features, w.in_features, scales.shape[1],
-                        torch.cuda.current_stream(x.device).cuda_stream)
+    y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+    err = lib.int4_gemv(_DTYPE_CODES[x.dtype], shape, x.shape[0], x.data_ptr(), x.stride(0), packed.data_ptr(),
+                        scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), y.stride(0), w.out_features,
+                        w.in_features, scales.shape[1], torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"int4_gemv: CUDA error {err} launching the kernel")
     return y

@@ -3,7 +3,7 @@
 CPU: the compiled kernels (cpu_ext.py) for every token count, since they stay ahead of dequantize-then-
 matmul even for prefill on the machines measured (bench/cpu_kernels.py); the reference if they cannot build.
 CUDA: int4 through tinygemm (tinygemm.py): a prepared weight directly; a plain Int4Weight (what streams,
-and what stays resident where our kernel builds) takes our one-token kernel for one token (int4_gemv_cuda.py),
+and what stays resident where our kernel builds) takes our kernel for up to 8 tokens (int4_gemv_cuda.py),
 is converted to tinygemm's layout per call for other decode-sized inputs (one cheap pass over the packed bytes),
 and for larger inputs (token trees, prefill) multiplied by a Triton kernel that dequantizes inside the matmul
 (int4_gemm_triton.py), since tinygemm is a small-batch kernel. int8, and int4 where neither kernel runs
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from offload.kernels.cpu_ext import cpu_extension
 from offload.kernels.int4_gemm_triton import int4_gemm, int4_gemm_supported
-from offload.kernels.int4_gemv_cuda import int4_gemv, int4_gemv_supported
+from offload.kernels.int4_gemv_cuda import MAX_TOKENS as GEMV_MAX_TOKENS, int4_gemv, int4_gemv_supported
 from offload.kernels.int4_format import Int4Weight
 from offload.kernels.int8_format import Int8Weight
 from offload.kernels.tinygemm import Int4CudaWeight, int4_matmul_converting, int4_matmul_tinygemm, tinygemm_supports
@@ -61,7 +61,7 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight | Int4CudaWeight) -> torch.Tensor
     x2 = _tokens(x)
     if isinstance(w, Int4CudaWeight):
         y = int4_matmul_tinygemm(x2, w)
-    elif w.packed.device.type == "cuda" and x2.shape[0] == 1 and int4_gemv_supported(x2, w):
+    elif w.packed.device.type == "cuda" and x2.shape[0] <= GEMV_MAX_TOKENS and int4_gemv_supported(x2, w):
         y = int4_gemv(x2, w)
     elif w.packed.device.type == "cuda" and x2.shape[0] <= TINYGEMM_MAX_TOKENS and tinygemm_supports(w):
         y = int4_matmul_converting(x2, w)
