@@ -9,6 +9,7 @@ import torch
 
 from bench.offload_bench import synthetic_weights
 from engine.fused_projections import fuse_projections
+from engine.int4_block_step import int4_block_step
 from engine.llama_units import BLOCK_LINEARS
 from llama.checkpoint_writer import write_hf_checkpoint
 from llama.config import ModelArgs
@@ -52,6 +53,8 @@ def resident_int4_model(args: ModelArgs, device: torch.device) -> Transformer:
     model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     fuse_projections(model)
     prepare_linears_for_cuda(model.layers, device)
+    for block in model.layers:
+        block.fast_path = int4_block_step  # as a resident load installs it (engine/llama_offload.py)
     return model.eval()
 
 

@@ -6,7 +6,7 @@ Per matrix: microseconds of one call, each call on the next of WEIGHTS fresh ran
 the L2 holds, as in a decode step), 20 calls captured in a CUDA graph and replayed (the launch gaps a graphed
 step has), median of --repeats replays; beside the bytes each reads over the device-to-device copy bandwidth
 measured in the same run. bfloat16 x and scales, groups of 128, as `--quant int4` runs. Each launch shape
-(warps a block, rows a warp, chunks in flight) is timed for one token; the chosen one for --tokens.
+(warps a block, rows a warp, chunks in flight) is timed for one token; each matrix's chosen one (launch_shape) for --tokens.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.decode_bench import hbm_gbps  # noqa: E402
 from offload.kernels.int4_format import Int4Weight  # noqa: E402
-from offload.kernels.int4_gemv_cuda import SWITCH, SHAPE, int4_gemv, int4_gemv_library  # noqa: E402
+from offload.kernels.int4_gemv_cuda import SWITCH, int4_gemv, int4_gemv_library, launch_shape  # noqa: E402
 from offload.kernels.int4_gemv_cuda import SHAPES as LAUNCH_SHAPES  # noqa: E402
 from offload.kernels.tinygemm import int4_matmul_tinygemm, prepare_for_cuda  # noqa: E402
 
@@ -66,7 +66,7 @@ def random_int4(out: int, inp: int, gen: torch.Generator) -> Int4Weight:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(map(str, LAUNCH_SHAPES)), help="launch shapes, each timed for one token")
-    p.add_argument("--tokens", default="4,8", help="token counts timed with the chosen shape")
+    p.add_argument("--tokens", default="1,4,8", help="token counts timed with each matrix's chosen shape")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--markdown")
     ns = p.parse_args()
@@ -74,10 +74,10 @@ def main() -> None:
     if int4_gemv_library() is None:
         sys.exit("int4_gemv_bench: the CUDA int4 kernel did not build here (see the warning above)")
     hbm = hbm_gbps(torch.device("cuda"))
-    variants = [(int(s), 1) for s in ns.shapes.split(",")] + [(SHAPE, int(t)) for t in ns.tokens.split(",")]
+    variants = [(int(s), 1) for s in ns.shapes.split(",")] + [(None, int(t)) for t in ns.tokens.split(",")]
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, HBM copy {hbm:.0f} GB/s; us per call "
              "(% of the copy bandwidth)", "",
-             "| matrix | " + " | ".join(f"ours shape {s}, {t} tok" for s, t in variants)
+             "| matrix | " + " | ".join(f"ours shape {s or 'chosen'}, {t} tok" for s, t in variants)
              + " | tinygemm | cuBLAS bf16 (4x the bytes) |",
              "|---|" + "---|" * (len(variants) + 2)]
     totals = dict.fromkeys([*variants, "tinygemm", "dense"], 0.0)

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from engine.fused_projections import fuse_block
+from engine.int4_block_step import int4_block_step
 from engine.llama_units import BLOCK_LINEARS
 from llama.checkpoint import iter_checkpoint, read_model_args
 from llama.checkpoint_files import Weight
 from llama.config import ModelArgs
-from llama.model import Transformer
+from llama.model import Transformer, TransformerBlock
 from llama.loader import empty_model
 from offload.host import tensor_nbytes
 from offload.layout import ModelLayout, Part
@@ -102,8 +103,15 @@ def resident_transformer(
     (resident CUDA runs: 4 matmuls a block instead of 7)."""
     layout = llama_layout(model)
     plan = resident_plan(layout.units, len(layout.blocks))
-    place_model(layout, plan, weights, config, release, finish_block=fuse_block if fuse else None)
+    place_model(layout, plan, weights, config, release, finish_block=_finish_resident_block if fuse else None)
     return model.eval()
+
+
+def _finish_resident_block(block: TransformerBlock) -> None:
+    """Stack the block's projections, and give it the int4 route (engine/int4_block_step.py: it checks at each pass
+    whether the block's weights and the pass are ones it takes)."""
+    fuse_block(block)
+    block.fast_path = int4_block_step
 
 
 def build_offloaded_model(

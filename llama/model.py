@@ -105,13 +105,29 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
+        return self.wo(self.attend(x, rotation, start_pos, cache, layer, mask))
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        start_pos: int,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None = None,
+        heads: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention's output before wo, (batch, seqlen, n_heads * head_dim). heads: wqkv(x) when the caller
+        made it, (batch, seqlen, n_heads + 2 * n_kv_heads, head_dim); x is then read for its shape only."""
         bsz, seqlen, _ = x.shape
+        if heads is None and self.wqkv is not None:
+            heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         # One query a sequence only. With the kernels on token trees and chains, resident speculation measured
         # 0.3-0.7x plain decoding on the H200 (the draft's share of a round grew from ~3 to ~50 ms; each tree size
         # and bucket is another kernel variant to compile mid-reply, the likely cause); with the torch ops, 1.3-2.1x.
-        if self.wqkv is not None and isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(x):
-            return self.wo(self._fused_step(x, rotation, cache, layer, mask))
-        q, k, v = self._rotated_qkv(x, rotation)
+        if heads is not None and isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(x):
+            return self._fused_step(heads, rotation, cache, layer, mask)
+        q, k, v = self._rotated_qkv(x, rotation, heads)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
@@ -133,17 +149,14 @@ class Attention(nn.Module):
             if windowed:
                 visible &= key_pos[None, :] > query_pos[:, None] - self.window
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
-        return self.wo(out)
+        return out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
 
     def _fused_step(
-        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int,
+        self, heads: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """A step's attention in three launches besides the projection: RoPE with the cache write, and the
-        split attention over the step's kv_len keys (the caller's mask says which each query sees)."""
-        bsz, seqlen, _ = x.shape
-        heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        """A step's attention in three launches after the projection (heads): RoPE with the cache write, and
+        the split attention over the step's kv_len keys (the caller's mask says which each query sees)."""
         q = fused_ops.rope_store(heads, self.n_heads, rotation, *cache.layer(layer))  # (batch, seqlen, heads, dim)
         k, v = cache.stored(layer)  # (batch, n_kv_heads, kv_len, head_dim)
         if mask is not None:  # additive, (seqlen, kv_len) for a tree or (batch, 1, seqlen, kv_len) for a batch
@@ -151,12 +164,11 @@ class Attention(nn.Module):
         return fused_ops.attention(q, k, v, mask)  # (batch, seqlen, n_heads * head_dim)
 
     def _rotated_qkv(
-        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], heads: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (RoPE applied) and v, each (batch, heads, seqlen, head_dim)."""
+        """q, k (RoPE applied) and v, each (batch, heads, seqlen, head_dim); heads: the fused projection's."""
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:  # one matmul, and RoPE over q's and k's heads at once
-            heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        if heads is not None:  # one matmul, and RoPE over q's and k's heads at once
             qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], rotation)
             q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             v = heads[:, :, self.n_heads + self.n_kv_heads :]
@@ -203,6 +215,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    # A faster route for the whole block that the engine may install for the formats it knows (int4 on CUDA:
+    # offload/kernels/int4_block_step.py): called with (block, x, rotation, start_pos, cache, mask), it returns
+    # the block's output, or None where it does not apply to this pass (then the code below runs).
+    fast_path = None
+
     def __init__(self, layer: int, args: ModelArgs) -> None:
         super().__init__()
         self.layer = layer
@@ -219,6 +236,10 @@ class TransformerBlock(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.fast_path is not None:
+            out = self.fast_path(self, x, rotation, start_pos, cache, mask)
+            if out is not None:
+                return out
         attended = self.attention(self.attention_norm(x), rotation, start_pos, cache, self.layer, mask)
         h, normed = fused_ops.add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)  # one pass
         return h + self.feed_forward(normed)

@@ -123,3 +123,33 @@ def test_one_token_takes_the_kernel_and_resident_weights_keep_the_plain_layout(m
     layer = Int4Linear.from_linear(nn.Linear(512, 256, bias=False)).to(device="cuda", dtype=torch.bfloat16)
     layer.prepare_for_cuda("cuda")
     assert isinstance(layer.weight_format(), Int4Weight) and not isinstance(layer.weight_format(), Int4CudaWeight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_norm_a_gate_and_a_residual_ride_along(dtype):
+    """RMSNorm(x) * weight before the product, a residual added after it, and SiLU(gate) * up of a stacked
+    gate/up weight, each in the launch, against the same computed by torch around the twin's product; each
+    token still its one-token call's, whatever the launch shape."""
+    inp, out, eps = 1024, 384, 1e-5
+    _, w = _pair(out, inp, 128, dtype, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(5, inp, generator=gen).to("cuda", dtype)
+    norm_weight = (1 + 0.3 * torch.randn(inp, generator=gen)).to("cuda", dtype)
+    residual = torch.randn(5, out, generator=gen).to("cuda", dtype)
+    dense = w.dequantize(torch.float32)
+    normed = F.rms_norm(x.float(), (inp,), norm_weight.float(), eps)
+    gate, up = F.linear(normed, dense).chunk(2, dim=-1)
+    cases = {
+        "norm": (dict(norm=(norm_weight, eps)), F.linear(normed, dense)),
+        "residual": (dict(residual=residual), F.linear(x.float(), dense) + residual.float()),
+        "norm + residual": (dict(norm=(norm_weight, eps), residual=residual), F.linear(normed, dense) + residual.float()),
+        "norm + gated": (dict(norm=(norm_weight, eps), gated=True), F.silu(gate) * up),
+    }
+    for name, (extra, ref) in cases.items():
+        got = int4_gemv(x, w, **extra)
+        assert got.shape == ref.shape, name
+        assert float((got.float() - ref).norm() / ref.norm()) < TOLERANCE[dtype], name
+        one = [int4_gemv(x[t : t + 1], w, **{k: (v[t : t + 1] if k == "residual" else v) for k, v in extra.items()})
+               for t in range(len(x))]
+        assert torch.equal(got, torch.cat(one)), name
+        assert all(torch.equal(int4_gemv(x, w, shape, **extra), got) for shape in int4_gemv_cuda.SHAPES), name

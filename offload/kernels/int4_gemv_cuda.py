@@ -6,9 +6,9 @@ streams (no second layout to prepare), rounds x to int8 per 32 inputs and multip
 products (see the .cu file). A call of up to MAX_TOKENS tokens gives each token what a one-token call gives
 it, bit for bit, so token trees and one-token steps agree.
 
-It is compiled on first use with the CUDA compiler (`nvcc` on PATH, or under $CUDA_HOME) for the GPU at
-hand, into the same cache folder as the CPU kernels, and loaded with ctypes: a plain shared library with one
-C entry point, so the build needs neither torch's headers nor a minute of compiling. Without nvcc, or if the
+It is compiled on first use with the CUDA compiler (`nvcc` under $CUDA_HOME, on PATH, or in /usr/local/cuda)
+for the GPU at hand, into the same cache folder as the CPU kernels, and loaded with ctypes: a plain shared
+library with one C entry point, so the build needs neither torch's headers nor a minute of compiling. Without nvcc, or if the
 build fails, `int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
 
 LLAMA_OFFLOAD_INT4_GEMV=0 turns it off (tinygemm then serves one-token steps): for debugging, and for
@@ -34,11 +34,12 @@ import torch
 from offload.kernels.int4_format import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cu"
+DEFAULT_NVCC = Path("/usr/local/cuda/bin/nvcc")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
-SHAPE = 1  # the launch shape (warps a block, rows a warp, chunks in flight; see the .cu file), by int4_gemv_bench
-SHAPES = range(1, 9)
+SHAPES = range(1, 5)  # launch shapes: warps a block, rows a warp, chunks in flight a row (see the .cu file)
 MAX_TOKENS = 8  # tokens one call takes; each gets what a one-token call would give it, bit for bit
-SMEM_BYTES_PER_CHUNK = 40  # a token's int8 x per 32 inputs (32 bytes) and its two floats
+SMEM_BYTES_PER_CHUNK = 44  # a token's int8 x per 32 inputs (32 bytes) and its three floats
+PLAIN, RMS_NORM = 0, 1  # what the kernel multiplies (its Prologue)
 SMEM_LIMIT = 200 * 1024  # of the 227 KB a Hopper block may have
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _BUILD_LOCK = threading.Lock()
@@ -49,7 +50,10 @@ def _nvcc() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").exists():
         return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found is None and DEFAULT_NVCC.exists():  # the toolkit's own place, often not on PATH
+        found = str(DEFAULT_NVCC)
+    return found
 
 
 def _arch(device: torch.device) -> str:
@@ -85,8 +89,9 @@ def build_library(nvcc: str, arch: str) -> ctypes.CDLL:
               flush=True)
     lib = ctypes.CDLL(str(path))
     lib.int4_gemv.restype = ctypes.c_int
-    lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                              *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 4, ctypes.c_void_p]
+    lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_float, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p]
     return lib
 
 
@@ -122,27 +127,55 @@ def int4_gemv_fits(w: Int4Weight, tokens: int = 1) -> bool:
     inputs, fp16/bf16 scales, the tokens' int8 x within a block's shared memory."""
     k = w.in_features
     return (k % 32 == 0 and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES
-            and 1 <= tokens <= MAX_TOKENS and tokens * (k // 32) * SMEM_BYTES_PER_CHUNK <= SMEM_LIMIT)
+            and 1 <= tokens <= MAX_TOKENS and tokens * ((k // 32) * SMEM_BYTES_PER_CHUNK + 4) <= SMEM_LIMIT)
 
 
 def int4_gemv_supported(x: torch.Tensor, w: Int4Weight) -> bool:
-    """Whether int4_gemv takes this pair: x [tokens <= MAX_TOKENS, in] in the scales' dtype, both on one
-    CUDA device."""
+    """Whether int4_gemv takes this pair: x [tokens <= MAX_TOKENS, in] in the scales' dtype, both on one CUDA
+    device."""
     return (x.device.type == "cuda" and w.packed.device == x.device and x.dtype == w.scales.dtype
             and x.dim() == 2 and x.shape[1] == w.in_features and int4_gemv_fits(w, x.shape[0])
             and int4_gemv_library(x.device) is not None)
 
 
-def int4_gemv(x: torch.Tensor, w: Int4Weight, shape: int = SHAPE) -> torch.Tensor:
-    """x [tokens, in] @ dequantized(w).T -> [tokens, out] in x's dtype (int4_gemv_supported must hold)."""
+def launch_shape(out_features: int, in_features: int) -> int:
+    """The launch shape fastest for a matrix of this size on the H200 (bench/int4_gemv_bench.py, Llama-2-7B's
+    four): 8 warps of 4 rows for few rows or long ones (wo, w2), 4 warps of 8 rows for 8-16k rows (wqkv), 4 warps
+    of 4 rows above (w13). Every shape gives the same bits."""
+    if out_features <= 4096 or in_features > 8192:
+        return 3
+    return 2 if out_features <= 16384 else 1
+
+
+def int4_gemv(
+    x: torch.Tensor, w: Int4Weight, shape: int | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
+    residual: torch.Tensor | None = None, gated: bool = False,
+) -> torch.Tensor:
+    """x [tokens, in] @ dequantized(w).T -> [tokens, out] in x's dtype (int4_gemv_supported must hold).
+
+    norm (weight [in], eps): multiply RMSNorm(x) * weight instead of x. residual [tokens, out]: added to the
+    result. gated: w stacks a gate weight over an up weight (w1 over w3), and the result is
+    SiLU(gate) * up, [tokens, out / 2]."""
     lib = int4_gemv_library(x.device)
-    assert lib is not None
+    assert lib is not None and not (gated and (residual is not None or w.out_features % 2))
     x, packed = _aligned(x.contiguous()), _aligned(w.packed.contiguous())
     scales, zeros = w.scales.contiguous(), w.zeros.contiguous()
-    y = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
-    err = lib.int4_gemv(_DTYPE_CODES[x.dtype], shape, x.shape[0], x.data_ptr(), x.stride(0), packed.data_ptr(),
-                        scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), y.stride(0), w.out_features,
-                        w.in_features, scales.shape[1], torch.cuda.current_stream(x.device).cuda_stream)
+    y = torch.empty(x.shape[0], w.out_features // 2 if gated else w.out_features, dtype=x.dtype, device=x.device)
+    prologue, norm_ptr, eps = PLAIN, None, 0.0
+    if norm is not None:
+        norm_weight = _aligned(norm[0].to(x.dtype).contiguous())
+        assert norm_weight.shape == (w.in_features,)
+        prologue, norm_ptr, eps = RMS_NORM, norm_weight.data_ptr(), float(norm[1])
+    res_ptr, res_stride = None, 0
+    if residual is not None:
+        residual = residual.contiguous()
+        assert residual.shape == y.shape and residual.dtype == y.dtype and residual.device == y.device
+        res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+    shape = launch_shape(w.out_features, w.in_features) if shape is None else shape
+    err = lib.int4_gemv(_DTYPE_CODES[x.dtype], shape, x.shape[0], x.data_ptr(), x.stride(0), prologue, norm_ptr,
+                        eps, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), res_ptr, res_stride,
+                        int(gated), y.data_ptr(), y.stride(0), w.out_features, w.in_features, scales.shape[1],
+                        torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"int4_gemv: CUDA error {err} launching the kernel")
     return y

@@ -9,6 +9,11 @@
 // where float conversion needs three. Each chunk sits inside one group (groups are multiples of 32 inputs),
 // so the zero folds out: sum (q - z) s x = s (d sum q xi - z d sum xi).
 //
+// The sublayer around it can come along: RMSNorm (with its weight) applied to x as it is staged, the residual
+// added to the result, or, for a stacked gate/up weight, SiLU(gate) * up as the result (a warp takes a gate row
+// and its up row together), so a decode step's block runs in four of these launches besides RoPE and attention
+// (engine/int4_block_step.py).
+//
 // A warp owns ROWS_PER_WARP rows whole; lane l takes chunks l, l + 32, ...; loads of BATCH chunks a row are
 // issued together, the first batch before x is staged. Every token's arithmetic is the same whatever the
 // token count, the launch shape or the stream (explicitly rounded float operations, a fixed lane order and
@@ -22,14 +27,12 @@ namespace {
 
 constexpr int MAX_TOKENS = 8;
 
-__device__ __forceinline__ float bits_to_float_bf16(uint16_t bits) { return __uint_as_float(uint32_t(bits) << 16); }
-
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 template <typename T> __device__ __forceinline__ float bits_to_float(uint16_t bits);
 template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(uint16_t bits) {
-  return bits_to_float_bf16(bits);
+  return __uint_as_float(uint32_t(bits) << 16);
 }
 template <> __device__ __forceinline__ float bits_to_float<__half>(uint16_t bits) {
   return __half2float(__ushort_as_half(bits));
@@ -46,24 +49,49 @@ struct ChunkX {
   uint4 words[2];
 };
 
-// Smem per token: chunks ChunkX, then chunks floats d, then chunks floats d * sum xi.
-constexpr int SMEM_BYTES_PER_CHUNK = sizeof(ChunkX) + 2 * sizeof(float);
+// Smem per token: chunks ChunkX, then chunks floats each of d, d * sum xi and (RMS_NORM) the chunk's sum of
+// squares; then one float a token, its 1 / RMS.
+constexpr int SMEM_BYTES_PER_CHUNK = sizeof(ChunkX) + 3 * sizeof(float);
+
+// What the kernel multiplies: x as it is, or RMSNorm(x) * norm_weight (the sublayer's norm folded in).
+enum Prologue { PLAIN = 0, RMS_NORM = 1 };
 
 template <typename T>
-__device__ void quantize_chunk(const T* __restrict__ x, ChunkX* out, float* d_out, float* dsum_out) {
+__device__ __forceinline__ void load32(const T* __restrict__ p, float* v) {
   union {
     uint4 vectors[4];
     uint16_t bits[32];
   } raw;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) raw.vectors[j] = __ldg(reinterpret_cast<const uint4*>(x) + j);
-  float v[32];
+  for (int j = 0; j < 4; ++j) raw.vectors[j] = __ldg(reinterpret_cast<const uint4*>(p) + j);
+#pragma unroll
+  for (int i = 0; i < 32; ++i) v[i] = bits_to_float<T>(raw.bits[i]);
+}
+
+// The 32 inputs of chunk c of one token's row, with the prologue applied (inv_rms: that row's 1 / RMS).
+template <typename T, int PROLOGUE>
+__device__ __forceinline__ void prologue_chunk(const T* __restrict__ row, int c, const T* __restrict__ norm_weight,
+                                               float inv_rms, float* v) {
+  load32(row + 32 * c, v);
+  if (PROLOGUE == RMS_NORM) {
+    float w[32];
+    load32(norm_weight + 32 * c, w);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) v[i] = __fmul_rn(__fmul_rn(v[i], inv_rms), w[i]);
+  }
+}
+
+__device__ __forceinline__ float sum_of_squares(const float* v) {
+  float ss = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) ss = __fmaf_rn(v[i], v[i], ss);
+  return ss;
+}
+
+__device__ void quantize_chunk(const float* v, ChunkX* out, float* d_out, float* dsum_out) {
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {
-    v[i] = bits_to_float<T>(raw.bits[i]);
-    amax = fmaxf(amax, fabsf(v[i]));
-  }
+  for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(v[i]));
   const float inv = amax > 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
   uint32_t packed[8];
   int sum = 0;
@@ -102,17 +130,29 @@ __device__ __forceinline__ int chunk_dot(const uint4& w, const ChunkX& xc) {
   return acc;
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS>
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS, int PROLOGUE>
 __global__ void __launch_bounds__(WARPS * 32)
-    int4_gemv_kernel(const T* __restrict__ x, int x_stride, const uint4* __restrict__ packed,
-                     const T* __restrict__ scales, const T* __restrict__ zeros, T* __restrict__ y, int y_stride,
-                     int tokens, int n, int chunks, int groups, int chunks_per_group) {
+    int4_gemv_kernel(const T* __restrict__ x, int x_stride, const T* __restrict__ norm_weight, float eps,
+                     const uint4* __restrict__ packed, const T* __restrict__ scales, const T* __restrict__ zeros,
+                     const T* __restrict__ residual, int residual_stride, int gated, T* __restrict__ y,
+                     int y_stride, int tokens, int n, int chunks, int groups, int chunks_per_group) {
   extern __shared__ uint4 smem[];
   ChunkX* xq = reinterpret_cast<ChunkX*>(smem);                   // [tokens][chunks]
   float* xd = reinterpret_cast<float*>(xq + tokens * chunks);     // [tokens][chunks]
   float* xdsum = xd + tokens * chunks;                            // [tokens][chunks]
+  float* chunk_ss = xdsum + tokens * chunks;                      // [tokens][chunks]
+  float* inv_rms = chunk_ss + tokens * chunks;                    // [tokens]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = (blockIdx.x * WARPS + warp) * ROWS_PER_WARP;
+  // Plain: the warp's rows are its outputs j0 .. j0 + ROWS_PER_WARP - 1. Gated: its outputs are
+  // SiLU(gate) * up of ROWS_PER_WARP / 2 rows j0 + r, whose gate is weight row j0 + r and up row half + j0 + r.
+  constexpr int GATED_OUTPUTS = ROWS_PER_WARP / 2;
+  const int outputs = gated ? n / 2 : n;
+  const int j0 = (blockIdx.x * WARPS + warp) * (gated ? GATED_OUTPUTS : ROWS_PER_WARP);
+  auto weight_row = [&](int r) {  // outputs past the last repeat it; never stored
+    if (!gated) return min(j0 + r, n - 1);
+    const int j = min(j0 + (r < GATED_OUTPUTS ? r : r - GATED_OUTPUTS), outputs - 1);
+    return r < GATED_OUTPUTS ? j : outputs + j;
+  };
 
   uint4 w[BATCH][ROWS_PER_WARP];
   auto load_batch = [&](int first) {
@@ -121,17 +161,40 @@ __global__ void __launch_bounds__(WARPS * 32)
       const int c = first + 32 * b;
 #pragma unroll
       for (int r = 0; r < ROWS_PER_WARP; ++r) {
-        const int row = min(row0 + r, n - 1);  // rows past n repeat the last one; never stored
+        const int row = weight_row(r);
         w[b][r] = c < chunks ? __ldg(packed + size_t(row) * chunks + c) : make_uint4(0, 0, 0, 0);
       }
     }
   };
   load_batch(lane);  // in flight while x is staged
 
-  for (int i = threadIdx.x; i < tokens * chunks; i += WARPS * 32) {
-    const int t = i / chunks, c = i % chunks;
-    quantize_chunk<T>(x + size_t(t) * x_stride + 32 * c, &xq[i], &xd[i], &xdsum[i]);
+  // Staging x: every sum below runs in an order fixed by the chunk alone (not by the token's place in the call,
+  // nor by the block's size), so each token's result is its one-token call's.
+  const int k = 32 * chunks;
+  float v[32];
+  if (PROLOGUE == RMS_NORM) {
+    for (int t = 0; t < tokens; ++t)
+      for (int c = threadIdx.x; c < chunks; c += WARPS * 32) {
+        load32(x + size_t(t) * x_stride + 32 * c, v);
+        chunk_ss[t * chunks + c] = sum_of_squares(v);
+      }
+    __syncthreads();
+    if (warp == 0)
+      for (int t = 0; t < tokens; ++t) {
+        float ss = 0.0f;
+        for (int c = lane; c < chunks; c += 32) ss = __fadd_rn(ss, chunk_ss[t * chunks + c]);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) ss = __fadd_rn(ss, __shfl_xor_sync(0xFFFFFFFFu, ss, off));
+        if (lane == 0) inv_rms[t] = __frsqrt_rn(__fadd_rn(__fdiv_rn(ss, float(k)), eps));
+      }
+    __syncthreads();
   }
+  for (int t = 0; t < tokens; ++t)
+    for (int c = threadIdx.x; c < chunks; c += WARPS * 32) {
+      prologue_chunk<T, PROLOGUE>(x + size_t(t) * x_stride, c, norm_weight, PROLOGUE == RMS_NORM ? inv_rms[t] : 1.0f,
+                                  v);
+      quantize_chunk(v, &xq[t * chunks + c], &xd[t * chunks + c], &xdsum[t * chunks + c]);
+    }
   __syncthreads();
 
   float acc[TOKENS][ROWS_PER_WARP];
@@ -149,7 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       float s[ROWS_PER_WARP], z[ROWS_PER_WARP];
 #pragma unroll
       for (int r = 0; r < ROWS_PER_WARP; ++r) {
-        const size_t at = size_t(min(row0 + r, n - 1)) * groups + group;
+        const size_t at = size_t(weight_row(r)) * groups + group;
         s[r] = to_float(scales[at]);
         z[r] = to_float(zeros[at]);
       }
@@ -175,76 +238,101 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
   for (int t = 0; t < TOKENS; ++t) {
     if (t >= tokens) break;
+    float sums[ROWS_PER_WARP];
 #pragma unroll
     for (int r = 0; r < ROWS_PER_WARP; ++r) {
-      float v = acc[t][r];
+      sums[r] = acc[t][r];
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) v = __fadd_rn(v, __shfl_xor_sync(0xFFFFFFFFu, v, off));
-      if (lane == 0 && row0 + r < n) y[size_t(t) * y_stride + row0 + r] = from_float<T>(v);
+      for (int off = 16; off > 0; off /= 2) sums[r] = __fadd_rn(sums[r], __shfl_xor_sync(0xFFFFFFFFu, sums[r], off));
+    }
+    if (lane != 0) continue;
+    T* out = y + size_t(t) * y_stride;
+    if (gated) {
+#pragma unroll
+      for (int r = 0; r < GATED_OUTPUTS; ++r) {
+        const float g = sums[r], u = sums[r + GATED_OUTPUTS];
+        if (j0 + r < outputs) out[j0 + r] = from_float<T>(__fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, __expf(-g))), u));
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        if (j0 + r >= n) continue;
+        float v = sums[r];
+        if (residual != nullptr) v = __fadd_rn(v, to_float(residual[size_t(t) * residual_stride + j0 + r]));
+        out[j0 + r] = from_float<T>(v);
+      }
     }
   }
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS>
-int launch(const void* x, int x_stride, const void* packed, const void* scales, const void* zeros, void* y,
-           int y_stride, int tokens, int n, int k, int groups, cudaStream_t stream) {
-  const int chunks = k / 32;
-  const int smem = tokens * chunks * SMEM_BYTES_PER_CHUNK;
-  auto kernel = int4_gemv_kernel<T, WARPS, ROWS_PER_WARP, BATCH, TOKENS>;
+struct Args {
+  const void *x, *norm_weight, *packed, *scales, *zeros, *residual;
+  void* y;
+  int x_stride, prologue, residual_stride, gated, y_stride, tokens, n, k, groups;
+  float eps;
+};
+
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS, int PROLOGUE>
+int launch(const Args& a, cudaStream_t stream) {
+  const int chunks = a.k / 32;
+  const int smem = a.tokens * (chunks * SMEM_BYTES_PER_CHUNK + int(sizeof(float)));
+  auto kernel = int4_gemv_kernel<T, WARPS, ROWS_PER_WARP, BATCH, TOKENS, PROLOGUE>;
   static int smem_allowed = 48 * 1024;  // raised once per instantiation when a launch needs more
   if (smem > smem_allowed) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return int(err);
     smem_allowed = smem;
   }
-  const int rows_per_block = WARPS * ROWS_PER_WARP;
-  kernel<<<(n + rows_per_block - 1) / rows_per_block, WARPS * 32, smem, stream>>>(
-      static_cast<const T*>(x), x_stride, static_cast<const uint4*>(packed), static_cast<const T*>(scales),
-      static_cast<const T*>(zeros), static_cast<T*>(y), y_stride, tokens, n, chunks, groups, chunks / groups);
+  const int outputs_per_block = WARPS * (a.gated ? ROWS_PER_WARP / 2 : ROWS_PER_WARP);
+  const int outputs = a.gated ? a.n / 2 : a.n;
+  kernel<<<(outputs + outputs_per_block - 1) / outputs_per_block, WARPS * 32, smem, stream>>>(
+      static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.norm_weight), a.eps,
+      static_cast<const uint4*>(a.packed), static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros),
+      static_cast<const T*>(a.residual), a.residual_stride, a.gated, static_cast<T*>(a.y), a.y_stride, a.tokens, a.n,
+      chunks, a.groups, chunks / a.groups);
   return int(cudaGetLastError());
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH>
-int launch_tokens(const void* x, int x_stride, const void* packed, const void* scales, const void* zeros, void* y,
-                  int y_stride, int tokens, int n, int k, int groups, cudaStream_t s) {
-  return tokens == 1 ? launch<T, WARPS, ROWS_PER_WARP, BATCH, 1>(x, x_stride, packed, scales, zeros, y, y_stride,
-                                                                   tokens, n, k, groups, s)
-                     : launch<T, WARPS, ROWS_PER_WARP, BATCH, MAX_TOKENS>(x, x_stride, packed, scales, zeros, y,
-                                                                            y_stride, tokens, n, k, groups, s);
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int PROLOGUE>
+int launch_tokens(const Args& a, cudaStream_t s) {
+  return a.tokens == 1 ? launch<T, WARPS, ROWS_PER_WARP, BATCH, 1, PROLOGUE>(a, s)
+                       : launch<T, WARPS, ROWS_PER_WARP, BATCH, MAX_TOKENS, PROLOGUE>(a, s);
 }
 
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH>
+int launch_prologue(const Args& a, cudaStream_t s) {  // each prologue its own kernel: PLAIN's registers stay lean
+  return a.prologue == RMS_NORM ? launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, RMS_NORM>(a, s)
+                                : launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, PLAIN>(a, s);
+}
+
+// The launch shapes bench/int4_gemv_bench.py times: (warps a block, rows a warp, chunks in flight a row).
 template <typename T>
-int launch_shape(int shape, const void* x, int x_stride, const void* packed, const void* scales, const void* zeros,
-                 void* y, int y_stride, int tokens, int n, int k, int groups, cudaStream_t s) {
-#define INT4_GEMV_SHAPE(id, warps, rows, batch) \
-  case id: return launch_tokens<T, warps, rows, batch>(x, x_stride, packed, scales, zeros, y, y_stride, tokens, n, k, groups, s);
+int launch_shape(int shape, const Args& a, cudaStream_t s) {
   switch (shape) {
-    INT4_GEMV_SHAPE(1, 4, 4, 2)
-    INT4_GEMV_SHAPE(2, 4, 4, 1)
-    INT4_GEMV_SHAPE(3, 4, 8, 1)
-    INT4_GEMV_SHAPE(4, 4, 8, 2)
-    INT4_GEMV_SHAPE(5, 8, 4, 2)
-    INT4_GEMV_SHAPE(6, 2, 4, 2)
-    INT4_GEMV_SHAPE(7, 4, 2, 2)
-    INT4_GEMV_SHAPE(8, 2, 8, 1)
+    case 1: return launch_prologue<T, 4, 4, 2>(a, s);
+    case 2: return launch_prologue<T, 4, 8, 1>(a, s);
+    case 3: return launch_prologue<T, 8, 4, 2>(a, s);
+    case 4: return launch_prologue<T, 4, 2, 2>(a, s);
     default: return int(cudaErrorInvalidValue);
   }
-#undef INT4_GEMV_SHAPE
 }
 
 }  // namespace
 
-// dtype: 0 bfloat16, 1 float16. shape: the launch shape (see launch_shape). x [tokens, k] with rows x_stride
-// apart, y [tokens, n] with rows y_stride apart. Returns a cudaError_t (0: launched). Needs 1 <= tokens <= 8,
-// k % 32 == 0, (k / groups) % 32 == 0, x rows and packed 16-byte aligned, tokens * k / 32 * 40 bytes of shared
-// memory; the caller checks.
-extern "C" int int4_gemv(int dtype, int shape, int tokens, const void* x, int x_stride, const void* packed,
-                         const void* scales, const void* zeros, void* y, int y_stride, int n, int k, int groups,
-                         void* stream) {
+// dtype: 0 bfloat16, 1 float16. shape: the launch shape (see launch_shape). x [tokens, k] with rows x_stride apart;
+// prologue: PLAIN or RMS_NORM (norm_weight [k], eps); residual [tokens, n] rows residual_stride apart, added to
+// the product, or null; gated: the weight's n rows are gate rows then up rows, and y [tokens, n / 2] gets
+// SiLU(gate) * up (no residual then); y rows y_stride apart. Returns a cudaError_t (0: launched). Needs
+// 1 <= tokens <= 8, k % 32 == 0, (k / groups) % 32 == 0, n even when gated, x rows, norm_weight and packed
+// 16-byte aligned, tokens * (k / 32 * 44 + 4) bytes of shared memory; the caller checks.
+extern "C" int int4_gemv(int dtype, int shape, int tokens, const void* x, int x_stride, int prologue,
+                         const void* norm_weight, float eps, const void* packed, const void* scales,
+                         const void* zeros, const void* residual, int residual_stride, int gated, void* y,
+                         int y_stride, int n, int k, int groups, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (tokens < 1 || tokens > MAX_TOKENS) return int(cudaErrorInvalidValue);
-  return dtype == 0 ? launch_shape<__nv_bfloat16>(shape, x, x_stride, packed, scales, zeros, y, y_stride, tokens, n,
-                                                  k, groups, s)
-                    : launch_shape<__half>(shape, x, x_stride, packed, scales, zeros, y, y_stride, tokens, n, k,
-                                           groups, s);
+  if (tokens < 1 || tokens > MAX_TOKENS || prologue < PLAIN || prologue > RMS_NORM || (gated && (n % 2 || residual)))
+    return int(cudaErrorInvalidValue);
+  const Args a{x, norm_weight, packed, scales, zeros, residual, y, x_stride, prologue, residual_stride, gated,
+               y_stride, tokens, n, k, groups, eps};
+  return dtype == 0 ? launch_shape<__nv_bfloat16>(shape, a, s) : launch_shape<__half>(shape, a, s);
 }

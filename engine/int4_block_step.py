@@ -1,0 +1,55 @@
+"""A Llama block's pass of up to 8 tokens in four int4 GEMV launches besides RoPE and attention (CUDA).
+
+Installed as TransformerBlock.fast_path on the blocks of resident runs (engine/llama_offload.py). It applies where the
+block's projections are fused (wqkv, w13) plain Int4Weights that our kernel takes (int4_gemv_cuda.py) and the
+model's own fused kernels run (llama/fused_ops.py); the block's norms, SiLU(gate) * up and residual adds then
+ride in the matmuls' launches:
+
+    heads = wqkv(RMSNorm(x))             the attention norm applied as x is staged
+    h     = x + wo(attention(heads))     RoPE and attention as the model runs them
+    gated = SiLU(w1(RMSNorm(h))) * w3(RMSNorm(h))   one launch over the stacked w13
+    out   = h + w2(gated)
+
+Eleven launches a block become seven in a one-token step. Each token's result is the same in a pass of
+several tokens (a token tree) as in a one-token step, except for attention, which trees run through torch's ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from llama import fused_ops
+from offload.kernels.int4_format import Int4Weight
+from offload.kernels.int4_gemv_cuda import int4_gemv, int4_gemv_fits, int4_gemv_library
+from offload.kernels.linear import Int4Linear
+
+
+def int4_block_step(block, x: torch.Tensor, rotation, start_pos: int, cache, mask) -> torch.Tensor | None:
+    """The block's output for x (batch, seqlen, dim), or None where this route does not apply."""
+    attention, ffn = block.attention, block.feed_forward
+    bsz, seqlen, dim = x.shape
+    weights = _int4_weights(attention.wqkv, attention.wo, ffn.w13, ffn.w2)
+    if weights is None or attention.wo.bias is not None or ffn.w13.bias is not None or ffn.w2.bias is not None:
+        return None
+    tokens = bsz * seqlen
+    if not (fused_ops.kernels_for(x) and int4_gemv_library(x.device) is not None and weights[2].out_features % 2 == 0
+            and all(w.packed.device == x.device and w.scales.dtype == x.dtype and int4_gemv_fits(w, tokens)
+                    for w in weights)):
+        return None
+    wqkv, wo, w13, w2 = weights
+    x2 = x.reshape(tokens, dim)
+    heads = int4_gemv(x2, wqkv, norm=(block.attention_norm.weight, block.attention_norm.eps))
+    if attention.wqkv.bias is not None:
+        heads = heads + attention.wqkv.bias.to(heads.dtype)
+    heads = heads.view(bsz, seqlen, -1, attention.head_dim)  # (batch, seqlen, n_heads + 2 * n_kv_heads, head_dim)
+    attended = attention.attend(x, rotation, start_pos, cache, block.layer, mask, heads=heads)
+    h = int4_gemv(attended.reshape(tokens, -1), wo, residual=x2)
+    gated = int4_gemv(h, w13, norm=(block.ffn_norm.weight, block.ffn_norm.eps), gated=True)
+    return int4_gemv(gated, w2, residual=h).view(bsz, seqlen, dim)
+
+
+def _int4_weights(*linears) -> list[Int4Weight] | None:
+    """Each linear's plain int4 weight as bound now, or None if any is missing or in another format."""
+    if any(not isinstance(m, Int4Linear) for m in linears):
+        return None
+    weights = [m.weight_format() for m in linears]
+    return weights if all(type(w) is Int4Weight for w in weights) else None
