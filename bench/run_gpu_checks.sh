@@ -40,6 +40,7 @@ bench int4_gemm_bench "$PY" bench/int4_gemm_bench.py
 bench int4_gemv_bench "$PY" bench/int4_gemv_bench.py --markdown "$OUT/int4_gemv_bench.md"
 bench decode_bench_int4_tinygemm env LLAMA_OFFLOAD_INT4_GEMV=0 "$PY" bench/decode_bench.py --modes int4 \
     --markdown "$OUT/decode_bench_int4_tinygemm.md"
+bench decode_perplexity "$PY" bench/decode_perplexity.py --device cuda  # what the int8-rounded activations cost
 bench speculative_bench "$PY" bench/speculative_bench.py --modes stream_fp16,stream_int4,resident --prompts 2 \
     --new-tokens 64 --repeats 2 --json "$OUT/speculative_bench.json" --markdown "$OUT/speculative_bench.md"
 bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"
