@@ -12,8 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU_GREEDY = ["--temperature", "0", "--device", "cpu", "--dtype", "float32"]
 
 
-def run_app(*args: str, stdin: str | bytes = "", timeout: float = 120) -> subprocess.CompletedProcess:
-    """app.py in a subprocess; stdin as text, or as raw bytes (then stdout and stderr are bytes too)."""
+def run_app(*args: str, stdin: str | bytes = "", timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """app.py in a subprocess; stdin as text, or as raw bytes (then stdout and stderr are bytes too); env: more
+    environment variables."""
     return subprocess.run(
         [sys.executable, str(ROOT / "app.py"), *args],
         input=stdin,
@@ -22,7 +24,8 @@ def run_app(*args: str, stdin: str | bytes = "", timeout: float = 120) -> subpro
         timeout=timeout,
         cwd=ROOT,
         # The compiled CPU kernels of this checkout, wherever this process keeps them: built once, not per run.
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TORCH_EXTENSIONS_DIR": str(build_directory().parent)},
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TORCH_EXTENSIONS_DIR": str(build_directory().parent),
+             **(env or {})},
     )
 
 

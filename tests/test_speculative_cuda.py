@@ -7,6 +7,7 @@ step, then flips a near-tie)."""
 from __future__ import annotations
 
 from dataclasses import replace
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ MODES = [
     {"use_offload": True, "offload_exclusion": frozenset({"w1", "w2", "w3"})},
     {"quant": QuantMode.INT8},
     {"quant": QuantMode.INT4},
-    {"quant": QuantMode.BNB, "dtype": "float16"},  # --use_8bit, resident
+    pytest.param({"quant": QuantMode.BNB, "dtype": "float16"},  # --use_8bit, resident
+                 marks=pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs bitsandbytes")),
     {"use_offload": True, "quant": QuantMode.INT8},  # --use_8bit --use_offload
     {"use_offload": True, "quant": QuantMode.INT4},
 ]
