@@ -42,35 +42,49 @@ void dense_block(const float* x, int64_t K, const typename L::T* w, float* y, in
   }
 }
 
-// One row against TB tokens (x [TB][K], y[t * ldy]), as one sequential stream for the prefetchers (which
-// follow one stream far better than eight interleaved ones), prefetching kAheadBytes ahead. Each token's sum
-// takes the same steps whatever TB is: four sums in flight over steps of 4 * kW, then whole vectors into
-// the first, then single values (std::fma: fused whether or not the compiler vectorizes the loop across
-// tokens); so a token's row is bit for bit what a one-token call gives. The later tokens find the row in L1.
-template <typename L, int TB>
-void dense_row(const float* x, int64_t K, const typename L::T* wr, float* y, int64_t ldy) {
-  constexpr int64_t ahead = kAheadBytes / sizeof(typename L::T), step = 4 * kW;
+// R rows against TB tokens (x [TB][K], w [R][K], y[t * ldy + r]), each row prefetched kAheadBytes ahead.
+// Each activation vector is loaded once for the R rows: with 4 tokens and one row at a time, reloading x
+// from L2 for every row, not the weights, bounded the pass. Each (row, token) sum takes the same steps
+// whatever R and TB are: two sums in flight over steps of 2 * kW, then whole vectors into the first, then
+// single values (std::fma: fused whether or not the compiler vectorizes the loop across tokens); so a token's
+// row is bit for bit what a one-token call gives.
+template <typename L, int R, int TB>
+void dense_rows(const float* x, int64_t K, const typename L::T* w, float* y, int64_t ldy) {
+  constexpr int64_t ahead = kAheadBytes / sizeof(typename L::T), step = 2 * kW;
   constexpr int64_t per_line = kLineBytes / sizeof(typename L::T);
   const int64_t kv = K - K % step;
-  vfloat acc[4][TB] = {};
+  vfloat acc[R][2][TB] = {};
   int64_t k = 0;
   for (; k < kv; k += step) {
-    for (int64_t b = 0; b < step; b += per_line) __builtin_prefetch(wr + k + ahead + b);
-    for (int u = 0; u < 4; ++u) {
-      const vfloat wv = L::load(wr + k + u * kW);
-      for (int t = 0; t < TB; ++t) acc[u][t] += wv * load_f(x + t * K + k + u * kW);
+    for (int r = 0; r < R; ++r)
+      for (int64_t b = 0; b < step; b += per_line) __builtin_prefetch(w + r * K + k + ahead + b);
+    for (int u = 0; u < 2; ++u) {
+      vfloat xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = load_f(x + t * K + k + u * kW);
+      for (int r = 0; r < R; ++r) {
+        const vfloat wv = L::load(w + r * K + k + u * kW);
+        for (int t = 0; t < TB; ++t) acc[r][u][t] += wv * xv[t];
+      }
     }
   }
   for (; k + kW <= K; k += kW) {
-    const vfloat wv = L::load(wr + k);
-    for (int t = 0; t < TB; ++t) acc[0][t] += wv * load_f(x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const vfloat wv = L::load(w + r * K + k);
+      for (int t = 0; t < TB; ++t) acc[r][0][t] += wv * load_f(x + t * K + k);
+    }
   }
-  for (int t = 0; t < TB; ++t) {
-    float s = hsum((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]));
-    for (int64_t j = k; j < K; ++j) s = std::fma(L::one(wr + j), x[t * K + j], s);
-    y[t * ldy] = s;
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TB; ++t) {
+      float s = hsum(acc[r][0][t] + acc[r][1][t]);
+      for (int64_t j = k; j < K; ++j) s = std::fma(L::one(w + r * K + j), x[t * K + j], s);
+      y[t * ldy + r] = s;
+    }
   }
 }
+
+// Rows a dense_rows call takes for a chunk of TB tokens: R x 2 x TB vector sums stay in registers.
+template <int TB>
+constexpr int kDenseRows = TB == 1 ? 1 : TB == 2 ? 4 : 2;
 
 template <typename L>
 void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, float* y, int64_t N, int64_t n0,
@@ -81,8 +95,16 @@ void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, fl
     });
     return;
   }
-  for (int64_t n = n0; n < n1; ++n)
-    token_chunks(T, [&](auto TB, int64_t t) { dense_row<L, TB>(x + t * K, K, w + n * K, y + t * N + n, N); });
+  constexpr int64_t kRowsMost = 4;  // rows a pass over the token chunks covers, as dense_rows' largest R
+  for (int64_t nb = n0; nb < n1; nb += kRowsMost) {
+    const int64_t nb1 = nb + kRowsMost < n1 ? nb + kRowsMost : n1;
+    token_chunks(T, [&](auto TB, int64_t t) {
+      constexpr int R = kDenseRows<TB>;
+      int64_t n = nb;
+      for (; n + R <= nb1; n += R) dense_rows<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
+      for (; n < nb1; ++n) dense_rows<L, 1, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
+    });
+  }
 }
 
 #if defined(LLAMA_OFFLOAD_X86_PATHS)
@@ -114,7 +136,7 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, con
   }
 }
 
-// One row against TB tokens, as dense_row: four sums in flight per token (covering the instruction's
+// One row against TB tokens: four sums in flight per token (covering the instruction's
 // latency), then a line at a time into the first, then single values, the same steps for every TB.
 template <int TB>
 LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row(const uint16_t* xb, int64_t K, const uint16_t* wr, float* y,
