@@ -31,7 +31,7 @@ def int4_block_step(block, x: torch.Tensor, rotation, start_pos: int, cache, mas
     if weights is None or attention.wo.bias is not None or ffn.w13.bias is not None or ffn.w2.bias is not None:
         return None
     tokens = bsz * seqlen
-    if not (fused_ops.kernels_for(x) and int4_gemv_library(x.device) is not None and weights[2].out_features % 2 == 0
+    if not (fused_ops.kernels_for(x) and int4_gemv_library(x.device) is not None
             and all(w.packed.device == x.device and w.scales.dtype == x.dtype and int4_gemv_fits(w, tokens)
                     for w in weights)):
         return None

@@ -216,7 +216,7 @@ class FeedForward(nn.Module):
 
 class TransformerBlock(nn.Module):
     # A faster route for the whole block that the engine may install for the formats it knows (int4 on CUDA:
-    # offload/kernels/int4_block_step.py): called with (block, x, rotation, start_pos, cache, mask), it returns
+    # engine/int4_block_step.py): called with (block, x, rotation, start_pos, cache, mask), it returns
     # the block's output, or None where it does not apply to this pass (then the code below runs).
     fast_path = None
 

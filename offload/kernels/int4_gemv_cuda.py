@@ -8,11 +8,11 @@ it, bit for bit, so token trees and one-token steps agree.
 
 It is compiled on first use with the CUDA compiler (`nvcc` under $CUDA_HOME, on PATH, or in /usr/local/cuda)
 for the GPU at hand, into the same cache folder as the CPU kernels, and loaded with ctypes: a plain shared
-library with one C entry point, so the build needs neither torch's headers nor a minute of compiling. Without nvcc, or if the
-build fails, `int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
+library with one C entry point, so the build needs no torch headers. Without nvcc, or if the build fails,
+`int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
 
 LLAMA_OFFLOAD_INT4_GEMV=0 turns it off (tinygemm then serves one-token steps): for debugging, and for
-bench/decode_bench.py's comparison. On the H200 the 7B step's matmuls took 1.49 ms against tinygemm's 2.05
+bench/decode_bench.py's comparison. On the H200 the 7B step's matmuls took 1.51 ms against tinygemm's 2.06
 (bench/int4_gemv_bench.py; BENCHMARKS.md).
 """
 from __future__ import annotations

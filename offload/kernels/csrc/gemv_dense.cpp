@@ -82,10 +82,6 @@ void dense_rows(const float* x, int64_t K, const typename L::T* w, float* y, int
   }
 }
 
-// Rows a dense_rows call takes for a chunk of TB tokens: R x 2 x TB vector sums stay in registers.
-template <int TB>
-constexpr int kDenseRows = TB == 1 ? 1 : TB == 2 ? 4 : 2;
-
 template <typename L>
 void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, float* y, int64_t N, int64_t n0,
                 int64_t n1) {
@@ -95,16 +91,10 @@ void dense_gemv(const float* x, int64_t T, int64_t K, const typename L::T* w, fl
     });
     return;
   }
-  constexpr int64_t kRowsMost = 4;  // rows a pass over the token chunks covers, as dense_rows' largest R
-  for (int64_t nb = n0; nb < n1; nb += kRowsMost) {
-    const int64_t nb1 = nb + kRowsMost < n1 ? nb + kRowsMost : n1;
-    token_chunks(T, [&](auto TB, int64_t t) {
-      constexpr int R = kDenseRows<TB>;
-      int64_t n = nb;
-      for (; n + R <= nb1; n += R) dense_rows<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
-      for (; n < nb1; ++n) dense_rows<L, 1, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
-    });
-  }
+  // R x 2 x TB vector sums stay in registers: 1, 4, 2, 2 rows a call for chunks of 1..4 tokens.
+  gemv_tiles<1, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+    dense_rows<L, R, TB>(x + t * K, K, w + n * K, y + t * N + n, N);
+  });
 }
 
 #if defined(LLAMA_OFFLOAD_X86_PATHS)

@@ -1,8 +1,8 @@
 // How the GEMVs walk several tokens. token_chunks: tokens in chunks of at most 4, each chunk's size a
 // compile-time constant (a chunk keeps its vector sums in registers). gemv_tiles, the loop of the int4
-// kernels and of the dense and int8 prefill blocks: tiles of 8 output rows; within a tile, token chunks
-// while the tile's rows stay in cache, each chunk in blocks of R rows (R set per chunk size: a block keeps
-// R x TB vector sums) and single rows for the rest.
+// kernels, of the dense and int8 prefill blocks and of the dense passes of up to 8 tokens: tiles of 8 output
+// rows; within a tile, token chunks while the tile's rows stay in cache, each chunk in blocks of R rows (R set
+// per chunk size: a block keeps R x TB vector sums) and single rows for the rest.
 #pragma once
 
 #include <cstdint>
