@@ -3,11 +3,12 @@
     python bench/attention_bench.py
 
 One query per head (32 heads of 128, fp16) over 32 layers' caches of kv_len positions, the step's additive
-mask included, timed as replays of a CUDA graph of the 32 calls (the caches, 4 MB a layer at 256, are read
-from HBM, not L2), median of 20. The floor is the KV bytes at the HBM copy bandwidth measured here.
+mask included, each setting in one launch (the last split combines) and in two, timed as replays of a CUDA
+graph of the 32 calls (the caches, 4 MB a layer at 256, are read from HBM, not L2), median of 20. The floor is the KV bytes at the HBM copy bandwidth measured here.
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -58,12 +59,14 @@ def main() -> None:
         ref = fused_ops.attention_reference(q[0].float(), *(t.float() for t in kv(0)), mask.float())
         t = graph_us(lambda i: fused_ops.attention_reference(q[i], *kv(i), mask))
         out.append(f"| {kv_len} | torch SDPA | {t:.2f} | {floor:.2f} | - |")
-        for block, programs, warps in SETTINGS:
-            got = fused_ops.attention(q[0], *kv(0), mask, block=block, programs=programs, warps=warps)
+        for (block, programs, warps), one_launch in itertools.product(SETTINGS, (True, False)):
+            got = fused_ops.attention(q[0], *kv(0), mask, block=block, programs=programs, warps=warps,
+                                      one_launch=one_launch)
             err = float((got.float() - ref).norm() / ref.norm())
             t = graph_us(lambda i: fused_ops.attention(q[i], *kv(i), mask, block=block, programs=programs,
-                                                       warps=warps))
-            out.append(f"| {kv_len} | split ({block}, {programs}, {warps}) | {t:.2f} | {floor:.2f} | {err:.1e} |")
+                                                       warps=warps, one_launch=one_launch))
+            how = "one launch" if one_launch else "split + combine"
+            out.append(f"| {kv_len} | {how} ({block}, {programs}, {warps}) | {t:.2f} | {floor:.2f} | {err:.1e} |")
         del caches
     print("\n".join(out))
 

@@ -25,6 +25,8 @@ ATTENTION_PROGRAMS = 1024  # splits are chosen so that a step launches about thi
 ATTENTION_WARPS = 2
 MAX_SPLITS = 64  # a power of 2: the combine kernel's fixed width
 MAX_ATTENTION_QUERIES = 32  # queries per sequence; a prefill-sized chunk reads the cache once per query here
+MAX_ONE_LAUNCH_QUERIES = 8192  # query heads a one-launch attention counts its splits' arrivals for (32 KiB)
+_ARRIVALS: dict[tuple[int | None, int], torch.Tensor] = {}  # (device index, stream) -> counters, see _arrivals
 
 
 _references_only = False  # set by references_only(): a benchmark's "before" in the same process
@@ -151,6 +153,15 @@ def rope_store_reference(
     return q
 
 
+def rope_factors(
+    rotation: tuple[torch.Tensor, torch.Tensor], bsz: int, seqlen: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and +sin of each token's pairs, views (batch, seqlen, head_dim // 2) of llama.model.rope_rotation's factors."""
+    cos = torch.broadcast_to(rotation[0], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 0]
+    sin = torch.broadcast_to(rotation[1], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 1]
+    return cos, sin
+
+
 def rope_store(
     heads: torch.Tensor, n_heads: int, rotation: tuple[torch.Tensor, torch.Tensor],
     keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor,
@@ -166,8 +177,7 @@ def rope_store(
             or heads.stride(2) != head_dim or keys.stride(3) != 1 or values.stride() != keys.stride() or slots.shape != (bsz, seqlen)
             or slots.device != heads.device or keys.dtype != values.dtype):
         return rope_store_reference(heads, n_heads, rotation, keys, values, slots)
-    cos = torch.broadcast_to(rotation[0], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 0]  # (batch, seqlen, half)
-    sin = torch.broadcast_to(rotation[1], (bsz, seqlen, 1, head_dim // 2, 2))[:, :, 0, :, 1]  # +sin
+    cos, sin = rope_factors(rotation, bsz, seqlen, head_dim)
     q = torch.empty(bsz, seqlen, n_heads, head_dim, dtype=heads.dtype, device=heads.device)
     kern.rope_store[(bsz * seqlen, n_heads + n_kv)](
         heads, cos, sin, slots, q, keys, values, seqlen, n_heads, n_kv,
@@ -193,10 +203,12 @@ def attention_reference(
 def attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
     block: int = ATTENTION_BLOCK, programs: int = ATTENTION_PROGRAMS, warps: int = ATTENTION_WARPS,
+    one_launch: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding).
-    block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program
-    (bench/attention_bench.py compares them)."""
+    block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program;
+    one_launch: the last split of each query head combines the splits (else a second launch does, with the
+    same bits; bench/attention_bench.py compares them)."""
     tensors = (q, keys, values) if mask is None else (q, keys, values, mask)
     kern = kernels_for(*tensors)
     bsz, seqlen, n_heads, head_dim = q.shape
@@ -214,12 +226,26 @@ def attention(
     part_acc = torch.empty(queries, splits, head_dim, dtype=torch.float32, device=q.device)
     part_max = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
+    arrivals = _arrivals(q.device) if one_launch and queries <= MAX_ONE_LAUNCH_QUERIES else None
     kern.attention_split[(queries, splits)](
-        q, keys, values, m, part_acc, part_max, part_sum, seqlen, n_heads, n_heads // n_kv, kv_len, per_split,
+        q, keys, values, m, part_acc, part_max, part_sum, out, part_max if arrivals is None else arrivals,
+        seqlen, n_heads, n_heads // n_kv, kv_len, per_split,
         head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), m.stride(0), m.stride(1),
-        HEAD_DIM=head_dim, BLOCK_N=block, HAS_MASK=mask is not None, num_warps=warps)
-    out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
-    kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
-                                    SPLITS=MAX_SPLITS, num_warps=1)
+        HEAD_DIM=head_dim, BLOCK_N=block, HAS_MASK=mask is not None, COMBINE=arrivals is not None,
+        SPLITS=MAX_SPLITS, num_warps=warps)
+    if arrivals is None:
+        kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,
+                                        SPLITS=MAX_SPLITS, num_warps=1)
     return out
+
+
+def _arrivals(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters (MAX_ONE_LAUNCH_QUERIES,) for the one-launch attention on the current stream of
+    `device`: each launch leaves them zero again, and launches on one stream run one after another."""
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    if key not in _ARRIVALS:
+        _ARRIVALS[key] = torch.zeros(MAX_ONE_LAUNCH_QUERIES, dtype=torch.int32, device=device)
+    return _ARRIVALS[key]

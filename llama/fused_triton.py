@@ -4,7 +4,7 @@ A graphed 7B decode step launched ~600 kernels; outside the matmuls each is a fe
 whose weights the H200 reads in ~3 ms, so their count is what separates the step from memory speed. Here:
 the residual add and RMSNorm in one pass, SiLU(gate) * up, RoPE of q and k together with the write of k
 and v into the cache, and attention of a few queries over the cache split over positions (flash-decoding:
-one launch computes each split's softmax pieces, a second combines them).
+each split's softmax pieces, combined by the last split of a query head to finish, or by a second launch).
 
 Import only through `kernels()`: it imports Triton lazily, so that machines without Triton (the CPU CI)
 never do; llama/fused_ops.py holds the torch references and chooses between the two.
@@ -86,13 +86,32 @@ def kernels() -> SimpleNamespace | None:
             tl.store(values + at + j, v.to(values.dtype.element_ty))
 
     @triton.jit
-    def attention_split(q, keys, values, mask, part_acc, part_max, part_sum,
+    def combine(part_acc, part_max, part_sum, out, bth, n_splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        # Query head bth's output from its splits' softmax pieces (.cg: read past L1, where another SM's
+        # writes of this launch could be stale).
+        sp = tl.arange(0, SPLITS)
+        used = sp < n_splits
+        best = tl.load(part_max + bth * n_splits + sp, mask=used, other=float("-inf"), cache_modifier=".cg")
+        top = tl.max(best, axis=0)
+        w = tl.where(best == float("-inf"), 0.0, tl.exp2(best - top))
+        sums = tl.load(part_sum + bth * n_splits + sp, mask=used, other=0.0, cache_modifier=".cg")
+        total = tl.sum(w * sums, axis=0)
+        d = tl.arange(0, HEAD_DIM)
+        acc = tl.load(part_acc + (bth * n_splits + sp)[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0,
+                      cache_modifier=".cg")
+        o = tl.sum(w[:, None] * acc, axis=0) / total
+        tl.store(out + bth * HEAD_DIM + d, o.to(out.dtype.element_ty))
+
+    @triton.jit
+    def attention_split(q, keys, values, mask, part_acc, part_max, part_sum, out, arrivals,
                         seqlen, n_heads, rep, kv_len, per_split, scale,
                         q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t,
-                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                        COMBINE: tl.constexpr, SPLITS: tl.constexpr):
         # Program (query head, split): an online softmax over positions [split * per_split, + per_split).
         # The lengths are runtime values, so every tree size, cache bucket and position shares one compiled kernel.
-        # Exponentials in base 2: scores are scaled by log2(e) once.
+        # Exponentials in base 2: scores are scaled by log2(e) once. COMBINE: the query head's last split to
+        # finish (counted in arrivals, zeros left as found) also combines them, so attention is one launch.
         bth = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
@@ -110,6 +129,7 @@ def kernels() -> SimpleNamespace | None:
             n = split * per_split + first + tl.arange(0, BLOCK_N)
             inside = n < kv_len
             k = tl.load(k_base + n[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0)  # in flight with k
             s = tl.sum(k * qv[None, :], axis=1)
             if HAS_MASK:
                 s += tl.load(mask + b * m_b + t * m_t + n, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -118,29 +138,23 @@ def kernels() -> SimpleNamespace | None:
             safe = tl.where(new_best == float("-inf"), 0.0, new_best)  # nothing visible yet: keep zeros
             p = tl.exp2(s - safe)
             keep = tl.exp2(best - safe)
-            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            acc = acc * keep + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * keep + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             total = total * keep + tl.sum(p, axis=0)
             best = new_best
         at = bth * n_splits + split
         tl.store(part_acc + at * HEAD_DIM + d, acc)
         tl.store(part_max + at, best)
         tl.store(part_sum + at, total)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's pieces are written before the arrival is counted
+            if tl.atomic_add(arrivals + bth, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                combine(part_acc, part_max, part_sum, out, bth, n_splits, HEAD_DIM, SPLITS)
+                tl.atomic_xchg(arrivals + bth, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def attention_combine(part_acc, part_max, part_sum, out, n_splits,
                           HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-        bth = tl.program_id(0)
-        sp = tl.arange(0, SPLITS)
-        used = sp < n_splits
-        best = tl.load(part_max + bth * n_splits + sp, mask=used, other=float("-inf"))
-        top = tl.max(best, axis=0)
-        w = tl.where(best == float("-inf"), 0.0, tl.exp2(best - top))
-        total = tl.sum(w * tl.load(part_sum + bth * n_splits + sp, mask=used, other=0.0), axis=0)
-        d = tl.arange(0, HEAD_DIM)
-        acc = tl.load(part_acc + (bth * n_splits + sp)[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0)
-        o = tl.sum(w[:, None] * acc, axis=0) / total
-        tl.store(out + bth * HEAD_DIM + d, o.to(out.dtype.element_ty))
+        combine(part_acc, part_max, part_sum, out, tl.program_id(0), n_splits, HEAD_DIM, SPLITS)
 
     return SimpleNamespace(add_rms_norm=add_rms_norm, silu_mul=silu_mul, rope_store=rope_store,
                            attention_split=attention_split, attention_combine=attention_combine,

@@ -125,7 +125,7 @@ class Attention(nn.Module):
         # One query a sequence only. With the kernels on token trees and chains, resident speculation measured
         # 0.3-0.7x plain decoding on the H200 (the draft's share of a round grew from ~3 to ~50 ms; each tree size
         # and bucket is another kernel variant to compile mid-reply, the likely cause); with the torch ops, 1.3-2.1x.
-        if heads is not None and isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(x):
+        if heads is not None and self.fused_step_applies(x, cache):
             return self._fused_step(heads, rotation, cache, layer, mask)
         q, k, v = self._rotated_qkv(x, rotation, heads)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
@@ -151,6 +151,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (batch, seqlen, n_heads * head_dim)
 
+    @staticmethod
+    def fused_step_applies(x: torch.Tensor, cache: KVCache | BatchStep | None) -> bool:
+        """Whether a pass of x (batch, seqlen, dim) takes the fused step: RoPE with the cache write, then attend_stored."""
+        return isinstance(cache, BatchStep) and x.shape[1] == 1 and fused_ops.kernels_for(x) is not None
+
     def _fused_step(
         self, heads: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int,
         mask: torch.Tensor | None,
@@ -158,6 +163,11 @@ class Attention(nn.Module):
         """A step's attention in three launches after the projection (heads): RoPE with the cache write, and
         the split attention over the step's kv_len keys (the caller's mask says which each query sees)."""
         q = fused_ops.rope_store(heads, self.n_heads, rotation, *cache.layer(layer))  # (batch, seqlen, heads, dim)
+        return self.attend_stored(q, cache, layer, mask)
+
+    def attend_stored(self, q: torch.Tensor, cache: BatchStep, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The split attention of rotated q (batch, seqlen, n_heads, head_dim) over the step's kv_len keys, this
+        step's already stored (the caller's mask says which each query sees) -> (batch, seqlen, n_heads * head_dim)."""
         k, v = cache.stored(layer)  # (batch, n_kv_heads, kv_len, head_dim)
         if mask is not None:  # additive, (seqlen, kv_len) for a tree or (batch, 1, seqlen, kv_len) for a batch
             mask = mask[None] if mask.dim() == 2 else mask.squeeze(1)  # (batch or 1, seqlen, kv_len)

@@ -110,6 +110,28 @@ def test_split_attention_matches_the_reference(dtype, batch, seqlen, n_heads, n_
         out = fused_ops.attention(q, keys, values, mask, block=block, programs=programs, warps=warps)
         assert out.shape == (batch, seqlen, n_heads * head_dim)
         assert _rel(out, ref) < TOL[dtype]
+        # The last split to arrive combines in the same launch: the two-launch result, bit for bit.
+        two = fused_ops.attention(q, keys, values, mask, block=block, programs=programs, warps=warps, one_launch=False)
+        assert torch.equal(out, two)
+    assert not fused_ops._arrivals(q.device).any()  # left zero for the next launch
+
+
+def test_one_launch_attention_replays_in_a_graph_on_new_inputs():
+    """Its arrival counters are reset by the launch itself: replays (and eager calls between them) keep combining."""
+    q = _randn(2, 1, 8, 64, dtype=torch.float16, seed=3)
+    cache = _randn(2, 2, 4, 700, 64, dtype=torch.float16, seed=4)
+    keys, values = cache[0], cache[1]
+    fused_ops.attention(q, keys, values, None)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_ops.attention(q, keys, values, None)
+    for seed in range(3):
+        q.copy_(_randn(2, 1, 8, 64, dtype=torch.float16, seed=10 + seed))
+        graph.replay()
+        eager = fused_ops.attention(q, keys, values, None, one_launch=False)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), seed
 
 
 def _tiny_model(dtype: torch.dtype) -> Transformer:

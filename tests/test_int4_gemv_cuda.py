@@ -66,10 +66,21 @@ def test_every_nibble_meets_its_own_input():
     assert torch.equal(got.cpu(), q.to(torch.bfloat16))
 
 
-def test_launch_shapes_do_not_change_a_bit():
+def _by_group_size() -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for shape, (_, _, _, warps_a_group) in int4_gemv_cuda.SHAPES.items():
+        groups.setdefault(warps_a_group, []).append(shape)
+    return groups
+
+
+def test_launch_shapes_of_one_group_size_give_the_same_bits_and_all_the_product():
     x, w = _pair(1000, 4096, 128, torch.bfloat16, seed=5)
-    results = [int4_gemv(x, w, shape) for shape in int4_gemv_cuda.SHAPES]
-    assert all(torch.equal(r, results[0]) for r in results[1:])
+    ref = F.linear(x.float(), w.dequantize(torch.float32))
+    assert len(_by_group_size()) > 1
+    for shapes in _by_group_size().values():
+        results = [int4_gemv(x, w, shape) for shape in shapes]
+        assert all(torch.equal(r, results[0]) for r in results[1:]), shapes
+        assert float((results[0].float() - ref).norm() / ref.norm()) < TOLERANCE[torch.bfloat16], shapes
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -84,6 +95,10 @@ def test_each_token_of_a_pass_gets_its_one_token_result_bit_for_bit(dtype, inp):
     assert float((alone.float() - ref).norm() / ref.norm()) < TOLERANCE[dtype]
     for tokens in range(2, len(xs) + 1):
         assert torch.equal(int4_gemv(xs[:tokens], w), alone[:tokens]), tokens
+    for shape in int4_gemv_cuda.SHAPES:  # every shape, each with its own bits
+        alone = torch.cat([int4_gemv(xs[t : t + 1], w, shape) for t in range(len(xs))])
+        assert torch.equal(int4_gemv(xs, w, shape), alone), shape
+        assert torch.equal(int4_gemv(xs[:3], w, shape), alone[:3]), shape
 
 
 def test_an_unaligned_input_gives_the_same_result():
@@ -152,4 +167,47 @@ def test_a_norm_a_gate_and_a_residual_ride_along(dtype):
         one = [int4_gemv(x[t : t + 1], w, **{k: (v[t : t + 1] if k == "residual" else v) for k, v in extra.items()})
                for t in range(len(x))]
         assert torch.equal(got, torch.cat(one)), name
-        assert all(torch.equal(int4_gemv(x, w, shape, **extra), got) for shape in int4_gemv_cuda.SHAPES), name
+        same = _by_group_size()[int4_gemv_cuda.SHAPES[int4_gemv_cuda.launch_shape(w.out_features, inp)][3]]
+        assert all(torch.equal(int4_gemv(x, w, shape, **extra), got) for shape in same), name
+        for shape in int4_gemv_cuda.SHAPES:
+            other = int4_gemv(x, w, shape, **extra)
+            assert float((other.float() - ref).norm() / ref.norm()) < TOLERANCE[dtype], (name, shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_heads, n_kv_heads, head_dim, batch, seqlen", [(4, 2, 64, 3, 1), (6, 6, 32, 1, 5), (2, 1, 128, 2, 2)])
+def test_a_qkv_projection_rotates_q_and_k_and_stores_k_and_v(dtype, n_heads, n_kv_heads, head_dim, batch, seqlen):
+    """The RoPE epilogue against the projection without it, rounded to the dtype, rotated in float32 op by op
+    (what the epilogue does, so bit for bit) and stored where rope_store stores: q comes back, k and v land in
+    the cache at each row's slot, nothing else in the cache changes; each token as in its one-token call."""
+    from llama import fused_ops
+    from llama.model import rope_rotation
+
+    inp, eps, capacity = 256, 1e-5, 16
+    out = (n_heads + 2 * n_kv_heads) * head_dim
+    _, w = _pair(out, inp, 64, dtype, seed=out + batch)
+    gen = torch.Generator().manual_seed(batch * 7 + seqlen)
+    x = torch.randn(batch * seqlen, inp, generator=gen).to("cuda", dtype)
+    norm = ((1 + 0.2 * torch.randn(inp, generator=gen)).to("cuda", dtype), eps)
+    angles = torch.rand(batch, seqlen, head_dim // 2, generator=gen) * 6.0
+    rotation = rope_rotation(angles.cos().cuda(), angles.sin().cuda(), dtype)
+    cos, sin = fused_ops.rope_factors(rotation, batch, seqlen, head_dim)
+    slots = torch.stack([torch.randperm(capacity, generator=gen)[:seqlen] for _ in range(batch)]).cuda()
+    keys = torch.randn(batch + 1, n_kv_heads, capacity, head_dim, generator=gen).to("cuda", dtype)
+    values = torch.randn_like(keys)
+    before_k, before_v = keys.clone(), values.clone()
+
+    q = int4_gemv(x, w, norm=norm, rope=int4_gemv_cuda.RopeStore(n_heads, n_kv_heads, head_dim, cos, sin, slots,
+                                                                 keys, values))
+
+    heads = int4_gemv(x, w, norm=norm).view(batch, seqlen, -1, head_dim // 2, 2).float()
+    c, s = cos.float()[:, :, None], sin.float()[:, :, None]
+    x0, x1 = heads[..., 0], heads[..., 1]
+    rotated = torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(dtype)  # (b, t, heads, dim)
+    assert q.shape == (batch * seqlen, n_heads * head_dim)
+    assert torch.equal(q.view(batch, seqlen, n_heads, head_dim), rotated[:, :, :n_heads])
+    want_k, want_v = before_k.clone(), before_v.clone()
+    rows = torch.arange(batch, device="cuda")[:, None]
+    want_k[rows, :, slots] = rotated[:, :, n_heads : n_heads + n_kv_heads]
+    want_v[rows, :, slots] = heads.flatten(-2).to(dtype)[:, :, n_heads + n_kv_heads :]
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)

@@ -29,6 +29,8 @@ import time
 import warnings
 from pathlib import Path
 
+from typing import NamedTuple
+
 import torch
 
 from offload.kernels.int4_format import Int4Weight
@@ -36,7 +38,10 @@ from offload.kernels.int4_format import Int4Weight
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv.cu"
 DEFAULT_NVCC = Path("/usr/local/cuda/bin/nvcc")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
-SHAPES = range(1, 5)  # launch shapes: warps a block, rows a warp, chunks in flight a row (see the .cu file)
+# Launch shapes (the .cu file's launch_shape): number -> (warps a block, rows a group, chunks in flight a row, warps
+# a group). Shapes of one group size give the same bits.
+SHAPES = {1: (4, 4, 2, 1), 2: (4, 8, 1, 1), 3: (8, 4, 2, 1), 4: (4, 2, 2, 1), 5: (8, 4, 2, 2), 6: (8, 4, 1, 4),
+          7: (16, 4, 2, 4), 8: (8, 2, 2, 4), 9: (16, 4, 1, 8), 10: (8, 8, 1, 2), 11: (16, 2, 2, 8), 12: (4, 4, 2, 2)}
 MAX_TOKENS = 8  # tokens one call takes; each gets what a one-token call would give it, bit for bit
 SMEM_BYTES_PER_CHUNK = 44  # a token's int8 x per 32 inputs (32 bytes) and its three floats
 PLAIN, RMS_NORM = 0, 1  # what the kernel multiplies (its Prologue)
@@ -44,6 +49,27 @@ SMEM_LIMIT = 200 * 1024  # of the 227 KB a Hopper block may have
 _DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}
 _BUILD_LOCK = threading.Lock()
 SWITCH = "LLAMA_OFFLOAD_INT4_GEMV"  # "0": leave the kernel out (see the module's docstring)
+
+
+class RopeStore(NamedTuple):
+    """A q/k/v projection's epilogue (see RopeStore in the .cu file): RoPE on q and k with cos, sin (batch, seqlen,
+    head_dim // 2) in x's dtype, k and v stored into keys, values (slots, n_kv_heads, capacity, head_dim) at row b,
+    position slots[b, t] (int64 (batch, seqlen)); as llama/fused_ops.py's rope_store."""
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class _RopeStoreArgs(ctypes.Structure):  # the .cu file's struct RopeStore
+    _fields_ = [("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("slots", ctypes.c_void_p),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
+                *[(name, ctypes.c_longlong) for name in ("c_b", "c_t", "c_i", "s_b", "s_t", "kv_b", "kv_h", "kv_p")],
+                *[(name, ctypes.c_int) for name in ("seqlen", "n_heads", "n_kv_heads", "head_dim")]]
 
 
 def _nvcc() -> str | None:
@@ -91,7 +117,7 @@ def build_library(nvcc: str, arch: str) -> ctypes.CDLL:
     lib.int4_gemv.restype = ctypes.c_int
     lib.int4_gemv.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                               ctypes.c_void_p, ctypes.c_float, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p]
+                              ctypes.POINTER(_RopeStoreArgs), ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p]
     return lib
 
 
@@ -149,18 +175,21 @@ def launch_shape(out_features: int, in_features: int) -> int:
 
 def int4_gemv(
     x: torch.Tensor, w: Int4Weight, shape: int | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
-    residual: torch.Tensor | None = None, gated: bool = False,
+    residual: torch.Tensor | None = None, gated: bool = False, rope: RopeStore | None = None,
 ) -> torch.Tensor:
     """x [tokens, in] @ dequantized(w).T -> [tokens, out] in x's dtype (int4_gemv_supported must hold).
 
     norm (weight [in], eps): multiply RMSNorm(x) * weight instead of x. residual [tokens, out]: added to the
     result. gated: w stacks a gate weight over an up weight (w1 over w3), and the result is
-    SiLU(gate) * up, [tokens, out / 2]."""
+    SiLU(gate) * up, [tokens, out / 2]. rope: w is a stacked q/k/v weight; k and v go to the cache and the result
+    is rotated q, [tokens, n_heads * head_dim] (tokens = batch * seqlen of rope's slots)."""
     lib = int4_gemv_library(x.device)
     assert lib is not None and not (gated and (residual is not None or w.out_features % 2))
     x, packed = _aligned(x.contiguous()), _aligned(w.packed.contiguous())
     scales, zeros = w.scales.contiguous(), w.zeros.contiguous()
-    y = torch.empty(x.shape[0], w.out_features // 2 if gated else w.out_features, dtype=x.dtype, device=x.device)
+    outputs = w.out_features // 2 if gated else w.out_features if rope is None else rope.n_heads * rope.head_dim
+    y = torch.empty(x.shape[0], outputs, dtype=x.dtype, device=x.device)
+    rope_args = None if rope is None else _rope_args(rope, x)
     prologue, norm_ptr, eps = PLAIN, None, 0.0
     if norm is not None:
         norm_weight = _aligned(norm[0].to(x.dtype).contiguous())
@@ -174,11 +203,22 @@ def int4_gemv(
     shape = launch_shape(w.out_features, w.in_features) if shape is None else shape
     err = lib.int4_gemv(_DTYPE_CODES[x.dtype], shape, x.shape[0], x.data_ptr(), x.stride(0), prologue, norm_ptr,
                         eps, packed.data_ptr(), scales.data_ptr(), zeros.data_ptr(), res_ptr, res_stride,
-                        int(gated), y.data_ptr(), y.stride(0), w.out_features, w.in_features, scales.shape[1],
-                        torch.cuda.current_stream(x.device).cuda_stream)
+                        int(gated), None if rope_args is None else ctypes.byref(rope_args), y.data_ptr(), y.stride(0),
+                        w.out_features, w.in_features, scales.shape[1], torch.cuda.current_stream(x.device).cuda_stream)
     if err != 0:
         raise RuntimeError(f"int4_gemv: CUDA error {err} launching the kernel")
     return y
+
+
+def _rope_args(rope: RopeStore, x: torch.Tensor) -> _RopeStoreArgs:
+    bsz, seqlen = rope.slots.shape
+    assert bsz * seqlen == x.shape[0] and rope.slots.dtype == torch.int64
+    assert rope.cos.shape == rope.sin.shape == (bsz, seqlen, rope.head_dim // 2) and rope.cos.stride() == rope.sin.stride()
+    assert all(t.dtype == x.dtype and t.device == x.device for t in (rope.cos, rope.sin, rope.keys, rope.values))
+    assert rope.keys.stride() == rope.values.stride() and rope.keys.stride(3) == 1 and rope.slots.device == x.device
+    return _RopeStoreArgs(rope.cos.data_ptr(), rope.sin.data_ptr(), rope.slots.data_ptr(), rope.keys.data_ptr(),
+                          rope.values.data_ptr(), *rope.cos.stride(), *rope.slots.stride(), *rope.keys.stride()[:3],
+                          seqlen, rope.n_heads, rope.n_kv_heads, rope.head_dim)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -10,14 +10,18 @@
 // so the zero folds out: sum (q - z) s x = s (d sum q xi - z d sum xi).
 //
 // The sublayer around it can come along: RMSNorm (with its weight) applied to x as it is staged, the residual
-// added to the result, or, for a stacked gate/up weight, SiLU(gate) * up as the result (a warp takes a gate row
-// and its up row together), so a decode step's block runs in four of these launches besides RoPE and attention
-// (engine/int4_block_step.py).
+// added to the result, for a stacked gate/up weight SiLU(gate) * up as the result (a warp takes a gate row
+// and its up row together), or, for a stacked q/k/v weight, RoPE on q and k and the write of k and v into the
+// cache (Meta's interleaved pairs are adjacent rows, both a group's), so a decode step's block runs in four of
+// these launches besides attention (engine/int4_block_step.py).
 //
-// A warp owns ROWS_PER_WARP rows whole; lane l takes chunks l, l + 32, ...; loads of BATCH chunks a row are
-// issued together, the first batch before x is staged. Every token's arithmetic is the same whatever the
-// token count, the launch shape or the stream (explicitly rounded float operations, a fixed lane order and
-// reduction tree): a pass of several tokens gives each token bit for bit what a one-token step gives it.
+// A group of KSPLIT warps owns ROWS_PER_WARP rows: warp s of the group takes the row's inputs in runs of
+// 32 * BATCH chunks s, s + KSPLIT, ..., lane l chunk l of each run, and the group's KSPLIT partial sums are
+// added in warp order at the end (KSPLIT > 1 puts more loads in flight on matrices of few rows, where a warp a
+// row group left most of the GPU waiting). Loads of BATCH chunks a row are issued together, the first batch
+// before x is staged. Every token's arithmetic is the same whatever the token count or the stream (explicitly
+// rounded float operations, a fixed lane order and reduction tree): a pass of several tokens gives each token
+// bit for bit what a one-token step gives it. Launch shapes of one KSPLIT give the same bits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -55,6 +59,22 @@ constexpr int SMEM_BYTES_PER_CHUNK = sizeof(ChunkX) + 3 * sizeof(float);
 
 // What the kernel multiplies: x as it is, or RMSNorm(x) * norm_weight (the sublayer's norm folded in).
 enum Prologue { PLAIN = 0, RMS_NORM = 1 };
+
+}  // namespace
+
+// A q/k/v projection's epilogue: its n rows are n_heads q heads, n_kv_heads k heads, n_kv_heads v heads of
+// head_dim rows each. Token t (batch row b = t / seqlen, step position tt = t % seqlen) rotates pair i of q and
+// k by cos, sin [b * c_b + tt * c_t + i * c_i] (x's dtype); q goes to y; k and v to keys, values at
+// b * kv_b + head * kv_h + slots[b * s_b + tt * s_t] * kv_p. As llama/fused_ops.py's rope_store does it.
+struct RopeStore {
+  const void *cos, *sin;
+  const long long* slots;
+  void *keys, *values;
+  long long c_b, c_t, c_i, s_b, s_t, kv_b, kv_h, kv_p;
+  int seqlen, n_heads, n_kv_heads, head_dim;
+};
+
+namespace {
 
 template <typename T>
 __device__ __forceinline__ void load32(const T* __restrict__ p, float* v) {
@@ -130,11 +150,12 @@ __device__ __forceinline__ int chunk_dot(const uint4& w, const ChunkX& xc) {
   return acc;
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS, int PROLOGUE>
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int KSPLIT, int TOKENS, int PROLOGUE>
 __global__ void __launch_bounds__(WARPS * 32)
     int4_gemv_kernel(const T* __restrict__ x, int x_stride, const T* __restrict__ norm_weight, float eps,
                      const uint4* __restrict__ packed, const T* __restrict__ scales, const T* __restrict__ zeros,
-                     const T* __restrict__ residual, int residual_stride, int gated, T* __restrict__ y,
+                     const T* __restrict__ residual, int residual_stride, int gated, const RopeStore rope,
+                     T* __restrict__ y,
                      int y_stride, int tokens, int n, int chunks, int groups, int chunks_per_group) {
   extern __shared__ uint4 smem[];
   ChunkX* xq = reinterpret_cast<ChunkX*>(smem);                   // [tokens][chunks]
@@ -142,12 +163,16 @@ __global__ void __launch_bounds__(WARPS * 32)
   float* xdsum = xd + tokens * chunks;                            // [tokens][chunks]
   float* chunk_ss = xdsum + tokens * chunks;                      // [tokens][chunks]
   float* inv_rms = chunk_ss + tokens * chunks;                    // [tokens]
+  static_assert(WARPS % KSPLIT == 0, "a block holds whole row groups");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // Plain: the warp's rows are its outputs j0 .. j0 + ROWS_PER_WARP - 1. Gated: its outputs are
+  const int slice = warp % KSPLIT;  // which runs of the row's chunks this warp takes
+  // Plain: the group's rows are its outputs j0 .. j0 + ROWS_PER_WARP - 1. Gated: its outputs are
   // SiLU(gate) * up of ROWS_PER_WARP / 2 rows j0 + r, whose gate is weight row j0 + r and up row half + j0 + r.
   constexpr int GATED_OUTPUTS = ROWS_PER_WARP / 2;
   const int outputs = gated ? n / 2 : n;
-  const int j0 = (blockIdx.x * WARPS + warp) * (gated ? GATED_OUTPUTS : ROWS_PER_WARP);
+  const int j0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * (gated ? GATED_OUTPUTS : ROWS_PER_WARP);
+  constexpr int RUN = 32 * BATCH;  // chunks a group's warp loads at once, lane l the l-th of each 32
+  const int first_run = RUN * slice;
   auto weight_row = [&](int r) {  // outputs past the last repeat it; never stored
     if (!gated) return min(j0 + r, n - 1);
     const int j = min(j0 + (r < GATED_OUTPUTS ? r : r - GATED_OUTPUTS), outputs - 1);
@@ -166,7 +191,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  load_batch(lane);  // in flight while x is staged
+  load_batch(first_run + lane);  // in flight while x is staged
 
   // Staging x: every sum below runs in an order fixed by the chunk alone (not by the token's place in the call,
   // nor by the block's size), so each token's result is its one-token call's.
@@ -230,28 +255,83 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  for (int first = lane; first - lane < chunks; first += 32 * BATCH) {
-    if (first != lane) load_batch(first);
-    use_batch(first);
+  for (int run = first_run; run < chunks; run += RUN * KSPLIT) {
+    if (run != first_run) load_batch(run + lane);
+    use_batch(run + lane);
   }
+
+  // Each warp's sums over its lanes, then (KSPLIT > 1) the group's warps' sums in warp order.
+#pragma unroll
+  for (int t = 0; t < TOKENS; ++t) {
+    if (t >= tokens) break;
+#pragma unroll
+    for (int r = 0; r < ROWS_PER_WARP; ++r)
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) acc[t][r] = __fadd_rn(acc[t][r], __shfl_xor_sync(0xFFFFFFFFu, acc[t][r], off));
+  }
+  if (KSPLIT > 1) {
+    __shared__ float partial[KSPLIT > 1 ? WARPS : 1][TOKENS][ROWS_PER_WARP];
+    if (lane == 0)
+#pragma unroll
+      for (int t = 0; t < TOKENS; ++t) {
+        if (t >= tokens) break;
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) partial[warp][t][r] = acc[t][r];
+      }
+    __syncthreads();
+    if (slice != 0) return;
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t) {
+      if (t >= tokens) break;
+#pragma unroll
+      for (int r = 0; r < ROWS_PER_WARP; ++r)
+#pragma unroll
+        for (int s = 1; s < KSPLIT; ++s) acc[t][r] = __fadd_rn(acc[t][r], partial[warp + s][t][r]);
+    }
+  }
+  if (lane != 0) return;
 
 #pragma unroll
   for (int t = 0; t < TOKENS; ++t) {
     if (t >= tokens) break;
-    float sums[ROWS_PER_WARP];
-#pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; ++r) {
-      sums[r] = acc[t][r];
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) sums[r] = __fadd_rn(sums[r], __shfl_xor_sync(0xFFFFFFFFu, sums[r], off));
-    }
-    if (lane != 0) continue;
+    const float* sums = acc[t];
     T* out = y + size_t(t) * y_stride;
     if (gated) {
 #pragma unroll
       for (int r = 0; r < GATED_OUTPUTS; ++r) {
         const float g = sums[r], u = sums[r + GATED_OUTPUTS];
         if (j0 + r < outputs) out[j0 + r] = from_float<T>(__fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, __expf(-g))), u));
+      }
+    } else if (rope.keys != nullptr) {
+      static_assert(ROWS_PER_WARP % 2 == 0, "a RoPE pair is two rows of one group");
+      const int b = t / rope.seqlen, tt = t % rope.seqlen;
+#pragma unroll
+      for (int r = 0; r < ROWS_PER_WARP; r += 2) {
+        const int row = j0 + r;
+        if (row >= n) break;
+        const int head = row / rope.head_dim, d = row % rope.head_dim;
+        // Each value rounded as the projection's output would be, then rotated in float32.
+        float x0 = to_float(from_float<T>(sums[r])), x1 = to_float(from_float<T>(sums[r + 1]));
+        if (head < rope.n_heads + rope.n_kv_heads) {
+          const long long at = b * rope.c_b + tt * rope.c_t + (d / 2) * rope.c_i;
+          const float c = to_float(static_cast<const T*>(rope.cos)[at]);
+          const float sn = to_float(static_cast<const T*>(rope.sin)[at]);
+          const float r0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
+          const float r1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, sn));
+          x0 = r0;
+          x1 = r1;
+        }
+        T* dst;
+        if (head < rope.n_heads) {
+          dst = out + row;
+        } else {
+          const int kv = head < rope.n_heads + rope.n_kv_heads ? head - rope.n_heads : head - rope.n_heads - rope.n_kv_heads;
+          const long long slot = rope.slots[b * rope.s_b + tt * rope.s_t];
+          dst = static_cast<T*>(head < rope.n_heads + rope.n_kv_heads ? rope.keys : rope.values) + b * rope.kv_b +
+                kv * rope.kv_h + slot * rope.kv_p + d;
+        }
+        dst[0] = from_float<T>(x0);
+        dst[1] = from_float<T>(x1);
       }
     } else {
 #pragma unroll
@@ -270,49 +350,60 @@ struct Args {
   void* y;
   int x_stride, prologue, residual_stride, gated, y_stride, tokens, n, k, groups;
   float eps;
+  RopeStore rope;
 };
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int TOKENS, int PROLOGUE>
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int KSPLIT, int TOKENS, int PROLOGUE>
 int launch(const Args& a, cudaStream_t stream) {
   const int chunks = a.k / 32;
   const int smem = a.tokens * (chunks * SMEM_BYTES_PER_CHUNK + int(sizeof(float)));
-  auto kernel = int4_gemv_kernel<T, WARPS, ROWS_PER_WARP, BATCH, TOKENS, PROLOGUE>;
+  auto kernel = int4_gemv_kernel<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, TOKENS, PROLOGUE>;
   static int smem_allowed = 48 * 1024;  // raised once per instantiation when a launch needs more
   if (smem > smem_allowed) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return int(err);
     smem_allowed = smem;
   }
-  const int outputs_per_block = WARPS * (a.gated ? ROWS_PER_WARP / 2 : ROWS_PER_WARP);
+  const int outputs_per_block = WARPS / KSPLIT * (a.gated ? ROWS_PER_WARP / 2 : ROWS_PER_WARP);
   const int outputs = a.gated ? a.n / 2 : a.n;
   kernel<<<(outputs + outputs_per_block - 1) / outputs_per_block, WARPS * 32, smem, stream>>>(
       static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.norm_weight), a.eps,
       static_cast<const uint4*>(a.packed), static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros),
-      static_cast<const T*>(a.residual), a.residual_stride, a.gated, static_cast<T*>(a.y), a.y_stride, a.tokens, a.n,
+      static_cast<const T*>(a.residual), a.residual_stride, a.gated, a.rope, static_cast<T*>(a.y), a.y_stride,
+      a.tokens, a.n,
       chunks, a.groups, chunks / a.groups);
   return int(cudaGetLastError());
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int PROLOGUE>
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int KSPLIT, int PROLOGUE>
 int launch_tokens(const Args& a, cudaStream_t s) {
-  return a.tokens == 1 ? launch<T, WARPS, ROWS_PER_WARP, BATCH, 1, PROLOGUE>(a, s)
-                       : launch<T, WARPS, ROWS_PER_WARP, BATCH, MAX_TOKENS, PROLOGUE>(a, s);
+  return a.tokens == 1 ? launch<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, 1, PROLOGUE>(a, s)
+                       : launch<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, MAX_TOKENS, PROLOGUE>(a, s);
 }
 
-template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH>
+template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int KSPLIT>
 int launch_prologue(const Args& a, cudaStream_t s) {  // each prologue its own kernel: PLAIN's registers stay lean
-  return a.prologue == RMS_NORM ? launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, RMS_NORM>(a, s)
-                                : launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, PLAIN>(a, s);
+  return a.prologue == RMS_NORM ? launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, RMS_NORM>(a, s)
+                                : launch_tokens<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, PLAIN>(a, s);
 }
 
-// The launch shapes bench/int4_gemv_bench.py times: (warps a block, rows a warp, chunks in flight a row).
+// The launch shapes bench/int4_gemv_bench.py times: (warps a block, rows a group, chunks in flight a row, warps a
+// group).
 template <typename T>
 int launch_shape(int shape, const Args& a, cudaStream_t s) {
   switch (shape) {
-    case 1: return launch_prologue<T, 4, 4, 2>(a, s);
-    case 2: return launch_prologue<T, 4, 8, 1>(a, s);
-    case 3: return launch_prologue<T, 8, 4, 2>(a, s);
-    case 4: return launch_prologue<T, 4, 2, 2>(a, s);
+    case 1: return launch_prologue<T, 4, 4, 2, 1>(a, s);
+    case 2: return launch_prologue<T, 4, 8, 1, 1>(a, s);
+    case 3: return launch_prologue<T, 8, 4, 2, 1>(a, s);
+    case 4: return launch_prologue<T, 4, 2, 2, 1>(a, s);
+    case 5: return launch_prologue<T, 8, 4, 2, 2>(a, s);
+    case 6: return launch_prologue<T, 8, 4, 1, 4>(a, s);
+    case 7: return launch_prologue<T, 16, 4, 2, 4>(a, s);
+    case 8: return launch_prologue<T, 8, 2, 2, 4>(a, s);
+    case 9: return launch_prologue<T, 16, 4, 1, 8>(a, s);
+    case 10: return launch_prologue<T, 8, 8, 1, 2>(a, s);
+    case 11: return launch_prologue<T, 16, 2, 2, 8>(a, s);
+    case 12: return launch_prologue<T, 4, 4, 2, 2>(a, s);
     default: return int(cudaErrorInvalidValue);
   }
 }
@@ -322,17 +413,21 @@ int launch_shape(int shape, const Args& a, cudaStream_t s) {
 // dtype: 0 bfloat16, 1 float16. shape: the launch shape (see launch_shape). x [tokens, k] with rows x_stride apart;
 // prologue: PLAIN or RMS_NORM (norm_weight [k], eps); residual [tokens, n] rows residual_stride apart, added to
 // the product, or null; gated: the weight's n rows are gate rows then up rows, and y [tokens, n / 2] gets
-// SiLU(gate) * up (no residual then); y rows y_stride apart. Returns a cudaError_t (0: launched). Needs
-// 1 <= tokens <= 8, k % 32 == 0, (k / groups) % 32 == 0, n even when gated, x rows, norm_weight and packed
-// 16-byte aligned, tokens * (k / 32 * 44 + 4) bytes of shared memory; the caller checks.
+// SiLU(gate) * up (no residual then); rope: a q/k/v weight's epilogue (see RopeStore; y [tokens, n_heads *
+// head_dim] gets rotated q; no residual, not gated), or null; y rows y_stride apart. Returns a cudaError_t (0:
+// launched). Needs 1 <= tokens <= 8, k % 32 == 0, (k / groups) % 32 == 0, n even when gated, x rows,
+// norm_weight and packed 16-byte aligned, tokens * (k / 32 * 44 + 4) bytes of shared memory; the caller checks.
 extern "C" int int4_gemv(int dtype, int shape, int tokens, const void* x, int x_stride, int prologue,
                          const void* norm_weight, float eps, const void* packed, const void* scales,
-                         const void* zeros, const void* residual, int residual_stride, int gated, void* y,
-                         int y_stride, int n, int k, int groups, void* stream) {
+                         const void* zeros, const void* residual, int residual_stride, int gated,
+                         const RopeStore* rope, void* y, int y_stride, int n, int k, int groups, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (tokens < 1 || tokens > MAX_TOKENS || prologue < PLAIN || prologue > RMS_NORM || (gated && (n % 2 || residual)))
+  if (tokens < 1 || tokens > MAX_TOKENS || prologue < PLAIN || prologue > RMS_NORM || (gated && (n % 2 || residual)) ||
+      (rope && (gated || residual || rope->head_dim % 2 || rope->seqlen < 1 || rope->keys == nullptr ||
+                n != (rope->n_heads + 2 * rope->n_kv_heads) * rope->head_dim)))
     return int(cudaErrorInvalidValue);
-  const Args a{x, norm_weight, packed, scales, zeros, residual, y, x_stride, prologue, residual_stride, gated,
-               y_stride, tokens, n, k, groups, eps};
+  Args a{x, norm_weight, packed, scales, zeros, residual, y, x_stride, prologue, residual_stride, gated,
+         y_stride, tokens, n, k, groups, eps, RopeStore{}};
+  if (rope) a.rope = *rope;
   return dtype == 0 ? launch_shape<__nv_bfloat16>(shape, a, s) : launch_shape<__half>(shape, a, s);
 }
