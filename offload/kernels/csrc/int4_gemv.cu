@@ -17,15 +17,17 @@
 //
 // A group of KSPLIT warps owns ROWS_PER_WARP rows: warp s of the group takes the row's inputs in runs of
 // 32 * BATCH chunks s, s + KSPLIT, ..., lane l chunk l of each run, and the group's KSPLIT partial sums are
-// added in warp order at the end (KSPLIT > 1 puts more loads in flight on matrices of few rows, where a warp a
-// row group left most of the GPU waiting). Loads of BATCH chunks a row are issued together, the first batch
-// before x is staged. Every token's arithmetic is the same whatever the token count or the stream (explicitly
+// added in warp order at the end (KSPLIT > 1 puts more loads in flight on long rows: w2's). Loads of BATCH chunks
+// a row are issued together, the first batch before x is staged. The grid is one wave of blocks, each staging x
+// once and then taking tiles of rows blockIdx.x, + gridDim.x, ... Every token's arithmetic is the same whatever the token count or the stream (explicitly
 // rounded float operations, a fixed lane order and reduction tree): a pass of several tokens gives each token
 // bit for bit what a one-token step gives it. Launch shapes of one KSPLIT give the same bits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
+
+#include <algorithm>
 
 namespace {
 
@@ -170,7 +172,12 @@ __global__ void __launch_bounds__(WARPS * 32)
   // SiLU(gate) * up of ROWS_PER_WARP / 2 rows j0 + r, whose gate is weight row j0 + r and up row half + j0 + r.
   constexpr int GATED_OUTPUTS = ROWS_PER_WARP / 2;
   const int outputs = gated ? n / 2 : n;
-  const int j0 = (blockIdx.x * (WARPS / KSPLIT) + warp / KSPLIT) * (gated ? GATED_OUTPUTS : ROWS_PER_WARP);
+  // Tiles of the output, each WARPS / KSPLIT groups' rows; a block takes tiles blockIdx.x, + gridDim.x, ...,
+  // staging x once for all of them.
+  const int per_group = gated ? GATED_OUTPUTS : ROWS_PER_WARP;
+  const int tiles = (outputs + WARPS / KSPLIT * per_group - 1) / (WARPS / KSPLIT * per_group);
+  int tile = blockIdx.x;
+  int j0 = (tile * (WARPS / KSPLIT) + warp / KSPLIT) * per_group;
   constexpr int RUN = 32 * BATCH;  // chunks a group's warp loads at once, lane l the l-th of each 32
   const int first_run = RUN * slice;
   auto weight_row = [&](int r) {  // outputs past the last repeat it; never stored
@@ -223,11 +230,6 @@ __global__ void __launch_bounds__(WARPS * 32)
   __syncthreads();
 
   float acc[TOKENS][ROWS_PER_WARP];
-#pragma unroll
-  for (int t = 0; t < TOKENS; ++t)
-#pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; ++r) acc[t][r] = 0.0f;
-
   auto use_batch = [&](int first) {
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
@@ -255,93 +257,103 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  for (int run = first_run; run < chunks; run += RUN * KSPLIT) {
-    if (run != first_run) load_batch(run + lane);
-    use_batch(run + lane);
-  }
-
-  // Each warp's sums over its lanes, then (KSPLIT > 1) the group's warps' sums in warp order.
+  auto store = [&](int tokens, const float (&acc)[TOKENS][ROWS_PER_WARP]) {
 #pragma unroll
-  for (int t = 0; t < TOKENS; ++t) {
-    if (t >= tokens) break;
+    for (int t = 0; t < TOKENS; ++t) {
+      if (t >= tokens) break;
+      const float* sums = acc[t];
+      T* out = y + size_t(t) * y_stride;
+      if (gated) {
 #pragma unroll
-    for (int r = 0; r < ROWS_PER_WARP; ++r)
+        for (int r = 0; r < GATED_OUTPUTS; ++r) {
+          const float g = sums[r], u = sums[r + GATED_OUTPUTS];
+          if (j0 + r < outputs) out[j0 + r] = from_float<T>(__fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, __expf(-g))), u));
+        }
+      } else if (rope.keys != nullptr) {
+        static_assert(ROWS_PER_WARP % 2 == 0, "a RoPE pair is two rows of one group");
+        const int b = t / rope.seqlen, tt = t % rope.seqlen;
 #pragma unroll
-      for (int off = 16; off > 0; off /= 2) acc[t][r] = __fadd_rn(acc[t][r], __shfl_xor_sync(0xFFFFFFFFu, acc[t][r], off));
-  }
-  if (KSPLIT > 1) {
-    __shared__ float partial[KSPLIT > 1 ? WARPS : 1][TOKENS][ROWS_PER_WARP];
-    if (lane == 0)
+        for (int r = 0; r < ROWS_PER_WARP; r += 2) {
+          const int row = j0 + r;
+          if (row >= n) break;
+          const int head = row / rope.head_dim, d = row % rope.head_dim;
+          // Each value rounded as the projection's output would be, then rotated in float32.
+          float x0 = to_float(from_float<T>(sums[r])), x1 = to_float(from_float<T>(sums[r + 1]));
+          if (head < rope.n_heads + rope.n_kv_heads) {
+            const long long at = b * rope.c_b + tt * rope.c_t + (d / 2) * rope.c_i;
+            const float c = to_float(static_cast<const T*>(rope.cos)[at]);
+            const float sn = to_float(static_cast<const T*>(rope.sin)[at]);
+            const float r0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
+            const float r1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, sn));
+            x0 = r0;
+            x1 = r1;
+          }
+          T* dst;
+          if (head < rope.n_heads) {
+            dst = out + row;
+          } else {
+            const int kv = head < rope.n_heads + rope.n_kv_heads ? head - rope.n_heads : head - rope.n_heads - rope.n_kv_heads;
+            const long long slot = rope.slots[b * rope.s_b + tt * rope.s_t];
+            dst = static_cast<T*>(head < rope.n_heads + rope.n_kv_heads ? rope.keys : rope.values) + b * rope.kv_b +
+                  kv * rope.kv_h + slot * rope.kv_p + d;
+          }
+          dst[0] = from_float<T>(x0);
+          dst[1] = from_float<T>(x1);
+        }
+      } else {
 #pragma unroll
-      for (int t = 0; t < TOKENS; ++t) {
-        if (t >= tokens) break;
-#pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; ++r) partial[warp][t][r] = acc[t][r];
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+          if (j0 + r >= n) continue;
+          float v = sums[r];
+          if (residual != nullptr) v = __fadd_rn(v, to_float(residual[size_t(t) * residual_stride + j0 + r]));
+          out[j0 + r] = from_float<T>(v);
+        }
       }
-    __syncthreads();
-    if (slice != 0) return;
+    }
+  };
+
+  for (; tile < tiles; tile += gridDim.x, j0 += gridDim.x * (WARPS / KSPLIT) * per_group) {
+#pragma unroll
+    for (int t = 0; t < TOKENS; ++t)
+#pragma unroll
+      for (int r = 0; r < ROWS_PER_WARP; ++r) acc[t][r] = 0.0f;
+    if (tile != int(blockIdx.x)) load_batch(first_run + lane);
+    for (int run = first_run; run < chunks; run += RUN * KSPLIT) {
+      if (run != first_run) load_batch(run + lane);
+      use_batch(run + lane);
+    }
+
+    // Each warp's sums over its lanes, then (KSPLIT > 1) the group's warps' sums in warp order.
 #pragma unroll
     for (int t = 0; t < TOKENS; ++t) {
       if (t >= tokens) break;
 #pragma unroll
       for (int r = 0; r < ROWS_PER_WARP; ++r)
 #pragma unroll
-        for (int s = 1; s < KSPLIT; ++s) acc[t][r] = __fadd_rn(acc[t][r], partial[warp + s][t][r]);
+        for (int off = 16; off > 0; off /= 2) acc[t][r] = __fadd_rn(acc[t][r], __shfl_xor_sync(0xFFFFFFFFu, acc[t][r], off));
     }
-  }
-  if (lane != 0) return;
-
+    if (KSPLIT > 1) {
+      __shared__ float partial[KSPLIT > 1 ? WARPS : 1][TOKENS][ROWS_PER_WARP];
+      if (lane == 0)
 #pragma unroll
-  for (int t = 0; t < TOKENS; ++t) {
-    if (t >= tokens) break;
-    const float* sums = acc[t];
-    T* out = y + size_t(t) * y_stride;
-    if (gated) {
+        for (int t = 0; t < TOKENS; ++t) {
+          if (t >= tokens) break;
 #pragma unroll
-      for (int r = 0; r < GATED_OUTPUTS; ++r) {
-        const float g = sums[r], u = sums[r + GATED_OUTPUTS];
-        if (j0 + r < outputs) out[j0 + r] = from_float<T>(__fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, __expf(-g))), u));
-      }
-    } else if (rope.keys != nullptr) {
-      static_assert(ROWS_PER_WARP % 2 == 0, "a RoPE pair is two rows of one group");
-      const int b = t / rope.seqlen, tt = t % rope.seqlen;
-#pragma unroll
-      for (int r = 0; r < ROWS_PER_WARP; r += 2) {
-        const int row = j0 + r;
-        if (row >= n) break;
-        const int head = row / rope.head_dim, d = row % rope.head_dim;
-        // Each value rounded as the projection's output would be, then rotated in float32.
-        float x0 = to_float(from_float<T>(sums[r])), x1 = to_float(from_float<T>(sums[r + 1]));
-        if (head < rope.n_heads + rope.n_kv_heads) {
-          const long long at = b * rope.c_b + tt * rope.c_t + (d / 2) * rope.c_i;
-          const float c = to_float(static_cast<const T*>(rope.cos)[at]);
-          const float sn = to_float(static_cast<const T*>(rope.sin)[at]);
-          const float r0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, sn));
-          const float r1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, sn));
-          x0 = r0;
-          x1 = r1;
+          for (int r = 0; r < ROWS_PER_WARP; ++r) partial[warp][t][r] = acc[t][r];
         }
-        T* dst;
-        if (head < rope.n_heads) {
-          dst = out + row;
-        } else {
-          const int kv = head < rope.n_heads + rope.n_kv_heads ? head - rope.n_heads : head - rope.n_heads - rope.n_kv_heads;
-          const long long slot = rope.slots[b * rope.s_b + tt * rope.s_t];
-          dst = static_cast<T*>(head < rope.n_heads + rope.n_kv_heads ? rope.keys : rope.values) + b * rope.kv_b +
-                kv * rope.kv_h + slot * rope.kv_p + d;
-        }
-        dst[0] = from_float<T>(x0);
-        dst[1] = from_float<T>(x1);
-      }
-    } else {
+      __syncthreads();
+      if (slice == 0)
 #pragma unroll
-      for (int r = 0; r < ROWS_PER_WARP; ++r) {
-        if (j0 + r >= n) continue;
-        float v = sums[r];
-        if (residual != nullptr) v = __fadd_rn(v, to_float(residual[size_t(t) * residual_stride + j0 + r]));
-        out[j0 + r] = from_float<T>(v);
-      }
+        for (int t = 0; t < TOKENS; ++t) {
+          if (t >= tokens) break;
+#pragma unroll
+          for (int r = 0; r < ROWS_PER_WARP; ++r)
+#pragma unroll
+            for (int s = 1; s < KSPLIT; ++s) acc[t][r] = __fadd_rn(acc[t][r], partial[warp + s][t][r]);
+        }
+      __syncthreads();  // read before the next tile writes
     }
+    if (slice == 0 && lane == 0) store(tokens, acc);
   }
 }
 
@@ -366,7 +378,15 @@ int launch(const Args& a, cudaStream_t stream) {
   }
   const int outputs_per_block = WARPS / KSPLIT * (a.gated ? ROWS_PER_WARP / 2 : ROWS_PER_WARP);
   const int outputs = a.gated ? a.n / 2 : a.n;
-  kernel<<<(outputs + outputs_per_block - 1) / outputs_per_block, WARPS * 32, smem, stream>>>(
+  // One wave of blocks, each staging x once for the tiles it takes (a block a tile paid the staging once per
+  // tile: a norm's two passes over x made wqkv and w13 2.5-5 us slower).
+  int device = 0, sms = 0, resident = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, WARPS * 32, smem);
+  if (err != cudaSuccess) return int(err);
+  const int tiles = (outputs + outputs_per_block - 1) / outputs_per_block;
+  kernel<<<std::max(1, std::min(tiles, resident * sms)), WARPS * 32, smem, stream>>>(
       static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.norm_weight), a.eps,
       static_cast<const uint4*>(a.packed), static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros),
       static_cast<const T*>(a.residual), a.residual_stride, a.gated, a.rope, static_cast<T*>(a.y), a.y_stride,
@@ -397,13 +417,6 @@ int launch_shape(int shape, const Args& a, cudaStream_t s) {
     case 3: return launch_prologue<T, 8, 4, 2, 1>(a, s);
     case 4: return launch_prologue<T, 4, 2, 2, 1>(a, s);
     case 5: return launch_prologue<T, 8, 4, 2, 2>(a, s);
-    case 6: return launch_prologue<T, 8, 4, 1, 4>(a, s);
-    case 7: return launch_prologue<T, 16, 4, 2, 4>(a, s);
-    case 8: return launch_prologue<T, 8, 2, 2, 4>(a, s);
-    case 9: return launch_prologue<T, 16, 4, 1, 8>(a, s);
-    case 10: return launch_prologue<T, 8, 8, 1, 2>(a, s);
-    case 11: return launch_prologue<T, 16, 2, 2, 8>(a, s);
-    case 12: return launch_prologue<T, 4, 4, 2, 2>(a, s);
     default: return int(cudaErrorInvalidValue);
   }
 }
