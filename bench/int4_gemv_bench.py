@@ -6,7 +6,8 @@ Per matrix: microseconds of one call, each call on the next of WEIGHTS fresh ran
 the L2 holds, as in a decode step), 20 calls captured in a CUDA graph and replayed (the launch gaps a graphed
 step has), median of --repeats replays; beside the bytes each reads over the device-to-device copy bandwidth
 measured in the same run. bfloat16 x and scales, groups of 128, as `--quant int4` runs. Each launch shape
-(warps a block, rows a warp, chunks in flight) is timed for one token; each matrix's chosen one (launch_shape) for --tokens.
+(warps a block, rows a group, chunks in flight, warps a group) is timed for one token; each matrix's chosen one
+(launch_shape) for --tokens, and for one token with what the block route adds to its launch (norm, residual, gate).
 """
 from __future__ import annotations
 
@@ -63,6 +64,14 @@ def random_int4(out: int, inp: int, gen: torch.Generator) -> Int4Weight:
         zeros=torch.randint(0, 16, (out, groups), generator=gen, device="cuda").to(torch.bfloat16))
 
 
+def _as_the_block_route_calls(name: str, x: torch.Tensor, out: int, gen: torch.Generator) -> dict:
+    """What engine/int4_block_step.py adds to this matrix's launch: the norm before wqkv and w13 (w13 gated), the
+    residual after wo and w2 (RoPE and the cache write after wqkv are left out)."""
+    norm = (1 + 0.1 * torch.randn(x.shape[1], generator=gen, device="cuda")).to(x.dtype), 1e-5
+    residual = torch.randn(x.shape[0], out, generator=gen, device="cuda").to(x.dtype)
+    return {"wqkv": dict(norm=norm), "w13": dict(norm=norm, gated=True)}.get(name, dict(residual=residual))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(map(str, LAUNCH_SHAPES)), help="launch shapes, each timed for one token")
@@ -78,9 +87,9 @@ def main() -> None:
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, HBM copy {hbm:.0f} GB/s; us per call "
              "(% of the copy bandwidth)", "",
              "| matrix | " + " | ".join(f"ours shape {s or 'chosen'}, {t} tok" for s, t in variants)
-             + " | tinygemm | cuBLAS bf16 (4x the bytes) |",
-             "|---|" + "---|" * (len(variants) + 2)]
-    totals = dict.fromkeys([*variants, "tinygemm", "dense"], 0.0)
+             + " | chosen, 1 tok, with the block route's norm / residual / gate | tinygemm | cuBLAS bf16 (4x the bytes) |",
+             "|---|" + "---|" * (len(variants) + 3)]
+    totals = dict.fromkeys([*variants, "route", "tinygemm", "dense"], 0.0)
     for name, (out, inp) in SHAPES.items():
         gen = torch.Generator("cuda").manual_seed(out + inp)
         weights = [random_int4(out, inp, gen) for _ in range(WEIGHTS)]
@@ -92,6 +101,10 @@ def main() -> None:
             us = graphed_us(lambda i, s=shape, t=tokens: int4_gemv(xs[:t], weights[i % WEIGHTS], s), ns.repeats)
             totals[shape, tokens] += us
             cells.append(f"{us:.2f} ({100 * int4_bytes / (us * 1e-6) / 1e9 / hbm:.1f}%)")
+        extra = _as_the_block_route_calls(name, x, out, gen)
+        us = graphed_us(lambda i: int4_gemv(x, weights[i % WEIGHTS], **extra), ns.repeats)
+        totals["route"] += us
+        cells.append(f"{us:.2f} ({100 * int4_bytes / (us * 1e-6) / 1e9 / hbm:.1f}%)")
         tiny = [prepare_for_cuda(w) for w in weights]
         us = graphed_us(lambda i: int4_matmul_tinygemm(x, tiny[i % WEIGHTS]), ns.repeats)
         totals["tinygemm"] += us
