@@ -13,7 +13,8 @@
   kernels, by name, with their count and device time, go to stderr and the json.
 - pytiny: the bundled 14M model, fp16, the same three ways.
 - app: app.py as a user runs it (`--prompt ... --max_new_tokens 128`) on a random fp16 checkpoint of the
-  7B shape written to --ckpt (vocabulary of the bundled tokenizer), and the bundled model, with graphs,
+  7B shape written to --ckpt (vocabulary of the bundled tokenizer), as it is and with `--quant int4`, and the
+  bundled model, with graphs,
   and `--baseline DIR`'s app.py (a checkout before this work) the same way: the decode tok/s each prints.
 - compile: the same step under torch.compile(mode="reduce-overhead") instead of our graphs (fp16 7B):
   its compile time, then tok/s.
@@ -279,10 +280,12 @@ def main() -> None:
     if "app" in modes:
         ckpt = write_checkpoint(ModelArgs(**{**LLAMA2_7B, "vocab_size": 6144}, max_seq_len=CTX), BUNDLED_MODEL,
                                 ns.ckpt, device)
-        for name, model_dir in (("7B fp16 app.py", ckpt), ("pytiny app.py", BUNDLED_MODEL)):
-            rows.append(app_row(name, "graphs", ROOT, model_dir, ["--f16"]))
+        runs = (("7B fp16 app.py", ckpt, ["--f16"]), ("7B int4 app.py", ckpt, ["--f16", "--quant", "int4"]),
+                ("pytiny app.py", BUNDLED_MODEL, ["--f16"]))
+        for name, model_dir, flags in runs:
+            rows.append(app_row(name, "graphs", ROOT, model_dir, flags))
             if ns.baseline is not None:
-                rows.append(app_row(name, "baseline checkout", ns.baseline.resolve(), model_dir, ["--f16"]))
+                rows.append(app_row(name, "baseline checkout", ns.baseline.resolve(), model_dir, flags))
     md = table(rows, hbm)
     print(md)
     if ns.markdown:
