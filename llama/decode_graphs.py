@@ -16,9 +16,9 @@ with one note, when the step synchronizes with the host (bitsandbytes' LLM.int8 
 columns there): a warm-up run under torch's sync debug mode finds that before anything is captured.
 Outputs of a captured step live in the graph's memory: they are valid until the next step.
 
-Measured (bench/decode_bench.py, H200): the 7B shape decodes at 204 tok/s in fp16 (63% of the HBM limit;
-177 with torch's ops in place of llama/fused_ops.py's kernels, 27 op by op) and 330 tok/s in int4 (29%, from
-257; tinygemm's one-row matmul is two thirds of the step).
+Measured (bench/decode_bench.py, H200): the 7B shape decodes at 222 tok/s in fp16 (69% of the HBM limit;
+183 with torch's ops in place of llama/fused_ops.py's kernels, 46 op by op) and 491 tok/s in int4 (44%; 317
+with torch's ops around our int4 GEMV; 327 in the seventh session with tinygemm's one-row matmul instead).
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ library with one C entry point, so the build needs no torch headers. Without nvc
 `int4_gemv_library()` warns once and returns None, and callers keep tinygemm.
 
 LLAMA_OFFLOAD_INT4_GEMV=0 turns it off (tinygemm then serves one-token steps): for debugging, and for
-bench/decode_bench.py's comparison. On the H200 the 7B step's matmuls took 1.51 ms against tinygemm's 2.06
+bench/decode_bench.py's comparison. On the H200 the 7B step's matmuls took 1.48 ms against tinygemm's 2.08
 (bench/int4_gemv_bench.py; BENCHMARKS.md).
 """
 from __future__ import annotations
