@@ -1,6 +1,6 @@
-// int8 weight-only GEMV: rows one after another, a single sequential stream for the prefetchers (which
-// follow one stream far better than several interleaved ones), each weight vector converted once and used
-// for up to 4 tokens.
+// int8 weight-only GEMV: for one token rows one after another, a single sequential stream for the prefetchers
+// (which follow one stream far better than several interleaved ones); for 2-8 tokens blocks of up to 4 rows
+// sharing each activation load; each weight vector converted once and used for up to 4 tokens.
 #include <cmath>
 
 #include "gemv_tiles.h"
@@ -45,31 +45,42 @@ static void int8_block(const float* x, int64_t ldx, int64_t K, const int8_t* q, 
   }
 }
 
-// One row against TB tokens (x [TB][K], y[t * ldy]). Each token's sum takes the same steps whatever TB is:
-// four sums in flight over steps of 4 * kW, then whole vectors into the first, then single values (std::fma:
-// fused whether or not the compiler vectorizes the loop across tokens); so a token's row is bit for bit
-// what a one-token call gives. The later tokens find the row in L1.
-template <int TB>
-static void int8_row(const float* x, int64_t K, const int8_t* qr, float scale, float* y, int64_t ldy) {
-  constexpr int64_t step = 4 * kW;
+// R rows against TB tokens (x [TB][K], y[t * ldy + r]): each activation vector is loaded once for the R rows
+// (one row a time reloaded every token's x from L2 for each row: 8 tokens of 4096 floats are 32 times the
+// row's bytes). Each (row, token) sum takes the same steps whatever R and TB are: two sums in flight over
+// steps of 2 * kW, then whole vectors into the first, then single values (std::fma: fused whether or not the
+// compiler vectorizes the loop across tokens); so a token's row is bit for bit what a one-token call gives.
+template <int R, int TB>
+static void int8_rows(const float* x, int64_t K, const int8_t* q, const float* scale, float* y, int64_t ldy) {
+  constexpr int64_t step = 2 * kW;
   const int64_t kv = K - K % step;
-  vfloat acc[4][TB] = {};
+  vfloat acc[R][2][TB] = {};
   int64_t k = 0;
   for (; k < kv; k += step) {
-    for (int64_t b = 0; b < step; b += kLine) __builtin_prefetch(qr + k + kAhead + b);
-    for (int u = 0; u < 4; ++u) {
-      const vfloat w = load_i8_as_f(qr + k + u * kW);
-      for (int t = 0; t < TB; ++t) acc[u][t] += w * load_f(x + t * K + k + u * kW);
+    if (k % kLine < step)  // once a line
+      for (int r = 0; r < R; ++r)
+        for (int64_t b = 0; b < step; b += kLine) __builtin_prefetch(q + r * K + k + kAhead + b);
+    for (int u = 0; u < 2; ++u) {
+      vfloat xv[TB];
+      for (int t = 0; t < TB; ++t) xv[t] = load_f(x + t * K + k + u * kW);
+      for (int r = 0; r < R; ++r) {
+        const vfloat w = load_i8_as_f(q + r * K + k + u * kW);
+        for (int t = 0; t < TB; ++t) acc[r][u][t] += w * xv[t];
+      }
     }
   }
   for (; k + kW <= K; k += kW) {
-    const vfloat w = load_i8_as_f(qr + k);
-    for (int t = 0; t < TB; ++t) acc[0][t] += w * load_f(x + t * K + k);
+    for (int r = 0; r < R; ++r) {
+      const vfloat w = load_i8_as_f(q + r * K + k);
+      for (int t = 0; t < TB; ++t) acc[r][0][t] += w * load_f(x + t * K + k);
+    }
   }
-  for (int t = 0; t < TB; ++t) {
-    float s = hsum((acc[0][t] + acc[1][t]) + (acc[2][t] + acc[3][t]));
-    for (int64_t j = k; j < K; ++j) s = std::fma(float(qr[j]), x[t * K + j], s);
-    y[t * ldy] = s * scale;
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < TB; ++t) {
+      float s = hsum(acc[r][0][t] + acc[r][1][t]);
+      for (int64_t j = k; j < K; ++j) s = std::fma(float(q[r * K + j]), x[t * K + j], s);
+      y[t * ldy + r] = s * scale[r];
+    }
   }
 }
 
@@ -81,8 +92,10 @@ void int8_gemv_rows(const float* x, int64_t T, int64_t K, const int8_t* q, const
     });
     return;
   }
-  for (int64_t n = n0; n < n1; ++n)
-    token_chunks(T, [&](auto TB, int64_t t) { int8_row<TB>(x + t * K, K, q + n * K, scale[n], y + t * N + n, N); });
+  // R x 2 x TB vector sums stay in registers: 1, 4, 2, 2 rows a call for chunks of 1..4 tokens.
+  gemv_tiles<1, 4, 2, 2>(T, n0, n1, [&](auto R, auto TB, int64_t t, int64_t n) {
+    int8_rows<R, TB>(x + t * K, K, q + n * K, scale + n, y + t * N + n, N);
+  });
 }
 
 int vector_width() {
