@@ -11,8 +11,9 @@ ride in the matmuls' launches:
     gated = SiLU(w1(RMSNorm(h))) * w3(RMSNorm(h))   one launch over the stacked w13
     out   = h + w2(gated)
 
-Eleven launches a block become six in a one-token step (a BatchStep's). Each token's matmuls are the same in a
-pass of several tokens (a token tree) as in a one-token step; trees run RoPE and attention through torch's ops.
+Eleven launches a block become five in a one-token step (a BatchStep's; attention is one launch). Each token's
+matmuls are the same in a pass of several tokens (a token tree) as in a one-token step; trees run RoPE and
+attention through torch's ops.
 """
 from __future__ import annotations
 

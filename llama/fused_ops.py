@@ -210,8 +210,8 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding).
     block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program;
-    one_launch: the last split of each query head combines the splits (else a second launch does, with the
-    same bits; bench/attention_bench.py compares them)."""
+    one_launch: the last split of each query head combines the splits (else a second launch does; the two agree
+    to rounding, the reductions' layouts differ; bench/attention_bench.py compares them)."""
     tensors = (q, keys, values) if mask is None else (q, keys, values, mask)
     kern = kernels_for(*tensors)
     bsz, seqlen, n_heads, head_dim = q.shape
@@ -231,7 +231,7 @@ def attention(
     part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
     arrivals = _arrivals(q.device) if one_launch and queries <= MAX_ONE_LAUNCH_QUERIES else None
-    kern.attention_split[(queries, splits)](
+    kern.attention_split[(queries, splits)](  # without arrivals, COMBINE is off and part_max a placeholder for it
         q, keys, values, m, part_acc, part_max, part_sum, out, part_max if arrivals is None else arrivals,
         seqlen, n_heads, n_heads // n_kv, kv_len, per_split,
         head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
