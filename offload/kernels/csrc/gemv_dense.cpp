@@ -130,14 +130,15 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_block(const uint16_t* xb, int64_t K, con
 // latency), then a line at a time into the first, then single values, the same steps for every TB.
 template <int TB>
 LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row(const uint16_t* xb, int64_t K, const uint16_t* wr, float* y,
-                                            int64_t ldy) {
+                                            int64_t ldy, bool prefetch) {
   const int64_t kv = K - K % 128;
   __m512 acc[4][TB];
   for (int u = 0; u < 4; ++u)
     for (int t = 0; t < TB; ++t) acc[u][t] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k < kv; k += 128) {
-    for (int b = 0; b < 128; b += 32) __builtin_prefetch(wr + k + (kAheadBytes / 2) + b);
+    if (prefetch)
+      for (int b = 0; b < 128; b += 32) __builtin_prefetch(wr + k + (kAheadBytes / 2) + b);
     for (int u = 0; u < 4; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * u);
       for (int t = 0; t < TB; ++t)
@@ -145,7 +146,7 @@ LLAMA_OFFLOAD_TARGET_BF16 void bf16_dot_row(const uint16_t* xb, int64_t K, const
     }
   }
   for (; k + 32 <= K; k += 32) {  // a line at a time, still prefetching: rows of 576 end here
-    __builtin_prefetch(wr + k + (kAheadBytes / 2));
+    if (prefetch) __builtin_prefetch(wr + k + (kAheadBytes / 2));
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k);
     for (int t = 0; t < TB; ++t)
       acc[0][t] = _mm512_dpbf16_ps(acc[0][t], wv, (__m512bh)_mm512_loadu_si512(xb + t * K + k));
@@ -166,8 +167,11 @@ void bf16_dot_gemv(const uint16_t* xb, int64_t T, int64_t K, const uint16_t* w, 
     });
     return;
   }
+  const bool prefetch = cpu_path_on(CpuPath::kBf16RowPrefetch);
   for (int64_t n = n0; n < n1; ++n)
-    token_chunks(T, [&](auto TB, int64_t t) { bf16_dot_row<TB>(xb + t * K, K, w + n * K, y + t * N + n, N); });
+    token_chunks(T, [&](auto TB, int64_t t) {
+      bf16_dot_row<TB>(xb + t * K, K, w + n * K, y + t * N + n, N, prefetch);
+    });
 }
 #endif
 
