@@ -12,7 +12,8 @@
    same prompts (--warmup-tokens: a conversation's later replies find graphs captured, kernels compiled and
    the planner's measurements made; the first reply pays those once); reported: decode tok/s of each,
    tokens per target pass, and the multiple of the link limit (link GB/s / GB streamed per pass, measured
-   in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (--threads, the dtype app.py picks there).
+   in this run). Modes: stream_fp16, stream_int4, resident (fp16 on the GPU), cpu (--threads, the dtype app.py picks there;
+   --cpu_quant int8|int4 quantizes its blocks as --quant does).
 `--device cpu --dim 512 --layers 8 --ffn 1024` is a dry run of the code paths (streaming with synchronous copies).
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ from llama.speculative.planner import Planner
 from llama.speculative.tree import TokenTree, tree_attention
 from llama.tokenizer import load_tokenizer
 from llama.loader import empty_model
+from offload.kernels.linear import quantize_linears
 from offload.link import probe_link_gbps
 from offload.policy import OffloadConfig
 from offload.quant_mode import QuantMode
@@ -72,8 +74,11 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
     if mode == "cpu":  # and as app.py runs it: one-token steps through the compiled CPU decode blocks
         model.load_state_dict(state, strict=True, assign=True)
         model.set_max_seq_len(ns.ctx)
-        use_cpu_decode_blocks(model)
-        print(f"cpu: {dtype}, {torch.get_num_threads()} threads", flush=True)
+        if ns.cpu_quant is not None:  # as --quant does on the CPU: the blocks' linears, and an int8 head copy
+            quantize_linears(model.layers, QuantMode(ns.cpu_quant), progress=False)
+        use_cpu_decode_blocks(model, int8_head=ns.cpu_quant is not None)
+        print(f"cpu: {dtype}{f' + {ns.cpu_quant}' if ns.cpu_quant else ''}, {torch.get_num_threads()} threads",
+              flush=True)
         return model.eval(), None, dtype
     config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
                            prefill_chunk=512, quant=quant, pin=device.type == "cuda")  # every block streamed
@@ -241,6 +246,7 @@ def main() -> None:
     p.add_argument("--warmup-tokens", type=int, help="an untimed reply of this many tokens to each prompt first "
                    "(default: --new-tokens, so that the timed replies capture no graph; 0: none)")
     p.add_argument("--threads", type=int, default=16, help="CPU threads in the cpu mode")
+    p.add_argument("--cpu_quant", choices=("int8", "int4"), help="the cpu mode's blocks quantized, as --quant does")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     ns = p.parse_args()
