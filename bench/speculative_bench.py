@@ -37,7 +37,7 @@ from engine.config import BUNDLED_MODEL, RunConfig
 from engine.cpu_decode import use_cpu_decode_blocks
 from engine.flag_values import parse_device
 from engine.llama_offload import offload_transformer, resident_transformer
-from engine.speculative import default_tree_cap
+from engine.speculative import MAX_TREE_TOKENS, default_tree_cap
 from llama.generation import Generator
 from llama.kv_cache import KVCache
 from llama.loader import load_model
@@ -47,8 +47,9 @@ from llama.speculative.decoder import Speculator
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner
-from llama.speculative.tree import TokenTree, tree_attention
+from llama.speculative.tree import TokenTree, tree_attention, tree_paths
 from llama.tokenizer import load_tokenizer
+from llama.tree_rows import TreePass, TreeRows
 from llama.loader import empty_model
 from offload.kernels.linear import quantize_linears
 from offload.link import probe_link_gbps
@@ -101,61 +102,47 @@ def random_tree(n: int, vocab: int, gen: torch.Generator) -> TokenTree:
 
 
 @torch.inference_mode()
-def pass_times(model: Transformer, dtype: torch.dtype, device: torch.device, ns: argparse.Namespace) -> dict[int, float]:
+def pass_times(model: Transformer, dtype: torch.dtype, device: torch.device, ns: argparse.Namespace) -> dict[str, dict]:
+    """Seconds of one pass by tokens in it after ns.context cached tokens: "batched" (a prefill-like pass, every
+    matmul over all rows at once) and "exact" (a tree pass as verification runs it on the GPU, each node getting
+    its one-token step's bits: llama/tree_rows.py), up to the planner's cap."""
     args = model.args
     cache = KVCache(args, ns.ctx, dtype, device)
     gen = torch.Generator().manual_seed(0)
     context = torch.randint(args.vocab_size, (1, ns.context), generator=gen)
     for pos in range(0, ns.context, 512):
         model(context[:, pos : pos + 512], pos, cache, last_only=True)
-    out = {}
+    out: dict[str, dict] = {"batched": {}, "exact": {}}
     for n in PASS_SIZES:
         if ns.context + n > ns.ctx:
             continue
         tree = random_tree(n, args.vocab_size, gen)
         positions, mask = tree_attention(tree, ns.context, window=args.sliding_window)
         tokens = torch.tensor([tree.tokens])
-        times, queued = [], []
-        for _ in range(ns.repeats + 1):  # the first is a warm-up
-            _sync(device)
-            begin = time.perf_counter()
-            model(tokens, ns.context, cache, positions=positions, mask=mask)
-            queued.append(time.perf_counter() - begin)  # the host's share: near the whole, the host is the limit
-            _sync(device)
-            times.append(time.perf_counter() - begin)
-        out[n] = statistics.median(times[1:])
-        print(f"  pass of {n:5d} tokens: {1e3 * out[n]:8.1f} ms ({out[n] / out[1]:.2f}x one token), "
-              f"host done queueing at {1e3 * statistics.median(queued[1:]):.1f} ms", flush=True)
+        runs = {"batched": cache}
+        if device.type == "cuda" and n <= MAX_TREE_TOKENS["cuda"]:
+            rows = TreeRows(positions[None].to(device), tree_paths(tree, ns.context)[None].to(device))
+            runs["exact"] = TreePass(cache, rows)
+        for kind, over in runs.items():
+            seconds, queued = _median_pass(lambda: model(tokens, ns.context, over, positions=positions, mask=mask),
+                                           device, ns.repeats)
+            out[kind][n] = seconds
+            print(f"  {kind} pass of {n:5d} tokens: {1e3 * seconds:8.1f} ms ({seconds / out[kind][1]:.2f}x one "
+                  f"token), host done queueing at {1e3 * queued:.1f} ms", flush=True)
     return out
 
 
-def workloads(tokenizer, ns: argparse.Namespace) -> dict[str, list[list[int]]]:
-    text = Path(ns.heldout).read_text(encoding="utf-8")
-    ids = tokenizer.encode(text)
-    step = (len(ids) - ns.prompt_tokens) // ns.prompts
-    continuation = [[tokenizer.bos_id] + ids[i * step : i * step + ns.prompt_tokens] for i in range(ns.prompts)]
-    functions = [m.group(0) for m in re.finditer(r"(?ms)^def \w+\(.*?(?=^\S)", text) if 400 < len(m.group(0)) < 2000]
-    edits = []
-    for f in functions[:: max(1, len(functions) // ns.prompts)][: ns.prompts]:
-        head = f.splitlines()[0]
-        renamed = re.sub(r"^def (\w+)", r"def \1_v2", head)
-        edits.append(tokenizer.encode(f + "\n\n# The same, renamed:\n" + renamed + "\n", bos=True))
-    return {"a_continuation": continuation, "b_edit": edits}
-
-
-def decode(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
-    """(decode tok/s, tokens per target pass, outputs)."""
-    tokens = passes = 0
-    seconds = 0.0
-    outputs = []
-    for prompt in prompts:
-        gen.reset()
-        out = gen.generate(prompt, Sampler(GREEDY), new_tokens, stop_ids=set())
-        tokens += out.stats.new_tokens - 1
-        passes += out.stats.decode_passes
-        seconds += out.stats.decode_seconds
-        outputs.append(out.token_ids)
-    return tokens / seconds, tokens / passes, outputs
+def _median_pass(run, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of run() to the device's end, and to the host's (near the whole: the host is the limit)."""
+    times, queued = [], []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        begin = time.perf_counter()
+        run()
+        queued.append(time.perf_counter() - begin)
+        _sync(device)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times[1:]), statistics.median(queued[1:])
 
 
 def warm_up(gen: Generator, prompts: list[list[int]], ns: argparse.Namespace) -> None:
@@ -220,10 +207,9 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {row['mode']} | {name} | {r['plain_tok_s']:.2f} | {r['spec_tok_s']:.2f} | "
                          f"{r['tokens_per_pass']:.2f} | {r['speedup']:.2f} | {x} | {r['same_tokens']} |")
     for row in rows:
-        if "pass_seconds" in row:
-            t = row["pass_seconds"]
+        for kind, t in row.get("pass_seconds", {}).items():
             lines.append("")
-            lines.append(f"{row['mode']} pass time (ms) by tokens in the pass: " + ", ".join(
+            lines.append(f"{row['mode']} {kind} pass time (ms) by tokens in the pass: " + ", ".join(
                 f"{n}: {1e3 * s:.1f} ({s / t[1]:.2f}x)" for n, s in t.items()))
     return "\n".join(lines) + "\n"
 

@@ -176,11 +176,11 @@ class CpuDecodeModel(Transformer):
         out = stack.tree_step(h[0], cache.keys, cache.values, start_pos, cos, sin, mask.to(torch.bool).contiguous())
         return out.view_as(h)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
         """The head over hidden states (batch, seqlen, dim); a few tokens on the CPU are normed one at a time,
         so that a tree's rows are bit for bit the one-token steps' (the head's kernel already is per row)."""
         if h.device.type != "cpu" or h.shape[0] != 1 or not 1 < h.shape[1] <= FEW_TOKENS:
-            return super().logits(h)
+            return super().logits(h, exact)
         normed = torch.cat([self.norm(h[:, t : t + 1]) for t in range(h.shape[1])], dim=1)
         return self.output(normed)
 

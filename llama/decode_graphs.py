@@ -34,9 +34,11 @@ import torch
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.slot_cache import BatchStep
+from llama.tree_rows import TreeRows
 
 MIN_BUCKET = 256  # the smallest kv length a step attends over: short contexts share one graph
 MAX_GRAPH_TOKENS = 32  # steps of more tokens (a large token tree) run eagerly: their shapes seldom repeat
+EXACT_TREE_STEP = 4  # an exact tree's graphs come in sizes of multiples of this
 
 
 def kv_bucket(length: int, capacity: int) -> int:
@@ -55,13 +57,18 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class _Inputs:
-    """The static buffers of steps of one token count: (1, tokens) ids, RoPE positions, cache slots, and a
-    mask (1, tokens, capacity) whose first `bucket` columns a tree step reads."""
+    """The static buffers of steps of one token count: (1, tokens) ids, RoPE positions, cache slots, a mask
+    (1, tokens, capacity) whose first `bucket` columns a tree step reads, and an exact tree's paths (1, tokens,
+    tokens) (llama/tree_rows.py)."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
     slots: torch.Tensor
     mask: torch.Tensor
+    paths: torch.Tensor
+
+
+DECODE, TREE, EXACT_TREE = "decode", "tree", "exact tree"  # what a step runs: one token, a draft's tree, a target's
 
 
 class DecodeSteps:
@@ -76,7 +83,7 @@ class DecodeSteps:
         self.capture = capture and self.device.type == "cuda"
         self.notify = notify or (lambda line: print(line, file=sys.stderr))
         self._inputs: dict[int, _Inputs] = {}
-        self._graphs: dict[tuple[bool, int, int], tuple[torch.cuda.CUDAGraph, StepOutput]] = {}
+        self._graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, StepOutput]] = {}
         self._pool: tuple[int, int] | None = None  # one memory pool for every graph: they never run at once
         self.captured = 0  # graphs captured so far: a step that captured one took a one-off time
 
@@ -87,18 +94,22 @@ class DecodeSteps:
         inputs.tokens.fill_(token)
         inputs.positions.fill_(pos)
         inputs.slots.fill_(pos)
-        return self._run(False, 1, kv_bucket(pos + 1, self.cache.max_seq_len))
+        return self._run(DECODE, 1, kv_bucket(pos + 1, self.cache.max_seq_len))
 
     @torch.inference_mode()
-    def tree(self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor) -> StepOutput:
+    def tree(
+        self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor,
+        paths: torch.Tensor | None = None,
+    ) -> StepOutput:
         """Nodes of a token tree at cache slots start, start + 1, ...: their RoPE positions (n,) and which of
-        the cache positions each sees, mask (n, start + n) bool (llama/speculative/tree.py).
+        the cache positions each sees, mask (n, start + n) bool (llama/speculative/tree.py). paths (n, depth):
+        each node's path (tree_paths), for a pass whose every node gets its one-token step's bits.
 
         A tree that a graph can take is padded to the next power of two, so that a few graphs serve trees of
         every size: each padding node sees only its own slot, past the tree's, and nobody reads its output
         (the cache holds nothing there that a later step reads before writing it)."""
         n, seen = len(tokens), mask.shape[1]
-        size = self._tree_size(n, start)
+        size = self._tree_size(n, start, paths is not None)
         inputs = self._buffers(size)
         pad = size - n
         inputs.tokens.copy_(torch.tensor([tokens + [0] * pad]), non_blocking=True)
@@ -110,44 +121,53 @@ class DecodeSteps:
         if pad:
             inputs.mask[:, n:, :bucket].fill_(False)
             inputs.mask[0, torch.arange(n, size), torch.arange(start + n, start + size)] = True  # (pad,): own slots
-        out = self._run(True, size, bucket)
+        if paths is not None:
+            own = torch.full((size, size), -1, dtype=torch.int32)
+            own[:n, : paths.shape[1]] = paths
+            own[n:, 0] = torch.arange(start + n, start + size)  # padding nodes: the context and their own slots
+            inputs.paths.copy_(own[None], non_blocking=True)
+        out = self._run(TREE if paths is None else EXACT_TREE, size, bucket)
         return StepOutput(out.logits[:, :n], out.argmax[:, :n])
 
-    def _tree_size(self, n: int, start: int) -> int:
-        """The token count a tree of n nodes at `start` runs as: the next power of two where a graph would take
-        it (captured or not: the tokens must not depend on --no_graphs), else n."""
-        size = 1 << (n - 1).bit_length()
+    def _tree_size(self, n: int, start: int, exact: bool) -> int:
+        """The token count a tree of n nodes at `start` runs as where a graph would take it (captured or not: the
+        tokens must not depend on --no_graphs), else n: the next power of two, or for an exact tree (whose rows
+        each cost a matmul call) the next multiple of EXACT_TREE_STEP."""
+        size = -(-n // EXACT_TREE_STEP) * EXACT_TREE_STEP if exact else 1 << (n - 1).bit_length()
         return size if size <= MAX_GRAPH_TOKENS and start + size <= self.cache.max_seq_len else n
 
     def _buffers(self, n: int) -> _Inputs:
         if n not in self._inputs:
             ids = lambda: torch.zeros(1, n, dtype=torch.long, device=self.device)  # noqa: E731
             mask = torch.zeros(1, n, self.cache.max_seq_len, dtype=torch.bool, device=self.device)
-            self._inputs[n] = _Inputs(ids(), ids(), ids(), mask)
+            paths = torch.full((1, n, n), -1, dtype=torch.int32, device=self.device)
+            self._inputs[n] = _Inputs(ids(), ids(), ids(), mask, paths)
         return self._inputs[n]
 
-    def _step(self, given_mask: bool, n: int, bucket: int) -> StepOutput:
+    def _step(self, kind: str, n: int, bucket: int) -> StepOutput:
         """The step itself, from the static buffers: what a graph records and what runs uncaptured."""
         inputs = self._inputs[n]
         step = BatchStep(self.cache, inputs.slots, bucket)  # type: ignore[arg-type]  # a KVCache has its tensors
-        mask = inputs.mask[:, :, :bucket] if given_mask else step.mask(self.model.args.sliding_window)
+        if kind == EXACT_TREE:
+            step.tree_rows = TreeRows(inputs.positions, inputs.paths)
+        mask = inputs.mask[:, :, :bucket] if kind != DECODE else step.mask(self.model.args.sliding_window)
         logits = self.model(inputs.tokens, 0, step, positions=inputs.positions, mask=mask)
         return StepOutput(logits, logits.nan_to_num(nan=float("-inf")).argmax(-1))
 
-    def _run(self, given_mask: bool, n: int, bucket: int) -> StepOutput:
+    def _run(self, kind: str, n: int, bucket: int) -> StepOutput:
         if not self.capture or n > MAX_GRAPH_TOKENS:
-            return self._step(given_mask, n, bucket)
-        key = (given_mask, n, bucket)
+            return self._step(kind, n, bucket)
+        key = (kind, n, bucket)
         if key not in self._graphs:
-            captured = self._capture(given_mask, n, bucket)
+            captured = self._capture(kind, n, bucket)
             if captured is None:
-                return self._step(given_mask, n, bucket)
+                return self._step(kind, n, bucket)
             self._graphs[key] = captured
         graph, out = self._graphs[key]
         graph.replay()
         return out
 
-    def _capture(self, given_mask: bool, n: int, bucket: int) -> tuple[torch.cuda.CUDAGraph, StepOutput] | None:
+    def _capture(self, kind: str, n: int, bucket: int) -> tuple[torch.cuda.CUDAGraph, StepOutput] | None:
         """Warm up on a side stream (torch's recipe: libraries set up their handles outside the capture),
         watching for host syncs, then record the step. The warm-up writes the same keys and values the
         replay does, so it is harmless."""
@@ -155,7 +175,7 @@ class DecodeSteps:
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(side), _host_syncs_raise():
-                self._step(given_mask, n, bucket)
+                self._step(kind, n, bucket)
         except RuntimeError as e:
             torch.cuda.current_stream(self.device).wait_stream(side)
             return self._give_up("the step synchronizes with the host", e)
@@ -163,7 +183,7 @@ class DecodeSteps:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(given_mask, n, bucket)
+                out = self._step(kind, n, bucket)
         except RuntimeError as e:
             return self._give_up("capturing the step failed", e)
         self._pool = graph.pool()

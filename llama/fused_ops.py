@@ -28,6 +28,7 @@ ATTENTION_PROGRAMS = 1024  # splits are chosen so that a step launches about thi
 ATTENTION_WARPS = 1
 MAX_SPLITS = 64  # a power of 2: the combine kernel's fixed width
 MAX_ATTENTION_QUERIES = 32  # queries per sequence; a prefill-sized chunk reads the cache once per query here
+MAX_TREE_QUERIES = 256  # a token tree's nodes, each seeing its own path (paths): its pass's one attention
 MAX_ONE_LAUNCH_QUERIES = 8192  # query heads a one-launch attention counts its splits' arrivals for (32 KiB)
 _ARRIVALS: dict[tuple[int | None, int], torch.Tensor] = {}  # (device index, stream) -> counters, see _arrivals
 
@@ -192,51 +193,90 @@ def rope_store(
 # --- attention of a few queries over the cache --------------------------------------------------------------
 
 def attention_reference(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+    positions: torch.Tensor | None = None, paths: torch.Tensor | None = None, window: int | None = None,
 ) -> torch.Tensor:
     """q (batch, seqlen, n_heads, head_dim) over keys, values (batch, n_kv_heads, kv_len, head_dim), mask
-    additive (batch or 1, seqlen, kv_len) or None -> (batch, seqlen, n_heads * head_dim)."""
+    additive (batch or 1, seqlen, kv_len) or None -> (batch, seqlen, n_heads * head_dim). positions, paths,
+    window: which slots each query sees instead of a mask (see visible_slots)."""
     bsz, seqlen, n_heads, _ = q.shape
+    if positions is not None or paths is not None or window is not None:
+        seen = visible_slots(positions, paths, window, bsz, seqlen, keys.shape[2], q.device)
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill_(~seen, float("-inf"))
     attn_mask = None if mask is None else mask[:, None]  # (batch or 1, 1, seqlen, kv_len)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                          enable_gqa=n_heads != keys.shape[1])
     return out.transpose(1, 2).reshape(bsz, seqlen, -1)
 
 
+def visible_slots(
+    positions: torch.Tensor | None, paths: torch.Tensor | None, window: int | None,
+    bsz: int, seqlen: int, kv_len: int, device: torch.device,
+) -> torch.Tensor:
+    """(batch, seqlen, kv_len) bool: the cache slots each query sees. Query (b, t) sees positions [lo, hi): hi is
+    positions[b, t] + 1 (kv_len without positions), lo is hi - window (0 without one). Position n sits at slot n,
+    except that with paths (batch, seqlen, depth) int, the positions hi - 1 - j for j < depth sit at slot
+    paths[b, t, j] where that is >= 0 (a token tree's node and its ancestors)."""
+    n = torch.arange(kv_len, device=device)
+    hi = (torch.full((bsz, seqlen), kv_len, device=device) if positions is None
+          else torch.broadcast_to(positions.to(device), (bsz, seqlen)) + 1)[..., None]  # (batch, seqlen, 1)
+    lo = torch.zeros_like(hi) if window is None else (hi - window).clamp(min=0)
+    seen = (n >= lo) & (n < hi)  # by position
+    if paths is None:
+        return seen
+    depth = paths.shape[-1]
+    paths = torch.broadcast_to(paths.to(device), (bsz, seqlen, depth)).long()
+    moved_from = hi - 1 - torch.arange(depth, device=device)  # (batch, seqlen, depth): positions that paths moves
+    moved = (paths >= 0) & (moved_from >= lo)
+    sink = torch.cat([seen, seen.new_zeros(bsz, seqlen, 1)], -1)  # column kv_len takes the writes of unmoved j
+    sink.scatter_(2, torch.where(moved, moved_from, kv_len), False)  # not at their own slots...
+    sink.scatter_(2, torch.where(moved, paths, kv_len), True)  # ...but at their paths' slots
+    return sink[..., :kv_len]
+
+
 def attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+    positions: torch.Tensor | None = None, paths: torch.Tensor | None = None, window: int | None = None,
     block: int = ATTENTION_BLOCK, programs: int = ATTENTION_PROGRAMS, warps: int = ATTENTION_WARPS,
     one_launch: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention as attention_reference, split over cache positions (flash-decoding).
-    block, programs, warps: the kernel's tile of positions, the programs a launch aims at, warps per program;
-    one_launch: the last split of each query head combines the splits (else a second launch does; the two agree
-    to rounding, the reductions' layouts differ; bench/attention_bench.py compares them)."""
-    tensors = (q, keys, values) if mask is None else (q, keys, values, mask)
+    positions (batch, seqlen) int, paths (batch, seqlen, depth) int, window: see visible_slots (then no mask).
+    Each query's splits depend only on the positions it sees, so it gets the same bits in any launch: a token
+    tree's node (its ancestors through paths) what a one-token step at its position gets.
+    block, programs, warps: the kernel's tile of positions, the programs a one-token step of one sequence aims
+    at, warps per program; one_launch: the last split of each query head combines the splits (else a second
+    launch does; the same bits, bench/attention_bench.py compares their speed)."""
+    tensors = [t for t in (q, keys, values, mask) if t is not None]
     kern = kernels_for(*tensors)
     bsz, seqlen, n_heads, head_dim = q.shape
     n_kv, kv_len = keys.shape[1], keys.shape[2]
-    if (kern is None or not _is_power_of_2(head_dim) or seqlen > MAX_ATTENTION_QUERIES or n_heads % n_kv
-            or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1 or keys.shape[0] != bsz
-            or (mask is not None and mask.stride(-1) != 1) or kv_len == 0):
-        return attention_reference(q, keys, values, mask)
-    m = q if mask is None else torch.broadcast_to(mask, (bsz, seqlen, kv_len))  # (batch, seqlen, kv_len)
     queries = bsz * seqlen * n_heads
-    tiles = -(-kv_len // block)
-    splits = max(1, min(MAX_SPLITS, tiles, -(-programs // queries)))
-    per_split = -(-tiles // splits) * block
-    splits = -(-kv_len // per_split)
+    if (kern is None or not _is_power_of_2(head_dim) or n_heads % n_kv or kv_len == 0
+            or seqlen > (MAX_TREE_QUERIES if paths is not None else MAX_ATTENTION_QUERIES)
+            or q.stride(3) != 1 or keys.stride(3) != 1 or values.stride(3) != 1 or keys.shape[0] != bsz
+            or (mask is not None and (mask.stride(-1) != 1 or positions is not None or paths is not None))):
+        return attention_reference(q, keys, values, mask, positions, paths, window)
+    m = q if mask is None else torch.broadcast_to(mask, (bsz, seqlen, kv_len))  # (batch, seqlen, kv_len)
+    pos = q if positions is None else torch.broadcast_to(positions.to(q.device), (bsz, seqlen))
+    ways = q if paths is None else torch.broadcast_to(paths.to(device=q.device, dtype=torch.int32),
+                                                      (bsz, seqlen, paths.shape[-1]))
+    split_cap = max(1, min(MAX_SPLITS, -(-programs // n_heads)))
+    splits = max(1, min(split_cap, -(-kv_len // block)))  # the most any query uses: its positions are < kv_len
     part_acc = torch.empty(queries, splits, head_dim, dtype=torch.float32, device=q.device)
     part_max = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(queries, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(bsz, seqlen, n_heads * head_dim, dtype=q.dtype, device=q.device)
     arrivals = _arrivals(q.device) if one_launch and queries <= MAX_ONE_LAUNCH_QUERIES else None
     kern.attention_split[(queries, splits)](  # without arrivals, COMBINE is off and part_max a placeholder for it
-        q, keys, values, m, part_acc, part_max, part_sum, out, part_max if arrivals is None else arrivals,
-        seqlen, n_heads, n_heads // n_kv, kv_len, per_split,
-        head_dim**-0.5, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        q, keys, values, m, pos, ways, part_acc, part_max, part_sum, out,
+        part_max if arrivals is None else arrivals, seqlen, n_heads, n_heads // n_kv, kv_len, split_cap,
+        window or 0, ways.shape[-1] if paths is not None else 0, head_dim**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), m.stride(0), m.stride(1),
-        HEAD_DIM=head_dim, BLOCK_N=block, HAS_MASK=mask is not None, COMBINE=arrivals is not None,
+        pos.stride(0), pos.stride(1), ways.stride(0), ways.stride(1),
+        HEAD_DIM=head_dim, BLOCK_N=block, HAS_MASK=mask is not None, HAS_POSITIONS=positions is not None,
+        HAS_PATHS=paths is not None, WINDOWED=window is not None, COMBINE=arrivals is not None,
         SPLITS=MAX_SPLITS, num_warps=warps)
     if arrivals is None:
         kern.attention_combine[(queries,)](part_acc, part_max, part_sum, out, splits, HEAD_DIM=head_dim,

@@ -103,21 +103,38 @@ def kernels() -> SimpleNamespace | None:
         tl.store(out + bth * HEAD_DIM + d, o.to(out.dtype.element_ty))
 
     @triton.jit
-    def attention_split(q, keys, values, mask, part_acc, part_max, part_sum, out, arrivals,
-                        seqlen, n_heads, rep, kv_len, per_split, scale,
-                        q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t,
+    def attention_split(q, keys, values, mask, positions, paths, part_acc, part_max, part_sum, out, arrivals,
+                        seqlen, n_heads, rep, kv_len, split_cap, window, depth, scale,
+                        q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t, p_b, p_t, a_b, a_t,
                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
+                        HAS_POSITIONS: tl.constexpr, HAS_PATHS: tl.constexpr, WINDOWED: tl.constexpr,
                         COMBINE: tl.constexpr, SPLITS: tl.constexpr):
-        # Program (query head, split): an online softmax over positions [split * per_split, + per_split).
-        # The lengths are runtime values, so every tree size, cache bucket and position shares one compiled kernel.
-        # Exponentials in base 2: scores are scaled by log2(e) once. COMBINE: the query head's last split to
-        # finish (counted in arrivals, zeros left as found) also combines them, so attention is one launch.
+        # Program (query head, split): an online softmax over the query's visible positions [lo, hi) (hi: its
+        # position + 1 with HAS_POSITIONS, else kv_len; lo: hi - window with WINDOWED, else 0), cut into at most
+        # split_cap splits of whole tiles. The cut depends on lo and hi only, so a query gets the same bits
+        # whatever else the launch holds: a token tree's node the bits of the one-token step at its position.
+        # HAS_PATHS: the last `depth` positions up to hi are read at paths[b, t, hi - 1 - n] where that is >= 0
+        # (a tree node's ancestors, at their own slots), the rest at slot n. Splits past the query's own count
+        # store empty pieces. The lengths are runtime values, so every tree size, cache bucket and position
+        # shares one compiled kernel. Exponentials in base 2: scores are scaled by log2(e) once. COMBINE: the
+        # query head's last split to finish (counted in arrivals, zeros left as found) also combines them.
         bth = tl.program_id(0)
         split = tl.program_id(1)
         n_splits = tl.num_programs(1)
         h = bth % n_heads
         b = bth // n_heads // seqlen
         t = bth // n_heads % seqlen
+        if HAS_POSITIONS:
+            hi = tl.load(positions + b * p_b + t * p_t).to(tl.int32) + 1
+        else:
+            hi = kv_len
+        if WINDOWED:
+            lo = tl.maximum(hi - window, 0)
+        else:
+            lo = 0
+        tiles = tl.cdiv(hi - lo, BLOCK_N)
+        per_split = tl.cdiv(tiles, tl.maximum(tl.minimum(tiles, split_cap), 1)) * BLOCK_N
+        span = tl.where(split < tl.cdiv(hi - lo, per_split), per_split, 0)
         d = tl.arange(0, HEAD_DIM)
         qv = tl.load(q + b * q_b + t * q_t + h * q_h + d).to(tl.float32) * (scale * 1.4426950408889634)
         k_base = keys + b.to(tl.int64) * k_b + (h // rep) * k_h
@@ -125,11 +142,16 @@ def kernels() -> SimpleNamespace | None:
         best = tl.full((), float("-inf"), tl.float32)
         total = tl.zeros((), tl.float32)
         acc = tl.zeros((HEAD_DIM,), tl.float32)
-        for first in range(0, per_split, BLOCK_N):  # a multiple of BLOCK_N
-            n = split * per_split + first + tl.arange(0, BLOCK_N)
-            inside = n < kv_len
-            k = tl.load(k_base + n[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-            v = tl.load(v_base + n[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0)  # in flight with k
+        for first in range(0, span, BLOCK_N):  # a multiple of BLOCK_N
+            n = lo + split * per_split + first + tl.arange(0, BLOCK_N)
+            inside = n < hi
+            at = n
+            if HAS_PATHS:
+                back = hi - 1 - n
+                slot = tl.load(paths + b * a_b + t * a_t + back, mask=inside & (back < depth), other=-1)
+                at = tl.where(slot >= 0, slot, n)
+            k = tl.load(k_base + at[:, None] * k_p + d[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
+            v = tl.load(v_base + at[:, None] * v_p + d[None, :], mask=inside[:, None], other=0.0)  # in flight with k
             s = tl.sum(k * qv[None, :], axis=1)
             if HAS_MASK:
                 s += tl.load(mask + b * m_b + t * m_t + n, mask=inside, other=0.0).to(tl.float32) * 1.4426950408889634

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama.decode_graphs import DecodeSteps
+from llama.tree_rows import TreePass, TreeRows
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.sampling import Sampler
@@ -149,12 +150,21 @@ class Generator:
         return torch.tensor([ids], dtype=torch.long, device=self.model.tok_embeddings.weight.device)
 
     @torch.inference_mode()
-    def tree_logits(self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def tree_logits(
+        self, tokens: list[int], start: int, positions: torch.Tensor, mask: torch.Tensor,
+        paths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (n, vocab), on the device, of token-tree nodes at cache slots start, start + 1, ... with RoPE
-        positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward."""
+        positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward. paths
+        (n, depth), the nodes' tree_paths: each node's logits are the bits of its one-token step (on the GPU the
+        pass runs as llama/tree_rows.py says; the CPU's kernels give those bits anyway)."""
         if self.steps is not None:
-            return self.steps.tree(tokens, start, positions, mask).logits[0]
-        return self.model(self._tokens(tokens), start, self.cache, positions=positions, mask=mask)[0]
+            return self.steps.tree(tokens, start, positions, mask, paths).logits[0]
+        cache = self.cache
+        if paths is not None and cache.keys[0].is_cuda:
+            device = cache.keys[0].device
+            cache = TreePass(cache, TreeRows(positions[None].to(device), paths[None].to(device)))
+        return self.model(self._tokens(tokens), start, cache, positions=positions, mask=mask)[0]
 
     def reusable_prefix(self, prompt: Sequence[int]) -> int:
         """How many of prompt's first tokens the cache already holds, leaving at least one to run (for logits)."""

@@ -25,6 +25,7 @@ from llama import fused_ops
 from llama.config import Llama3RopeScaling, ModelArgs
 from llama.kv_cache import KVCache
 from llama.slot_cache import BatchStep
+from llama.tree_rows import linear_rows, tree_rows
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +106,7 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
-        return self.wo(self.attend(x, rotation, start_pos, cache, layer, mask))
+        return linear_rows(self.wo, self.attend(x, rotation, start_pos, cache, layer, mask), tree_rows(cache) is not None)
 
     def attend(
         self,
@@ -120,22 +121,24 @@ class Attention(nn.Module):
         """The attention's output before wo, (batch, seqlen, n_heads * head_dim). heads: wqkv(x) when the caller
         made it, (batch, seqlen, n_heads + 2 * n_kv_heads, head_dim); x is then read for its shape only."""
         bsz, seqlen, _ = x.shape
+        rows = tree_rows(cache)  # an exact tree pass (llama/tree_rows.py), or None
         if heads is None and self.wqkv is not None:
-            heads = self.wqkv(x).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        # One query a sequence only. With the kernels on token trees and chains, resident speculation measured
-        # 0.3-0.7x plain decoding on the H200 (the draft's share of a round grew from ~3 to ~50 ms; each tree size
-        # and bucket is another kernel variant to compile mid-reply, the likely cause); with the torch ops, 1.3-2.1x.
+            heads = linear_rows(self.wqkv, x, rows is not None).view(bsz, seqlen, self.n_heads + 2 * self.n_kv_heads,
+                                                                       self.head_dim)
+        # One query a sequence, or an exact tree. With the kernels on the draft's token trees and chains, resident
+        # speculation measured 0.3-0.7x plain decoding on the H200 (the draft's share of a round grew from ~3 to ~50
+        # ms; each tree size and bucket is another kernel variant to compile mid-reply, the likely cause).
         if heads is not None and self.fused_step_applies(x, cache):
-            return self._fused_step(heads, rotation, cache, layer, mask)
-        q, k, v = self._rotated_qkv(x, rotation, heads)
+            return self._fused_step(heads, rotation, cache, layer)
+        q, k, v = self._rotated_qkv(x, rotation, heads, rows is not None)
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
+        if rows is not None:  # each node over its own path, as the one-token step at its position attends
+            return fused_ops.attention(q.transpose(1, 2), k, v, None, rows.positions, rows.paths, self.window)
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
         if seqlen == 1 and (mask is None or gqa):
-            if mask is None and windowed:
-                k, v = k[:, :, -self.window :], v[:, :, -self.window :]
             out = self._decode_attention(q, k, v, mask)
         elif mask is not None:  # a token tree or a batch: the caller says which cached keys each query sees
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -153,39 +156,43 @@ class Attention(nn.Module):
 
     @staticmethod
     def fused_step_applies(x: torch.Tensor, cache: KVCache | BatchStep | None) -> bool:
-        """Whether a pass of x (batch, seqlen, dim) takes the fused step: RoPE with the cache write, then attend_stored."""
-        return isinstance(cache, BatchStep) and x.shape[1] == 1 and fused_ops.kernels_for(x) is not None
+        """Whether a pass of x (batch, seqlen, dim) takes the fused step: RoPE with the cache write, then attend_stored
+        (one token a sequence through a BatchStep, or an exact tree's)."""
+        return (isinstance(cache, BatchStep) and (x.shape[1] == 1 or cache.tree_rows is not None)
+                and fused_ops.kernels_for(x) is not None)
 
     def _fused_step(
-        self, heads: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int,
-        mask: torch.Tensor | None,
+        self, heads: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], cache: BatchStep, layer: int
     ) -> torch.Tensor:
-        """A step's attention in three launches after the projection (heads): RoPE with the cache write, and
-        the split attention over the step's kv_len keys (the caller's mask says which each query sees)."""
+        """A step's attention in two launches after the projection (heads): RoPE with the cache write, and
+        the split attention over the step's kv_len keys."""
         q = fused_ops.rope_store(heads, self.n_heads, rotation, *cache.layer(layer))  # (batch, seqlen, heads, dim)
-        return self.attend_stored(q, cache, layer, mask)
+        return self.attend_stored(q, cache, layer)
 
-    def attend_stored(self, q: torch.Tensor, cache: BatchStep, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend_stored(self, q: torch.Tensor, cache: BatchStep, layer: int) -> torch.Tensor:
         """The split attention of rotated q (batch, seqlen, n_heads, head_dim) over the step's kv_len keys, this
-        step's already stored (the caller's mask says which each query sees) -> (batch, seqlen, n_heads * head_dim)."""
+        step's already stored -> (batch, seqlen, n_heads * head_dim). Each query sees the positions up to its own
+        (the step's slots; an exact tree's positions and paths) within the window."""
         k, v = cache.stored(layer)  # (batch, n_kv_heads, kv_len, head_dim)
-        if mask is not None:  # additive, (seqlen, kv_len) for a tree or (batch, 1, seqlen, kv_len) for a batch
-            mask = mask[None] if mask.dim() == 2 else mask.squeeze(1)  # (batch or 1, seqlen, kv_len)
-        return fused_ops.attention(q, k, v, mask)  # (batch, seqlen, n_heads * head_dim)
+        rows = cache.tree_rows
+        if rows is None:
+            return fused_ops.attention(q, k, v, None, cache.positions, None, self.window)
+        return fused_ops.attention(q, k, v, None, rows.positions, rows.paths, self.window)
 
     def _rotated_qkv(
-        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], heads: torch.Tensor | None
+        self, x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor], heads: torch.Tensor | None, exact: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (RoPE applied) and v, each (batch, heads, seqlen, head_dim); heads: the fused projection's."""
+        """q, k (RoPE applied) and v, each (batch, heads, seqlen, head_dim); heads: the fused projection's; exact:
+        the projections row by row (llama/tree_rows.py)."""
         bsz, seqlen, _ = x.shape
         if heads is not None:  # one matmul, and RoPE over q's and k's heads at once
             qk = apply_rope(heads[:, :, : self.n_heads + self.n_kv_heads], rotation)
             q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
             v = heads[:, :, self.n_heads + self.n_kv_heads :]
         else:
-            q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), rotation)
-            k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), rotation)
-            v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+            q = apply_rope(linear_rows(self.wq, x, exact).view(bsz, seqlen, self.n_heads, self.head_dim), rotation)
+            k = apply_rope(linear_rows(self.wk, x, exact).view(bsz, seqlen, self.n_kv_heads, self.head_dim), rotation)
+            v = linear_rows(self.wv, x, exact).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _decode_attention(
@@ -193,10 +200,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One query per sequence: two small matmuls, with no backend dispatch, copies of K/V, or host syncs
         (on CUDA the split attention kernel)."""
-        if fused_ops.kernels_for(q):
+        if fused_ops.kernels_for(q):  # the window is the kernel's (as in a graphed step) unless the mask has it
             m = None if mask is None else mask.reshape(mask.shape[0], 1, -1)  # (batch or 1, 1, positions)
-            out = fused_ops.attention(q.transpose(1, 2), k, v, m)  # (batch, 1, n_heads * head_dim)
-            return out.view(q.shape[0], 1, self.n_heads, self.head_dim).transpose(1, 2)
+            out = fused_ops.attention(q.transpose(1, 2), k, v, m, window=self.window if mask is None else None)
+            return out.view(q.shape[0], 1, self.n_heads, self.head_dim).transpose(1, 2)  # (batch, n_heads, 1, dim)
+        if mask is None and self.window is not None and k.shape[2] > self.window:
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         bsz, n_rep = q.shape[0], self.n_heads // self.n_kv_heads
         # Query heads j*n_rep .. (j+1)*n_rep-1 share kv head j.
         qg = q.reshape(bsz, self.n_kv_heads, n_rep, self.head_dim)
@@ -216,12 +225,13 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w13: nn.Module | None = None  # w1 and w3 stacked on the output dim, when a loader fused them
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """exact: the matmuls row by row (llama/tree_rows.py)."""
         if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
+            gate, up = linear_rows(self.w13, x, exact).chunk(2, dim=-1)
         else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(fused_ops.silu_mul(gate, up))
+            gate, up = linear_rows(self.w1, x, exact), linear_rows(self.w3, x, exact)
+        return linear_rows(self.w2, fused_ops.silu_mul(gate, up), exact)
 
 
 class TransformerBlock(nn.Module):
@@ -252,7 +262,7 @@ class TransformerBlock(nn.Module):
                 return out
         attended = self.attention(self.attention_norm(x), rotation, start_pos, cache, self.layer, mask)
         h, normed = fused_ops.add_rms_norm(x, attended, self.ffn_norm.weight, self.ffn_norm.eps)  # one pass
-        return h + self.feed_forward(normed)
+        return h + self.feed_forward(normed, tree_rows(cache) is not None)
 
 
 class Transformer(nn.Module):
@@ -293,11 +303,12 @@ class Transformer(nn.Module):
         (llama/slot_cache.py); start_pos is then unused.
         """
         h = self._through_blocks(tokens, start_pos, cache, positions, mask)
-        return self.logits(h[:, -1:] if last_only else h)
+        return self.logits(h[:, -1:] if last_only else h, tree_rows(cache) is not None)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The head over hidden states (batch, seqlen, dim) after the last block, on the head's device."""
-        return self.output(self.norm(h).to(self.output.weight.device))
+    def logits(self, h: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """The head over hidden states (batch, seqlen, dim) after the last block, on the head's device; exact: row
+        by row (llama/tree_rows.py)."""
+        return linear_rows(self.output, self.norm(h).to(self.output.weight.device), exact)
 
     def fill_cache(self, tokens: torch.Tensor, start_pos: int, cache: KVCache, blocks: int | None = None) -> None:
         """Run tokens (batch, seqlen) through the blocks only, for their keys and values in the cache: a prompt

@@ -13,6 +13,7 @@ import torch
 
 from llama.config import ModelArgs
 from llama.kv_cache import KVCache, layer_devices
+from llama.tree_rows import TreeRows
 
 
 class SlotKVCache:
@@ -56,6 +57,7 @@ class BatchStep:
 
     def __init__(self, cache: SlotKVCache, positions: torch.Tensor, kv_len: int) -> None:
         self.cache, self.positions, self.kv_len = cache, positions, kv_len
+        self.tree_rows: TreeRows | None = None  # set for an exact tree's pass (llama/tree_rows.py)
         self.rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (B, 1)
         self._indices = {positions.device: (self.rows, positions)}  # per device of the layers: (rows, positions)
 

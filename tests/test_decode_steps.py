@@ -10,7 +10,7 @@ from fixtures import random_state, tiny_args
 from llama.decode_graphs import MIN_BUCKET, DecodeSteps, kv_bucket
 from llama.kv_cache import KVCache
 from llama.model import Transformer
-from llama.speculative.tree import TokenTree, tree_attention
+from llama.speculative.tree import TokenTree, tree_attention, tree_paths
 
 CAPACITY = 600  # buckets 256, 512, 600
 
@@ -86,10 +86,11 @@ def test_a_nan_logit_never_wins_the_argmax():
 
 
 @torch.inference_mode()
-def test_only_one_token_steps_take_the_fused_attention(monkeypatch):
-    """The fused RoPE + split attention serves one query a sequence; token trees keep the torch ops (through the
-    kernels, every tree size and bucket was another kernel variant, and resident speculation fell behind plain
-    decoding on the H200). Kernels are made to look present, and the fused step records its callers."""
+def test_only_one_token_steps_and_exact_trees_take_the_fused_attention(monkeypatch):
+    """The fused RoPE + split attention serves one query a sequence and the target's exact trees (each node must
+    get its one-token step's bits); a draft's token trees keep the torch ops (through the kernels, every tree size
+    and bucket was another kernel variant, and resident speculation fell behind plain decoding on the H200).
+    Kernels are made to look present, and the fused step records its callers."""
     import types
 
     import llama.model as model_module
@@ -102,7 +103,7 @@ def test_only_one_token_steps_take_the_fused_attention(monkeypatch):
     monkeypatch.setattr(model_module, "fused_ops", types.SimpleNamespace(**present))
     seen = []
 
-    def fused_step(self, x, rotation, cache, layer, mask):
+    def fused_step(self, x, rotation, cache, layer):
         seen.append(x.shape[1])
         return torch.zeros(*x.shape[:2], self.n_heads * self.head_dim)
 
@@ -119,3 +120,5 @@ def test_only_one_token_steps_take_the_fused_attention(monkeypatch):
     positions, mask = tree_attention(tree, 1)
     steps.tree(tree.tokens, 1, positions, mask)
     assert seen == []
+    steps.tree(tree.tokens, 1, positions, mask, tree_paths(tree, 1))
+    assert seen == [4] * model.args.n_layers

@@ -1,9 +1,7 @@
-"""Greedy speculation equals plain greedy on the GPU: resident, streamed (with and without exclusions),
-quantized, LLM.int8; with the target's own weights as the draft (long accepted paths) and with lookup.
-
-On the bundled model: it is trained, so its top two logits are rarely within bf16 rounding of each other
-(on a random tiny model they often are, and a tree pass, whose matmuls take other kernels than a one-token
-step, then flips a near-tie)."""
+"""Greedy speculation equals plain greedy on the GPU, token for token: resident, streamed (with and without
+exclusions), quantized, LLM.int8; with the target's own weights as the draft (long accepted paths) and with
+lookup; on the bundled model and on a random tiny one, whose logits are full of near-ties (a tree's nodes get
+their one-token steps' bits, llama/tree_rows.py, so near-ties fall the same way)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -13,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from speculative_testing import speculating
-from tiny_model import GREEDY
+from tiny_model import GREEDY, make_tiny_model_dir
 
 from engine.build import build_engine
 from engine.config import DeviceSpec, RunConfig
@@ -35,7 +33,7 @@ MODES = [
     {"quant": QuantMode.INT4},
     pytest.param({"quant": QuantMode.BNB, "dtype": "float16"},  # --use_8bit, resident
                  marks=pytest.mark.skipif(find_spec("bitsandbytes") is None, reason="needs bitsandbytes")),
-    {"use_offload": True, "quant": QuantMode.INT8},  # --use_8bit --use_offload
+    {"use_offload": True, "quant": QuantMode.INT8},  # --quant int8 --use_offload
     {"use_offload": True, "quant": QuantMode.INT4},
 ]
 PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
@@ -57,31 +55,16 @@ def engines():
         engine.close()
 
 
-@pytest.fixture(scope="module")
-def base() -> RunConfig:
-    return RunConfig(model_dir=BUNDLED, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
-
-
-NEAR_TIE = 0.25  # logits: bf16's step at magnitude 8-16 is 0.06, and the kernels of a tree pass (many rows)
-# and of a one-token step (tinygemm at one row, say) round differently
+@pytest.fixture(scope="module", params=["bundled", "random"])
+def base(request, tmp_path_factory) -> RunConfig:
+    model_dir = BUNDLED if request.param == "bundled" else make_tiny_model_dir(tmp_path_factory.mktemp("m"), ffn_dim=256)
+    return RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
 
 
 def _tokens(engine) -> list[int]:
     engine.generator.reset()
     prompt = engine.tokenizer.encode(PROMPT, bos=True)
     return engine.generator.generate(prompt, Sampler(GREEDY), 48, stop_ids=set()).token_ids
-
-
-def _assert_same_or_near_tie(engine, got: list[int], want: list[int]) -> None:
-    """got == want, or they part where the target's own logits cannot tell the two tokens apart."""
-    if got == want:
-        return
-    i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-    prompt = engine.tokenizer.encode(PROMPT, bos=True) + want[:i]
-    with torch.inference_mode():
-        logits = engine.model(torch.tensor([prompt], device=engine.device))[0, -1].float()
-    margin = float(logits[want[i]] - logits[got[i]])
-    assert abs(margin) <= NEAR_TIE, f"token {i}: {got[i]} instead of {want[i]}, logit margin {margin:.3f}"
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={getattr(v, 'value', v)}" for k, v in m.items()) or "resident")
@@ -92,4 +75,4 @@ def test_greedy_speculation_equals_plain_greedy(base, engines, mode, source):
     draft = {"draft": cfg.model_dir} if source == "draft" else {"lookup": True}
     for shape in (TreeShape(4, 1), TreeShape(4, 4), None):  # None: the planner's own choice
         engine = speculating(engines(cfg), shape, **draft)
-        _assert_same_or_near_tie(engine, _tokens(engine), want)
+        assert _tokens(engine) == want, shape

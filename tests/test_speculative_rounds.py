@@ -55,11 +55,11 @@ class _CapturingSteps(DecodeSteps):
         super().__init__(*args, capture=False)
         self._sizes: set[int] = set()
 
-    def tree(self, tokens, start, positions, mask):
+    def tree(self, tokens, start, positions, mask, paths=None):
         if len(tokens) not in self._sizes:
             self._sizes.add(len(tokens))
             self.captured += 1
-        return super().tree(tokens, start, positions, mask)
+        return super().tree(tokens, start, positions, mask, paths)
 
 
 def test_passes_that_captured_a_graph_are_not_observed(root):

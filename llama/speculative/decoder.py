@@ -18,7 +18,7 @@ from llama.sampling import Sampler
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner, TreeShape
-from llama.speculative.tree import TokenTree, tree_attention
+from llama.speculative.tree import TokenTree, tree_attention, tree_paths
 from llama.speculative.verify import verify_tree
 
 if TYPE_CHECKING:
@@ -143,8 +143,9 @@ class Speculator:
     def _tree_pass(
         gen: Generator, tree: TokenTree, start: int, positions: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        """The tree's logits (nodes, vocab) on the CPU: a captured step when the target is resident and the tree small."""
-        return gen.tree_logits(tree.tokens, start, positions, mask).float().cpu()
+        """The tree's logits (nodes, vocab) on the CPU, each node's the bits of its one-token step (so greedy speculation
+        gives plain greedy's tokens): a captured step when the target is resident and the tree small."""
+        return gen.tree_logits(tree.tokens, start, positions, mask, tree_paths(tree, start)).float().cpu()
 
     def _plain_pass(self, gen: Generator, token: int, start: int) -> torch.Tensor:
         """One token through the plain decode path (what decoding without speculation costs), timed."""

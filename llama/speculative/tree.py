@@ -76,3 +76,18 @@ def tree_attention(
         key_pos = torch.cat([torch.arange(start), start + depths])  # (start + hi,)
         mask &= key_pos[None, :] > positions[:, None] - window
     return positions, mask
+
+
+def tree_paths(tree: TokenTree, start: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+    """(hi - lo, depth) int32: for nodes lo..hi-1 of `tree` run at cache position `start`, the slots of the node
+    and its ancestors, the node first (entry j holds RoPE position start + depth(node) - j), -1 past the root.
+    With these, attention sees each node as the one-token step at its position (llama/fused_ops.py)."""
+    hi = len(tree) if hi is None else hi
+    depth = 1 + max(tree.depths[lo:hi])
+    paths = torch.full((hi - lo, depth), -1, dtype=torch.int32)
+    for row, node in enumerate(range(lo, hi)):
+        j = 0
+        while node >= 0:
+            paths[row, j] = start + node
+            node, j = tree.parents[node], j + 1
+    return paths

@@ -1,0 +1,91 @@
+"""The pieces of an exact tree pass that run anywhere (llama/tree_rows.py): each node's path, the slots the
+split attention lets each query see through positions, paths and a window (the reference the CUDA kernel is
+held to), and matmuls in calls of the rows a kernel keeps per-row bits for."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llama import fused_ops
+from llama.speculative.tree import TokenTree, tree_attention, tree_paths
+from llama.tree_rows import linear_rows
+
+
+def _tree() -> TokenTree:
+    tree = TokenTree(10)
+    tree.add_path(0, [11, 12, 13], 20)
+    tree.add_path(0, [21, 22], 20)
+    tree.add_path(2, [31], 20)
+    return tree
+
+
+def test_paths_list_each_node_then_its_ancestors_at_their_slots():
+    tree, start = _tree(), 5
+    paths = tree_paths(tree, start)
+    assert paths.dtype == torch.int32 and paths.shape == (len(tree), 1 + max(tree.depths))
+    for node in range(len(tree)):
+        want, n = [], node
+        while n >= 0:
+            want.append(start + n)
+            n = tree.parents[n]
+        row = paths[node].tolist()
+        assert row[: len(want)] == want and all(v == -1 for v in row[len(want) :])
+    assert tree_paths(tree, start, 3, 6).tolist() == paths[3:6, : 1 + max(tree.depths[3:6])].tolist()
+
+
+def test_positions_and_paths_show_each_node_what_the_tree_mask_shows():
+    for window in (None, 3, 50):
+        tree, start = _tree(), 7
+        positions, mask = tree_attention(tree, start, window=window)
+        seen = fused_ops.visible_slots(positions[None], tree_paths(tree, start)[None], window, 1, len(tree),
+                                       start + len(tree), torch.device("cpu"))
+        assert torch.equal(seen[0], mask), window
+
+
+def test_without_paths_a_query_sees_the_window_up_to_its_position():
+    seen = fused_ops.visible_slots(torch.tensor([[3, 9]]), None, 4, 1, 2, 12, torch.device("cpu"))
+    assert seen[0, 0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert seen[0, 1].nonzero().flatten().tolist() == [6, 7, 8, 9]
+    everything = fused_ops.visible_slots(None, None, None, 1, 1, 5, torch.device("cpu"))
+    assert everything.all()
+
+
+def test_reference_attention_over_paths_equals_each_branch_alone():
+    """Node i attending over the tree's slots through its path equals attention over a cache holding the
+    context and then only its own path, at consecutive positions."""
+    torch.manual_seed(0)
+    tree, start, heads, dim = _tree(), 6, 2, 8
+    kv_len = start + len(tree)
+    keys, values = torch.randn(1, heads, kv_len, dim), torch.randn(1, heads, kv_len, dim)
+    q = torch.randn(1, len(tree), heads, dim)
+    positions = torch.tensor(tree.depths)[None] + start
+    paths = tree_paths(tree, start)[None]
+    out = fused_ops.attention_reference(q, keys, values, None, positions, paths)
+    for node in range(len(tree)):
+        slots = list(range(start)) + [s for s in reversed(paths[0, node].tolist()) if s >= 0]
+        alone = fused_ops.attention_reference(q[:, node : node + 1], keys[:, :, slots], values[:, :, slots], None)
+        torch.testing.assert_close(out[:, node], alone[:, 0])
+
+
+class _Counting(nn.Linear):
+    def __init__(self, rows: int | None) -> None:
+        super().__init__(4, 3)
+        self.calls: list[int] = []
+        if rows is not None:
+            self.exact_rows = lambda x: rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.reshape(-1, 4).shape[0])
+        return super().forward(x)
+
+
+def test_linear_rows_calls_as_many_rows_as_the_kernel_keeps_exact():
+    x = torch.randn(1, 7, 4)
+    for rows, calls in ((None, [1] * 7), (3, [3, 3, 1]), (8, [7])):
+        linear = _Counting(rows)
+        got = linear_rows(linear, x, exact=True)
+        assert linear.calls == calls and got.shape == (1, 7, 3)
+        torch.testing.assert_close(got, nn.functional.linear(x, linear.weight, linear.bias))
+    linear = _Counting(None)
+    linear_rows(linear, x, exact=False)
+    assert linear.calls == [7]
