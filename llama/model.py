@@ -136,6 +136,8 @@ class Attention(nn.Module):
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
         if rows is not None:  # each node over its own path, as the one-token step at its position attends
             return fused_ops.attention(q.transpose(1, 2), k, v, None, rows.positions, rows.paths, self.window)
+        if isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(q):  # as attend_stored: by position
+            return fused_ops.attention(q.transpose(1, 2), k, v, None, cache.positions, None, self.window)
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
         if seqlen == 1 and (mask is None or gqa):
