@@ -100,7 +100,7 @@ inline void load_hi_and_byte_as_f(const uint8_t* p, vfloat& hi, vfloat& byte) {
 #endif
 }
 
-// Element loaders for float32, bfloat16 and float16 storage (bfloat16 and float16 as raw uint16 bits):
+// Element loaders for float32, bfloat16, float16 and int8 storage (bfloat16 and float16 as raw uint16 bits):
 // load() widens kW elements to floats, one() a single element.
 struct LoadF32 {
   using T = float;
@@ -121,6 +121,11 @@ struct LoadF16 {
   using T = uint16_t;
   static vfloat load(const uint16_t* p) { return load_f16_as_f(p); }
   static float one(const uint16_t* p) { return float(c10::Half(*p, c10::Half::from_bits())); }
+};
+struct LoadI8 {  // int8 weights, their per-row scale applied after the sum
+  using T = int8_t;
+  static vfloat load(const int8_t* p) { return load_i8_as_f(p); }
+  static float one(const int8_t* p) { return float(*p); }
 };
 
 inline float hsum(vfloat v) {
