@@ -145,6 +145,35 @@ def _median_pass(run, device: torch.device, repeats: int) -> tuple[float, float]
     return statistics.median(times[1:]), statistics.median(queued[1:])
 
 
+def workloads(tokenizer, ns: argparse.Namespace) -> dict[str, list[list[int]]]:
+    text = Path(ns.heldout).read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)
+    step = (len(ids) - ns.prompt_tokens) // ns.prompts
+    continuation = [[tokenizer.bos_id] + ids[i * step : i * step + ns.prompt_tokens] for i in range(ns.prompts)]
+    functions = [m.group(0) for m in re.finditer(r"(?ms)^def \w+\(.*?(?=^\S)", text) if 400 < len(m.group(0)) < 2000]
+    edits = []
+    for f in functions[:: max(1, len(functions) // ns.prompts)][: ns.prompts]:
+        head = f.splitlines()[0]
+        renamed = re.sub(r"^def (\w+)", r"def \1_v2", head)
+        edits.append(tokenizer.encode(f + "\n\n# The same, renamed:\n" + renamed + "\n", bos=True))
+    return {"a_continuation": continuation, "b_edit": edits}
+
+
+def decode(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """(decode tok/s, tokens per target pass, outputs)."""
+    tokens = passes = 0
+    seconds = 0.0
+    outputs = []
+    for prompt in prompts:
+        gen.reset()
+        out = gen.generate(prompt, Sampler(GREEDY), new_tokens, stop_ids=set())
+        tokens += out.stats.new_tokens - 1
+        passes += out.stats.decode_passes
+        seconds += out.stats.decode_seconds
+        outputs.append(out.token_ids)
+    return tokens / seconds, tokens / passes, outputs
+
+
 def warm_up(gen: Generator, prompts: list[list[int]], ns: argparse.Namespace) -> None:
     """A short untimed reply to each prompt first, as a conversation's later replies find things: graphs
     captured for the tree sizes and cache buckets these prompts reach, kernels compiled, and (speculating) the

@@ -8,10 +8,13 @@ node's ancestors through its path, and the window must cut where the one-token s
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+from fixtures import make_hf_model, tiny_args
 from tiny_model import GREEDY, make_tiny_model_dir
+from tiny_tokenizer import train_tiny_sentencepiece
 
 from engine.build import build_engine
 from engine.config import DeviceSpec, RunConfig
@@ -37,6 +40,7 @@ MODES = {
     "offload_int4": {"use_offload": True, "quant": QuantMode.INT4},
 }
 ARCHS = {"llama": {}, "mistral": {"arch": "mistral", "sliding_window": 8}, "qwen2": {"arch": "qwen2"}}
+SHAPE = {"vocab_size": 400, "max_seq_len": 256, "ffn_dim": 256}  # int4's 128-wide groups divide every layer
 CHAIN = 6  # plain greedy tokens the tree holds as one of its paths
 
 
@@ -51,6 +55,15 @@ def engines():
     yield build
     for engine in built:
         engine.close()
+
+
+def _model_dir(root: Path, arch: str) -> Path:
+    if arch != "qwen2":
+        return make_tiny_model_dir(root, ffn_dim=SHAPE["ffn_dim"], **ARCHS[arch])
+    model_dir = root / "tiny-qwen2"  # q/k/v biases: an HF checkpoint (Meta's format has none)
+    make_hf_model(tiny_args("qwen2", **SHAPE), model_dir)
+    train_tiny_sentencepiece(model_dir)
+    return model_dir
 
 
 def _plain_chain(gen, prompt: list[int]) -> tuple[list[int], list[torch.Tensor]]:
@@ -78,7 +91,7 @@ def _tree_with(chain: list[int], vocab: int) -> tuple[TokenTree, list[int]]:
 @pytest.mark.parametrize("mode", MODES)
 @torch.inference_mode()
 def test_exact_tree_nodes_get_their_one_token_steps_bits(tmp_path, engines, mode, arch):
-    model_dir = make_tiny_model_dir(tmp_path, ffn_dim=256, **ARCHS[arch])
+    model_dir = _model_dir(tmp_path, arch)
     cfg = RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
     engine = engines(replace(cfg, **MODES[mode]))
     gen = engine.generator
