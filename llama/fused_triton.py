@@ -102,7 +102,9 @@ def kernels() -> SimpleNamespace | None:
         o = tl.sum(w[:, None] * acc, axis=0) / total
         tl.store(out + bth * HEAD_DIM + d, o.to(out.dtype.element_ty))
 
-    @triton.jit
+    # Arguments that change from pass to pass are not specialized on (Triton compiles a variant for each value that
+    # is 1 or a multiple of 16): a token tree's size, depth and cache length would each compile another mid-reply.
+    @triton.jit(do_not_specialize=["seqlen", "kv_len", "depth", "q_b", "m_b", "p_b", "a_b", "a_t"])
     def attention_split(q, keys, values, mask, positions, paths, part_acc, part_max, part_sum, out, arrivals,
                         seqlen, n_heads, rep, kv_len, split_cap, window, depth, scale,
                         q_b, q_t, q_h, k_b, k_h, k_p, v_b, v_h, v_p, m_b, m_t, p_b, p_t, a_b, a_t,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llama.decode_graphs import DecodeSteps
-from llama.tree_rows import TreePass, TreeRows
+from llama.tree_rows import TreePass, TreeRows, check_dense_rows
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.sampling import Sampler
@@ -92,6 +92,7 @@ class Generator:
         self.cache = cache if cache is not None else KVCache(model.args, max_seq_len, cache_dtype, self.device)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self.speculator: Speculator | None = None  # set when a draft source is configured
+        self._dense_rows_checked = False  # check_dense_rows ran (before the first exact tree pass)
         self.steps = DecodeSteps(model, self.cache, graphs, notify) if _all_on_cuda(model, self.device) else None
 
     def reset(self) -> None:
@@ -158,6 +159,9 @@ class Generator:
         positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward. paths
         (n, depth), the nodes' tree_paths: each node's logits are the bits of its one-token step (on the GPU the
         pass runs as llama/tree_rows.py says; the CPU's kernels give those bits anyway)."""
+        if paths is not None and self.cache.keys[0].is_cuda and not self._dense_rows_checked:
+            check_dense_rows(self.model, self.cache.keys[0].dtype, self.cache.keys[0].device)
+            self._dense_rows_checked = True
         if self.steps is not None:
             return self.steps.tree(tokens, start, positions, mask, paths).logits[0]
         cache = self.cache

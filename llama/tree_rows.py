@@ -6,7 +6,8 @@ kernels of a pass of many tokens are others than a one-token step's (cuBLAS pick
 number of rows; attention of many queries was SDPA's), so a pass asked for exactly runs:
 
 - every matmul in calls of as many rows as its kernel gives each row the bits of a one-row call (our int4
-  GEMV: up to 8; cuBLAS, tinygemm, bitsandbytes: one), see linear_rows;
+  GEMV: up to 8; cuBLAS: up to 8 where llama/dense_row_check.py found so on this GPU, else one; tinygemm,
+  bitsandbytes, int8's dequantized weight: one), see linear_rows;
 - attention through the split kernel with each node's path (llama/fused_ops.py: attention's `paths`), so a
   node sees its ancestors at the positions a one-token step would find them, in the same splits;
 - norms, SiLU(gate) * up, RoPE and the residual adds through the kernels a step takes, one row at a time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llama.dense_row_check import check_rows, checked_rows
 from llama.kv_cache import KVCache
 
 
@@ -49,13 +51,25 @@ def tree_rows(cache: object) -> TreeRows | None:
     return getattr(cache, "tree_rows", None)
 
 
+def check_dense_rows(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Check the model's plain nn.Linear shapes for calls of several rows (llama/dense_row_check.py), so that
+    linear_rows may take them: before an exact pass, outside any capture."""
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            check_rows(m.out_features, m.in_features, dtype, m.bias is not None, device)
+
+
 def linear_rows(linear: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
     """linear(x) for x (..., in); exact: each row as a call of one row computes it, through calls of as many rows
-    as the module's `exact_rows(x)` says its kernel keeps that for (1 where it says nothing)."""
+    as the kernel keeps that for: for a plain nn.Linear on CUDA what check_dense_rows found, for other modules
+    what their `exact_rows(x)` says (1 where they say nothing)."""
     rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if not exact or rows.shape[0] == 1:
         return linear(x)
-    step = linear.exact_rows(rows) if hasattr(linear, "exact_rows") else 1
+    if type(linear) is nn.Linear and rows.is_cuda:
+        step = checked_rows(linear.out_features, linear.in_features, rows.dtype, linear.bias is not None, rows.device)
+    else:
+        step = linear.exact_rows(rows) if hasattr(linear, "exact_rows") else 1
     if step >= rows.shape[0]:
         return linear(x)
     parts = [linear(_own_copy(rows[i : i + step])) for i in range(0, rows.shape[0], step)]

@@ -136,3 +136,18 @@ def test_attention_over_paths_gives_each_node_a_one_token_calls_bits(context, wi
         assert torch.equal(out[:, node], eager[:, 0]) and torch.equal(out[:, node], graphed[:, 0]), node
         reference = fused_ops.attention_reference(q[:, node : node + 1], k, v, None, window=window)
         torch.testing.assert_close(out[:, node], reference[:, 0], atol=2e-2, rtol=2e-2)
+
+
+def test_a_checked_shape_keeps_each_rows_bits_for_other_values():
+    """What check_rows found with its random values holds for others: cuBLAS chose its kernel by shape."""
+    from llama.dense_row_check import CHUNK, check_rows
+
+    device = torch.device("cuda")
+    for out_f, in_f in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        rows = check_rows(out_f, in_f, torch.float16, False, device)
+        assert rows in (1, CHUNK)
+        w = torch.randn(out_f, in_f, device=device, dtype=torch.float16) * 0.02
+        x = torch.randn(rows, in_f, device=device, dtype=torch.float16) * 3
+        together = torch.nn.functional.linear(x, w)
+        for i in range(rows):
+            assert torch.equal(together[i], torch.nn.functional.linear(x[i : i + 1].clone(), w)[0])
