@@ -49,7 +49,7 @@ from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import Planner
 from llama.speculative.tree import TokenTree, tree_attention, tree_paths
 from llama.tokenizer import load_tokenizer
-from llama.tree_rows import TreePass, TreeRows
+from llama.tree_rows import TreePass, TreeRows, check_dense_rows
 from llama.loader import empty_model
 from offload.kernels.linear import quantize_linears
 from offload.link import probe_link_gbps
@@ -113,6 +113,8 @@ def pass_times(model: Transformer, dtype: torch.dtype, device: torch.device, ns:
     for pos in range(0, ns.context, 512):
         model(context[:, pos : pos + 512], pos, cache, last_only=True)
     out: dict[str, dict] = {"batched": {}, "exact": {}}
+    if device.type == "cuda":  # as Generator.tree_logits does before its first exact pass
+        check_dense_rows(model, dtype, device)
     for n in PASS_SIZES:
         if ns.context + n > ns.ctx:
             continue
