@@ -9,7 +9,8 @@ torch's fused rms_norm, RoPE runs in the model's dtype on q and k together when 
 fused, and a boolean mask becomes one additive mask per forward, not one per layer. On CUDA with Triton,
 llama/fused_ops.py replaces more: the residual add with the FFN's norm, SiLU(gate) * up, and, for a
 one-token step through a BatchStep (the graphed decode steps, batches), RoPE with the cache write and a
-split attention (token trees keep the torch ops: see Attention.forward). A loader may fuse
+split attention; a target's exact token tree (llama/tree_rows.py) takes them too, a draft's trees keep the
+torch ops (see Attention.attend). A loader may fuse
 wq/wk/wv into `attention.wqkv` and w1/w3 into `feed_forward.w13` (engine/fused_projections.py); the
 model reads the fused module when it is there and Meta's names otherwise.
 """
