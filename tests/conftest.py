@@ -1,4 +1,5 @@
-"""Plumbing every test file shares: the one `cuda` skip and the one greedy decoding loop.
+"""Plumbing every test file shares: the one `cuda` skip, the one greedy decoding loop, and engines closed after
+each test (closing_engines).
 
 Mark a test `@pytest.mark.cuda` and it is skipped, with its reason, on a machine without a CUDA GPU.
 """
@@ -9,6 +10,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from engine.build import build_engine
+from engine.config import RunConfig
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 
@@ -20,6 +23,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def closing_engines():
+    """Builds engines (call it with a RunConfig) and closes them after the test: a streaming engine left open keeps
+    cuDNN attention off for the whole process, which changed later files' greedy tokens at near-ties."""
+    built = []
+
+    def build(cfg: RunConfig):
+        built.append(build_engine(cfg))
+        return built[-1]
+
+    yield build
+    for engine in built:
+        engine.close()
 
 
 @torch.inference_mode()

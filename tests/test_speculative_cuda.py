@@ -13,7 +13,6 @@ import torch
 from speculative_testing import speculating
 from tiny_model import GREEDY, make_tiny_model_dir
 
-from engine.build import build_engine
 from engine.config import DeviceSpec, RunConfig
 from llama.sampling import Sampler
 from llama.speculative.planner import TreeShape
@@ -40,21 +39,6 @@ PROMPT = "import os\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "pytiny"
 
 
-@pytest.fixture
-def engines():
-    """Builds engines and closes them after the test: a streaming engine left open keeps cuDNN attention off
-    for the whole process, which changed later files' greedy tokens at near-ties."""
-    built = []
-
-    def build(cfg: RunConfig):
-        built.append(build_engine(cfg))
-        return built[-1]
-
-    yield build
-    for engine in built:
-        engine.close()
-
-
 @pytest.fixture(scope="module", params=["bundled", "random"])
 def base(request, tmp_path_factory) -> RunConfig:
     model_dir = BUNDLED if request.param == "bundled" else make_tiny_model_dir(tmp_path_factory.mktemp("m"), ffn_dim=256)
@@ -69,10 +53,10 @@ def _tokens(engine) -> list[int]:
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: ",".join(f"{k}={getattr(v, 'value', v)}" for k, v in m.items()) or "resident")
 @pytest.mark.parametrize("source", ["draft", "lookup"])
-def test_greedy_speculation_equals_plain_greedy(base, engines, mode, source):
+def test_greedy_speculation_equals_plain_greedy(base, closing_engines, mode, source):
     cfg = replace(base, **mode)
-    want = _tokens(engines(cfg))
+    want = _tokens(closing_engines(cfg))
     draft = {"draft": cfg.model_dir} if source == "draft" else {"lookup": True}
     for shape in (TreeShape(4, 1), TreeShape(4, 4), None):  # None: the planner's own choice
-        engine = speculating(engines(cfg), shape, **draft)
+        engine = speculating(closing_engines(cfg), shape, **draft)
         assert _tokens(engine) == want, shape

@@ -16,7 +16,6 @@ from fixtures import make_hf_model, tiny_args
 from tiny_model import GREEDY, make_tiny_model_dir
 from tiny_tokenizer import train_tiny_sentencepiece
 
-from engine.build import build_engine
 from engine.config import DeviceSpec, RunConfig
 from llama import fused_ops
 from llama.generation import GenerationStats
@@ -42,19 +41,6 @@ MODES = {
 ARCHS = {"llama": {}, "mistral": {"arch": "mistral", "sliding_window": 8}, "qwen2": {"arch": "qwen2"}}
 SHAPE = {"vocab_size": 400, "max_seq_len": 256, "ffn_dim": 256}  # int4's 128-wide groups divide every layer
 CHAIN = 6  # plain greedy tokens the tree holds as one of its paths
-
-
-@pytest.fixture
-def engines():
-    built = []
-
-    def build(cfg: RunConfig):
-        built.append(build_engine(cfg))
-        return built[-1]
-
-    yield build
-    for engine in built:
-        engine.close()
 
 
 def _model_dir(root: Path, arch: str) -> Path:
@@ -90,10 +76,10 @@ def _tree_with(chain: list[int], vocab: int) -> tuple[TokenTree, list[int]]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", MODES)
 @torch.inference_mode()
-def test_exact_tree_nodes_get_their_one_token_steps_bits(tmp_path, engines, mode, arch):
+def test_exact_tree_nodes_get_their_one_token_steps_bits(tmp_path, closing_engines, mode, arch):
     model_dir = _model_dir(tmp_path, arch)
     cfg = RunConfig(model_dir=model_dir, device=DeviceSpec("cuda"), dtype="bfloat16", ctx=256, sampling=GREEDY)
-    engine = engines(replace(cfg, **MODES[mode]))
+    engine = closing_engines(replace(cfg, **MODES[mode]))
     gen = engine.generator
     prompt = [1] + [int(t) for t in torch.randint(3, 400, (13,), generator=torch.Generator().manual_seed(0))]
     chain, want = _plain_chain(gen, prompt)
