@@ -17,8 +17,8 @@ from llama.speculative.planner import Planner, TreeShape
 from offload.kernels.few_token_linear import FEW_TOKENS
 
 # The planner's cap without --draft_tokens; on the CPU, what a pass takes through the compiled GEMV. On the GPU a
-# tree's matmuls go in calls of one row (8 for our int4 GEMV) so that each node gets its one-token step's bits
-# (llama/tree_rows.py): a streamed 7B block's 64 rows then take about as long as the block's copy.
+# tree's matmuls go in calls of a few rows (1, or 8 where the kernel keeps each row's one-row bits) so that each
+# node gets its one-token step's bits (llama/tree_rows.py): past a few dozen rows they outlast a streamed block's copy.
 MAX_TREE_TOKENS = {"cuda": 64, "cpu": FEW_TOKENS}
 
 

@@ -159,15 +159,15 @@ class Generator:
         positions (n,) and mask (n, start + n) (llama/speculative/tree.py); valid until the next forward. paths
         (n, depth), the nodes' tree_paths: each node's logits are the bits of its one-token step (on the GPU the
         pass runs as llama/tree_rows.py says; the CPU's kernels give those bits anyway)."""
-        if paths is not None and self.cache.keys[0].is_cuda and not self._dense_rows_checked:
-            check_dense_rows(self.model, self.cache.keys[0].dtype, self.cache.keys[0].device)
+        keys = self.cache.keys[0]
+        exact = paths is not None and keys.is_cuda
+        if exact and not self._dense_rows_checked:
+            check_dense_rows(self.model, keys.dtype, keys.device)
             self._dense_rows_checked = True
         if self.steps is not None:
             return self.steps.tree(tokens, start, positions, mask, paths).logits[0]
-        cache = self.cache
-        if paths is not None and cache.keys[0].is_cuda:
-            device = cache.keys[0].device
-            cache = TreePass(cache, TreeRows(positions[None].to(device), paths[None].to(device)))
+        cache = TreePass(self.cache, TreeRows(positions[None].to(keys.device), paths[None].to(keys.device))) if exact \
+            else self.cache
         return self.model(self._tokens(tokens), start, cache, positions=positions, mask=mask)[0]
 
     def reusable_prefix(self, prompt: Sequence[int]) -> int:

@@ -26,7 +26,7 @@ from llama import fused_ops
 from llama.config import Llama3RopeScaling, ModelArgs
 from llama.kv_cache import KVCache
 from llama.slot_cache import BatchStep
-from llama.tree_rows import linear_rows, tree_rows
+from llama.tree_rows import TreePass, linear_rows, tree_rows
 
 
 class RMSNorm(nn.Module):
@@ -135,10 +135,8 @@ class Attention(nn.Module):
         # q: (batch, n_heads, seqlen, head_dim); k, v: (batch, n_kv_heads, seqlen, head_dim)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)  # (batch, n_kv_heads, start_pos + seqlen, head_dim)
-        if rows is not None:  # each node over its own path, as the one-token step at its position attends
-            return fused_ops.attention(q.transpose(1, 2), k, v, None, rows.positions, rows.paths, self.window)
-        if isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(q):  # as attend_stored: by position
-            return fused_ops.attention(q.transpose(1, 2), k, v, None, cache.positions, None, self.window)
+        if rows is not None or (isinstance(cache, BatchStep) and seqlen == 1 and fused_ops.kernels_for(q)):
+            return self._by_position(q.transpose(1, 2), k, v, cache)  # as attend_stored
         gqa = self.n_heads != self.n_kv_heads
         windowed = self.window is not None and k.shape[2] > self.window
         if seqlen == 1 and (mask is None or gqa):
@@ -176,8 +174,15 @@ class Attention(nn.Module):
         """The split attention of rotated q (batch, seqlen, n_heads, head_dim) over the step's kv_len keys, this
         step's already stored -> (batch, seqlen, n_heads * head_dim). Each query sees the positions up to its own
         (the step's slots; an exact tree's positions and paths) within the window."""
-        k, v = cache.stored(layer)  # (batch, n_kv_heads, kv_len, head_dim)
-        rows = cache.tree_rows
+        return self._by_position(q, *cache.stored(layer), cache)
+
+    def _by_position(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: BatchStep | TreePass
+    ) -> torch.Tensor:
+        """The split attention of q (batch, seqlen, n_heads, head_dim) over k, v (batch, n_kv_heads, kv_len,
+        head_dim), each query seeing the positions up to its own within the window: an exact tree's nodes
+        through their paths, a BatchStep step's queries at its slots -> (batch, seqlen, n_heads * head_dim)."""
+        rows = tree_rows(cache)
         if rows is None:
             return fused_ops.attention(q, k, v, None, cache.positions, None, self.window)
         return fused_ops.attention(q, k, v, None, rows.positions, rows.paths, self.window)
