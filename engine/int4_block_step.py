@@ -13,8 +13,8 @@ ride in the matmuls' launches:
 
 Eleven launches a block become five in a one-token step (a BatchStep's; attention is one launch). Each token's
 matmuls are the same in a pass of several tokens as in a one-token step; an exact token tree (llama/tree_rows.py)
-takes the step's own launches, RoPE in the epilogue and attention over each node's path included, in chunks of
-up to 8 tokens.
+takes the step's own launches, RoPE in the epilogue and attention over each node's path included (the GEMV
+sums each chunk of 8 tokens as a call of its own, all chunks in one launch).
 """
 from __future__ import annotations
 
@@ -35,42 +35,27 @@ def int4_block_step(block, x: torch.Tensor, rotation, start_pos: int, cache, mas
     if weights is None or attention.wo.bias is not None or ffn.w13.bias is not None or ffn.w2.bias is not None:
         return None
     tokens = bsz * seqlen
-    chunk = min(tokens, MAX_TOKENS) if tree_rows(cache) is not None else tokens  # an exact tree: any size
     if not (fused_ops.kernels_for(x) and int4_gemv_library(x.device) is not None
-            and all(w.packed.device == x.device and w.scales.dtype == x.dtype and int4_gemv_fits(w, chunk)
+            and (tokens <= MAX_TOKENS or tree_rows(cache) is not None)  # an exact tree: any size, 8 rows a chunk
+            and all(w.packed.device == x.device and w.scales.dtype == x.dtype and int4_gemv_fits(w, tokens)
                     for w in weights)):
         return None
     wqkv, wo, w13, w2 = weights
     x2 = x.reshape(tokens, dim)
-    by_chunks = lambda call: _in_chunks(tokens, chunk, call)  # noqa: E731
     attention_norm = (block.attention_norm.weight, block.attention_norm.eps)
     rope = _rope_store(block, x, rotation, cache)
     if rope is not None:
-        q = by_chunks(lambda s: int4_gemv(x2[s], wqkv, norm=attention_norm, rope=_rope_rows(rope, s)))
-        attended = attention.attend_stored(q.view(bsz, seqlen, attention.n_heads, -1), cache, block.layer)
+        q = int4_gemv(x2, wqkv, norm=attention_norm, rope=rope).view(bsz, seqlen, attention.n_heads, -1)
+        attended = attention.attend_stored(q, cache, block.layer)
     else:
-        heads = by_chunks(lambda s: int4_gemv(x2[s], wqkv, norm=attention_norm))
+        heads = int4_gemv(x2, wqkv, norm=attention_norm)
         if attention.wqkv.bias is not None:
             heads = heads + attention.wqkv.bias.to(heads.dtype)
         heads = heads.view(bsz, seqlen, -1, attention.head_dim)  # (batch, seqlen, n_heads + 2 * n_kv_heads, head_dim)
         attended = attention.attend(x, rotation, start_pos, cache, block.layer, mask, heads=heads)
-    attended = attended.reshape(tokens, -1)
-    h = by_chunks(lambda s: int4_gemv(attended[s], wo, residual=x2[s]))
-    gated = by_chunks(lambda s: int4_gemv(h[s], w13, norm=(block.ffn_norm.weight, block.ffn_norm.eps), gated=True))
-    return by_chunks(lambda s: int4_gemv(gated[s], w2, residual=h[s])).view(bsz, seqlen, dim)
-
-
-def _in_chunks(tokens: int, chunk: int, call) -> torch.Tensor:
-    """call(rows) for slices of `chunk` rows of the pass's `tokens`, stacked: each row gets its one-token call's bits
-    (the GEMV's promise), so an exact tree of any size takes the steps' own launches."""
-    if chunk >= tokens:
-        return call(slice(None))
-    return torch.cat([call(slice(i, i + chunk)) for i in range(0, tokens, chunk)])
-
-
-def _rope_rows(rope: RopeStore, rows: slice) -> RopeStore:
-    """The epilogue for some of the tokens of a one-sequence pass (the whole pass for slice(None))."""
-    return rope._replace(cos=rope.cos[:, rows], sin=rope.sin[:, rows], slots=rope.slots[:, rows])
+    h = int4_gemv(attended.reshape(tokens, -1), wo, residual=x2)
+    gated = int4_gemv(h, w13, norm=(block.ffn_norm.weight, block.ffn_norm.eps), gated=True)
+    return int4_gemv(gated, w2, residual=h).view(bsz, seqlen, dim)
 
 
 def _rope_store(block, x: torch.Tensor, rotation, cache) -> RopeStore | None:

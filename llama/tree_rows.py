@@ -5,8 +5,8 @@ that holds only if the tree's logits are the very bits the one-token steps would
 kernels of a pass of many tokens are others than a one-token step's (cuBLAS picks its algorithm by the
 number of rows; attention of many queries was SDPA's), so a pass asked for exactly runs:
 
-- every matmul in calls of as many rows as its kernel gives each row the bits of a one-row call (our int4
-  GEMV: up to 8; cuBLAS: up to 8 where llama/dense_row_check.py found so on this GPU, else one; tinygemm,
+- every matmul in calls that give each row the bits of a one-row call (our int4 GEMV: one launch, chunks of 8
+  rows; cuBLAS: up to 8 rows where llama/dense_row_check.py found so on this GPU, else one; tinygemm,
   bitsandbytes, int8's dequantized weight: one), see linear_rows;
 - attention through the split kernel with each node's path (llama/fused_ops.py: attention's `paths`), so a
   node sees its ancestors at the positions a one-token step would find them, in the same splits;
@@ -60,16 +60,18 @@ def check_dense_rows(model: nn.Module, dtype: torch.dtype, device: torch.device)
 
 
 def linear_rows(linear: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
-    """linear(x) for x (..., in); exact: each row as a call of one row computes it, through calls of as many rows
-    as the kernel keeps that for: for a plain nn.Linear on CUDA what check_dense_rows found, for other modules
-    what their `exact_rows(x)` says (1 where they say nothing)."""
+    """linear(x) for x (..., in); exact: each row as a call of one row computes it: through the module's
+    `exact_forward(rows)` where it has one that takes these rows, else calls of as many rows as the kernel keeps
+    that for (a plain nn.Linear on CUDA: what check_dense_rows found; anything else: 1)."""
     rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if not exact or rows.shape[0] == 1:
         return linear(x)
+    whole = linear.exact_forward(rows) if hasattr(linear, "exact_forward") else None
+    if whole is not None:
+        return whole.view(*x.shape[:-1], -1)
+    step = 1
     if type(linear) is nn.Linear and rows.is_cuda:
         step = checked_rows(linear.out_features, linear.in_features, rows.dtype, linear.bias is not None, rows.device)
-    else:
-        step = linear.exact_rows(rows) if hasattr(linear, "exact_rows") else 1
     if step >= rows.shape[0]:
         return linear(x)
     parts = [linear(_own_copy(rows[i : i + step])) for i in range(0, rows.shape[0], step)]

@@ -101,6 +101,20 @@ def test_each_token_of_a_pass_gets_its_one_token_result_bit_for_bit(dtype, inp):
         assert torch.equal(int4_gemv(xs[:3], w, shape), alone[:3]), shape
 
 
+@pytest.mark.parametrize("tokens", [9, 17, 70])
+def test_a_call_of_many_tokens_sums_each_chunk_of_8_as_its_own_call(tokens):
+    """An exact token tree's matmul in one launch: past 8 tokens each chunk of 8 is summed as a call of its
+    own, so every row is its one-token call's, with a norm, a residual or the gate as well."""
+    _, w = _pair(1024, 4096, 128, torch.bfloat16, seed=tokens)
+    gen = torch.Generator().manual_seed(tokens)
+    xs, res = (torch.randn(tokens, 4096 if i == 0 else 1024, generator=gen).to("cuda", torch.bfloat16) for i in range(2))
+    norm = (torch.rand(4096, generator=gen).to("cuda", torch.bfloat16) + 0.5, 1e-5)
+    for kw in ({}, {"norm": norm}, {"residual": res}, {"gated": True}):
+        alone = torch.cat([int4_gemv(xs[t : t + 1], w, **{k: (v[t : t + 1] if k == "residual" else v)
+                                                             for k, v in kw.items()}) for t in range(tokens)])
+        assert torch.equal(int4_gemv(xs, w, **kw), alone), kw
+
+
 def test_an_unaligned_input_gives_the_same_result():
     x, w = _pair(512, 1024, 128, torch.float16, seed=6)
     shifted = torch.empty(1, 1025, dtype=x.dtype, device="cuda")

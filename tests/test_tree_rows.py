@@ -68,24 +68,26 @@ def test_reference_attention_over_paths_equals_each_branch_alone():
 
 
 class _Counting(nn.Linear):
-    def __init__(self, rows: int | None) -> None:
+    def __init__(self, whole: bool) -> None:
         super().__init__(4, 3)
         self.calls: list[int] = []
-        if rows is not None:
-            self.exact_rows = lambda x: rows
+        self.whole = whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append(x.reshape(-1, 4).shape[0])
         return super().forward(x)
 
+    def exact_forward(self, rows: torch.Tensor) -> torch.Tensor | None:
+        return self(rows) if self.whole else None
 
-def test_linear_rows_calls_as_many_rows_as_the_kernel_keeps_exact():
+
+def test_linear_rows_takes_a_modules_exact_call_else_one_row_a_call():
     x = torch.randn(1, 7, 4)
-    for rows, calls in ((None, [1] * 7), (3, [3, 3, 1]), (8, [7])):
-        linear = _Counting(rows)
+    for whole, calls in ((False, [1] * 7), (True, [7])):
+        linear = _Counting(whole)
         got = linear_rows(linear, x, exact=True)
         assert linear.calls == calls and got.shape == (1, 7, 3)
         torch.testing.assert_close(got, nn.functional.linear(x, linear.weight, linear.bias))
-    linear = _Counting(None)
+    linear = _Counting(False)
     linear_rows(linear, x, exact=False)
     assert linear.calls == [7]

@@ -41,7 +41,8 @@ NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC")
 # Launch shapes (the .cu file's launch_shape): number -> (warps a block, rows a group, chunks in flight a row, warps
 # a group). Shapes of one group size give the same bits.
 SHAPES = {1: (4, 4, 2, 1), 2: (4, 8, 1, 1), 3: (8, 4, 2, 1), 4: (4, 2, 2, 1), 5: (8, 4, 2, 2)}
-MAX_TOKENS = 8  # tokens one call takes; each gets what a one-token call would give it, bit for bit
+MAX_TOKENS = 8  # tokens summed together; each gets what a one-token call would give it, bit for bit
+MAX_CALL_TOKENS = 1024  # tokens one call takes, in chunks of MAX_TOKENS, each summed as a call of its own
 SMEM_BYTES_PER_CHUNK = 44  # a token's int8 x per 32 inputs (32 bytes) and its three floats
 PLAIN, RMS_NORM = 0, 1  # what the kernel multiplies (its Prologue)
 SMEM_LIMIT = 200 * 1024  # of the 227 KB a Hopper block may have
@@ -149,14 +150,14 @@ def _load_once(arch: str) -> ctypes.CDLL | None:
 
 def int4_gemv_fits(w: Int4Weight, tokens: int = 1) -> bool:
     """Whether the kernel takes this weight's shape for `tokens` tokens: inputs and groups multiples of 32
-    inputs, fp16/bf16 scales, the tokens' int8 x within a block's shared memory."""
+    inputs, fp16/bf16 scales, a chunk of tokens' int8 x within a block's shared memory."""
     k = w.in_features
-    return (k % 32 == 0 and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES
-            and 1 <= tokens <= MAX_TOKENS and tokens * ((k // 32) * SMEM_BYTES_PER_CHUNK + 4) <= SMEM_LIMIT)
+    return (k % 32 == 0 and w.group_size % 32 == 0 and w.scales.dtype in _DTYPE_CODES and 1 <= tokens <= MAX_CALL_TOKENS
+            and min(tokens, MAX_TOKENS) * ((k // 32) * SMEM_BYTES_PER_CHUNK + 4) <= SMEM_LIMIT)
 
 
 def int4_gemv_supported(x: torch.Tensor, w: Int4Weight) -> bool:
-    """Whether int4_gemv takes this pair: x [tokens <= MAX_TOKENS, in] in the scales' dtype, both on one CUDA
+    """Whether int4_gemv takes this pair: x [tokens <= MAX_CALL_TOKENS, in] in the scales' dtype, both on one CUDA
     device."""
     return (x.device.type == "cuda" and w.packed.device == x.device and x.dtype == w.scales.dtype
             and x.dim() == 2 and x.shape[1] == w.in_features and int4_gemv_fits(w, x.shape[0])

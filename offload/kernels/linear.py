@@ -19,8 +19,7 @@ from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
 from offload.kernels.matmul import int4_matmul, int8_matmul
-from offload.kernels.int4_gemv_cuda import (MAX_TOKENS as GEMV_MAX_TOKENS, int4_gemv_fits, int4_gemv_library,
-                                            int4_gemv_supported)
+from offload.kernels.int4_gemv_cuda import int4_gemv, int4_gemv_fits, int4_gemv_library, int4_gemv_supported
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
 from offload.quant_mode import QuantMode
 
@@ -54,11 +53,14 @@ class QuantizedLinear(nn.Module):
         y = int8_matmul(x, w) if isinstance(w, Int8Weight) else int4_matmul(x, w)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def exact_rows(self, x: torch.Tensor) -> int:
-        """Rows of x (tokens, in) a call may take and still give each row what a one-row call gives it: our int4
-        GEMV's MAX_TOKENS where it takes the pair (llama/tree_rows.py), else 1."""
-        w, step = self.weight_format(), min(GEMV_MAX_TOKENS, x.shape[0])
-        return step if isinstance(w, Int4Weight) and int4_gemv_supported(x[:step], w) else 1
+    def exact_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """forward(x) for x (tokens, in) with each row what a one-row call gives it, in one call, where the kernel
+        promises that (our int4 GEMV: chunks of 8 rows in one launch, llama/tree_rows.py); else None."""
+        w = self.weight_format()
+        if not (isinstance(w, Int4Weight) and int4_gemv_supported(x, w)):
+            return None
+        y = int4_gemv(x, w)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -32,6 +32,7 @@
 namespace {
 
 constexpr int MAX_TOKENS = 8;
+constexpr int MAX_CALL_TOKENS = 1024;  // a launch takes these in chunks of MAX_TOKENS (grid y)
 
 template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -159,6 +160,12 @@ __global__ void __launch_bounds__(WARPS * 32)
                      const T* __restrict__ residual, int residual_stride, int gated, const RopeStore rope,
                      T* __restrict__ y,
                      int y_stride, int tokens, int n, int chunks, int groups, int chunks_per_group) {
+  // A launch of more than TOKENS tokens: blockIdx.y takes tokens blockIdx.y * TOKENS, ... as a call of its own.
+  const int first_token = blockIdx.y * TOKENS;
+  x += size_t(first_token) * x_stride;
+  y += size_t(first_token) * y_stride;
+  if (residual != nullptr) residual += size_t(first_token) * residual_stride;
+  tokens = min(TOKENS, tokens - first_token);
   extern __shared__ uint4 smem[];
   ChunkX* xq = reinterpret_cast<ChunkX*>(smem);                   // [tokens][chunks]
   float* xd = reinterpret_cast<float*>(xq + tokens * chunks);     // [tokens][chunks]
@@ -271,7 +278,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
       } else if (rope.keys != nullptr) {
         static_assert(ROWS_PER_WARP % 2 == 0, "a RoPE pair is two rows of one group");
-        const int b = t / rope.seqlen, tt = t % rope.seqlen;
+        const int b = (first_token + t) / rope.seqlen, tt = (first_token + t) % rope.seqlen;
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; r += 2) {
           const int row = j0 + r;
@@ -368,7 +375,8 @@ struct Args {
 template <typename T, int WARPS, int ROWS_PER_WARP, int BATCH, int KSPLIT, int TOKENS, int PROLOGUE>
 int launch(const Args& a, cudaStream_t stream) {
   const int chunks = a.k / 32;
-  const int smem = a.tokens * (chunks * SMEM_BYTES_PER_CHUNK + int(sizeof(float)));
+  const int chunk_tokens = std::min(a.tokens, TOKENS), token_chunks = (a.tokens + TOKENS - 1) / TOKENS;
+  const int smem = chunk_tokens * (chunks * SMEM_BYTES_PER_CHUNK + int(sizeof(float)));
   auto kernel = int4_gemv_kernel<T, WARPS, ROWS_PER_WARP, BATCH, KSPLIT, TOKENS, PROLOGUE>;
   static int smem_allowed = 48 * 1024;  // raised once per instantiation when a launch needs more
   if (smem > smem_allowed) {
@@ -386,7 +394,8 @@ int launch(const Args& a, cudaStream_t stream) {
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, WARPS * 32, smem);
   if (err != cudaSuccess) return int(err);
   const int tiles = (outputs + outputs_per_block - 1) / outputs_per_block;
-  kernel<<<std::max(1, std::min(tiles, resident * sms)), WARPS * 32, smem, stream>>>(
+  const dim3 grid(std::max(1, std::min(tiles, resident * sms / token_chunks)), token_chunks);
+  kernel<<<grid, WARPS * 32, smem, stream>>>(
       static_cast<const T*>(a.x), a.x_stride, static_cast<const T*>(a.norm_weight), a.eps,
       static_cast<const uint4*>(a.packed), static_cast<const T*>(a.scales), static_cast<const T*>(a.zeros),
       static_cast<const T*>(a.residual), a.residual_stride, a.gated, a.rope, static_cast<T*>(a.y), a.y_stride,
@@ -428,14 +437,16 @@ int launch_shape(int shape, const Args& a, cudaStream_t s) {
 // the product, or null; gated: the weight's n rows are gate rows then up rows, and y [tokens, n / 2] gets
 // SiLU(gate) * up (no residual then); rope: a q/k/v weight's epilogue (see RopeStore; y [tokens, n_heads *
 // head_dim] gets rotated q; no residual, not gated), or null; y rows y_stride apart. Returns a cudaError_t (0:
-// launched). Needs 1 <= tokens <= 8, k % 32 == 0, (k / groups) % 32 == 0, n even when gated, x rows,
-// norm_weight and packed 16-byte aligned, tokens * (k / 32 * 44 + 4) bytes of shared memory; the caller checks.
+// launched). Tokens past 8 go in chunks of 8, each summed as a call of its own, in the same launch. Needs
+// 1 <= tokens <= MAX_CALL_TOKENS, k % 32 == 0, (k / groups) % 32 == 0, n even when gated, x rows,
+// norm_weight and packed 16-byte aligned, min(tokens, 8) * (k / 32 * 44 + 4) bytes of shared memory; the caller
+// checks.
 extern "C" int int4_gemv(int dtype, int shape, int tokens, const void* x, int x_stride, int prologue,
                          const void* norm_weight, float eps, const void* packed, const void* scales,
                          const void* zeros, const void* residual, int residual_stride, int gated,
                          const RopeStore* rope, void* y, int y_stride, int n, int k, int groups, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (tokens < 1 || tokens > MAX_TOKENS || prologue < PLAIN || prologue > RMS_NORM || (gated && (n % 2 || residual)) ||
+  if (tokens < 1 || tokens > MAX_CALL_TOKENS || prologue < PLAIN || prologue > RMS_NORM || (gated && (n % 2 || residual)) ||
       (rope && (gated || residual || rope->head_dim % 2 || rope->seqlen < 1 || rope->keys == nullptr ||
                 n != (rope->n_heads + 2 * rope->n_kv_heads) * rope->head_dim)))
     return int(cudaErrorInvalidValue);
