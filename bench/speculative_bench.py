@@ -81,7 +81,7 @@ def build_twin(mode: str, ns: argparse.Namespace, device: torch.device):
         print(f"cpu: {dtype}{f' + {ns.cpu_quant}' if ns.cpu_quant else ''}, {torch.get_num_threads()} threads",
               flush=True)
         return model.eval(), None, dtype
-    config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=2, max_seq_len=ns.ctx,
+    config = OffloadConfig(dtype=dtype, device=device, exclusions=frozenset(), n_slots=ns.slots, max_seq_len=ns.ctx,
                            prefill_chunk=512, quant=quant, pin=device.type == "cuda")  # every block streamed
     if mode == "resident":  # as app.py places a model that fits: everything on the GPU, projections fused
         return resident_transformer(model, iter(state.items()), config, fuse=True), None, dtype
@@ -122,7 +122,7 @@ def pass_times(model: Transformer, dtype: torch.dtype, device: torch.device, ns:
         positions, mask = tree_attention(tree, ns.context, window=args.sliding_window)
         tokens = torch.tensor([tree.tokens])
         runs = {"batched": cache}
-        if device.type == "cuda" and n <= MAX_TREE_TOKENS["cuda"]:
+        if device.type == "cuda" and n <= (ns.tree_cap or MAX_TREE_TOKENS["cuda"]):
             rows = TreeRows(positions[None].to(device), tree_paths(tree, ns.context)[None].to(device))
             runs["exact"] = TreePass(cache, rows)
         for kind, over in runs.items():
@@ -206,7 +206,7 @@ def run_mode(mode: str, ns: argparse.Namespace, device: torch.device, link: floa
         gen.speculator = None
         warm_up(gen, prompts, ns)
         plain_tps, _, want = decode(gen, prompts, ns.new_tokens)
-        planner = Planner(default_tree_cap(gen), True, lambda line: print("  " + line, flush=True))
+        planner = Planner(ns.tree_cap or default_tree_cap(gen), True, lambda line: print("  " + line, flush=True))
         gen.speculator = Speculator(DraftModel(draft.generator), PromptLookup(), planner, planner.announce)
         warm_up(gen, prompts, ns)
         gen.speculator.spent = dict.fromkeys(gen.speculator.spent, 0.0)
@@ -262,6 +262,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=96)
     p.add_argument("--warmup-tokens", type=int, help="an untimed reply of this many tokens to each prompt first "
                    "(default: --new-tokens, so that the timed replies capture no graph; 0: none)")
+    p.add_argument("--slots", type=int, default=2, help="device slots in the streamed modes' ring, as --prefetch")
+    p.add_argument("--tree-cap", type=int, help="tokens per target pass the planner may use, as --draft_tokens "
+                   "(default: the engine's own cap)")
     p.add_argument("--threads", type=int, default=16, help="CPU threads in the cpu mode")
     p.add_argument("--cpu_quant", choices=("int8", "int4"), help="the cpu mode's blocks quantized, as --quant does")
     p.add_argument("--json", type=Path)

@@ -17,9 +17,10 @@ from llama.speculative.planner import Planner, TreeShape
 from offload.kernels.few_token_linear import FEW_TOKENS
 
 # The planner's cap without --draft_tokens; on the CPU, what a pass takes through the compiled GEMV. On the GPU a
-# tree's matmuls go in calls of a few rows (1, or 8 where the kernel keeps each row's one-row bits) so that each
-# node gets its one-token step's bits (llama/tree_rows.py): past a few dozen rows they outlast a streamed block's copy.
-MAX_TREE_TOKENS = {"cuda": 64, "cpu": FEW_TOKENS}
+# tree's matmuls keep each row's one-token bits (llama/tree_rows.py): the int4 GEMV in one launch a matrix, cuBLAS in
+# calls of 8 rows. The planner's probe times a pass of the cap's size, so where large trees cost more it picks smaller
+# ones; streamed 7B speculation on an H200 went faster with 256 than with 64 (BENCHMARKS.md, tenth session).
+MAX_TREE_TOKENS = {"cuda": 256, "cpu": FEW_TOKENS}
 
 
 def default_tree_cap(generator: Generator) -> int:

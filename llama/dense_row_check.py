@@ -17,15 +17,22 @@ CHUNK = 8
 _checked: dict[tuple, int] = {}  # (out, in, dtype, bias, device) -> rows a call may take
 
 
+def _key(out_features: int, in_features: int, dtype: torch.dtype, bias: bool, device: torch.device) -> tuple:
+    """The checked shape's key; the device with its index ("cuda" and a tensor's "cuda:0" are one GPU)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return (out_features, in_features, dtype, bias, device)
+
+
 def checked_rows(out_features: int, in_features: int, dtype: torch.dtype, bias: bool, device: torch.device) -> int:
     """Rows a call of this shape may take exactly, as checked by check_rows (1 where it was not checked)."""
-    return _checked.get((out_features, in_features, dtype, bias, device), 1)
+    return _checked.get(_key(out_features, in_features, dtype, bias, device), 1)
 
 
 def check_rows(out_features: int, in_features: int, dtype: torch.dtype, bias: bool, device: torch.device) -> int:
     """Check (once) whether calls of 2..CHUNK rows of this shape give each row its one-row bits; returns the rows a
     call may take. Syncs with the device: never inside a capture."""
-    key = (out_features, in_features, dtype, bias, device)
+    key = _key(out_features, in_features, dtype, bias, device)
     if key not in _checked:
         gen = torch.Generator(device=device).manual_seed(0)
         w = torch.randn(out_features, in_features, device=device, dtype=dtype, generator=gen) * in_features**-0.5

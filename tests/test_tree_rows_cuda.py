@@ -137,3 +137,14 @@ def test_a_checked_shape_keeps_each_rows_bits_for_other_values():
         together = torch.nn.functional.linear(x, w)
         for i in range(rows):
             assert torch.equal(together[i], torch.nn.functional.linear(x[i : i + 1].clone(), w)[0])
+
+
+def test_a_shape_checked_on_cuda_counts_for_its_tensors_on_cuda_0():
+    """check_dense_rows gets the device as the engine names it ("cuda"), linear_rows a tensor's ("cuda:0"): one
+    GPU, one check (a missed lookup falls back to one row a call: exact, but a host-bound pass)."""
+    from llama.dense_row_check import check_rows, checked_rows
+
+    rows = check_rows(4096, 4096, torch.bfloat16, False, torch.device("cuda"))
+    here = torch.empty(1, device="cuda").device
+    assert here.index is not None
+    assert checked_rows(4096, 4096, torch.bfloat16, False, here) == rows
