@@ -17,7 +17,7 @@ import torch
 from llama.sampling import Sampler
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
-from llama.speculative.planner import Planner, TreeShape
+from llama.speculative.planner import DEPTHS, Planner, TreeShape
 from llama.speculative.tree import TokenTree, tree_attention, tree_paths
 from llama.speculative.verify import verify_tree
 
@@ -176,8 +176,7 @@ class Speculator:
         if gen.steps is not None:
             runs.insert(0, (small, False))
         for size, timed in runs:
-            tree = TokenTree(history[-1])
-            tree.add_path(0, [history[-1]] * (size - 1), size)
+            tree = _probe_tree(history[-1], size)
             positions, mask = tree_attention(tree, start, window=gen.model.args.sliding_window)
             if timed:
                 self._timed(self._tree_pass, size, gen, tree, start, positions, mask)
@@ -189,3 +188,15 @@ class Speculator:
             self._draft(gen, TokenTree(history[-1]), history, TreeShape(2, 1))
             if self.planner.draft_steps:
                 break
+
+
+def _probe_tree(root: int, size: int) -> TokenTree:
+    """A tree of `size` nodes no deeper than the planner's deepest shape: chains of DEPTHS[-1] tokens under the
+    root (their first tokens 0, 1, ... tell them apart), as a planned tree's attention sees paths no longer than
+    that (one chain of `size` nodes would time paths of `size` slots a query)."""
+    tree = TokenTree(root)
+    for chain in range(size):
+        tree.add_path(0, [chain] + [root] * (DEPTHS[-1] - 1), size)
+        if len(tree) >= size:
+            break
+    return tree
