@@ -8,6 +8,7 @@ from engine.build import Engine, build_engine
 from engine.config import RunConfig
 from engine.flag_values import parse_device
 from llama.decode_graphs import MAX_GRAPH_TOKENS
+from llama.dense_row_check import CHUNK as ROWS_A_CALL
 from llama.errors import UserError
 from llama.generation import Generator
 from llama.speculative.decoder import Speculator
@@ -24,10 +25,12 @@ MAX_TREE_TOKENS = {"cuda": 256, "cpu": FEW_TOKENS}
 
 
 def default_tree_cap(generator: Generator) -> int:
-    """Tokens per target pass the planner may use without --draft_tokens: a resident GPU model's pass is a
-    captured step up to MAX_GRAPH_TOKENS (beyond, an eager pass costs several plain steps)."""
+    """Tokens per target pass the planner may use without --draft_tokens. A resident GPU model's step reads every
+    weight from memory once per matmul call, and an exact tree's calls take ROWS_A_CALL rows each (cuBLAS as
+    checked, our int4 GEMV's chunks): one call's worth, so a tree costs about one step (H200, 7B fp16: 32 tokens
+    took 4.5 one-token steps, BENCHMARKS.md tenth session)."""
     if generator.steps is not None:
-        return MAX_GRAPH_TOKENS
+        return min(MAX_GRAPH_TOKENS, ROWS_A_CALL)
     return MAX_TREE_TOKENS[generator.device.type]
 
 
