@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.decode_bench import hbm_gbps  # noqa: E402
 from offload.kernels.int4_format import Int4Weight  # noqa: E402
-from offload.kernels.int4_gemv_cuda import SWITCH, int4_gemv, int4_gemv_library, launch_shape  # noqa: E402
+from offload.kernels.int4_gemv_cuda import SWITCH, int4_gemv, int4_gemv_library  # noqa: E402
 from offload.kernels.int4_gemv_cuda import SHAPES as LAUNCH_SHAPES  # noqa: E402
 from offload.kernels.tinygemm import int4_matmul_tinygemm, prepare_for_cuda  # noqa: E402
 

@@ -28,7 +28,7 @@ from llama.errors import UserError
 from offload.kernels.gguf_blocks import CONVERTERS
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
-from offload.kernels.linear import Int4Linear, Int8Linear, QuantizedLinear
+from offload.kernels.linear import Int4Linear, Int8Linear
 
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 NATIVE = {"Q8_0": "int8", "Q4_0": "int4", "Q4_1": "int4"}
