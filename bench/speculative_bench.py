@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ from offload.link import probe_link_gbps
 from offload.policy import OffloadConfig
 from offload.quant_mode import QuantMode
 from tools.inflate_model import inflate, inflated_args
+from tools.speculation_workloads import continuation_prompts, edit_prompts
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 PASS_SIZES = (1, 4, 16, 64, 256, 1024)
@@ -149,16 +149,8 @@ def _median_pass(run, device: torch.device, repeats: int) -> tuple[float, float]
 
 def workloads(tokenizer, ns: argparse.Namespace) -> dict[str, list[list[int]]]:
     text = Path(ns.heldout).read_text(encoding="utf-8")
-    ids = tokenizer.encode(text)
-    step = (len(ids) - ns.prompt_tokens) // ns.prompts
-    continuation = [[tokenizer.bos_id] + ids[i * step : i * step + ns.prompt_tokens] for i in range(ns.prompts)]
-    functions = [m.group(0) for m in re.finditer(r"(?ms)^def \w+\(.*?(?=^\S)", text) if 400 < len(m.group(0)) < 2000]
-    edits = []
-    for f in functions[:: max(1, len(functions) // ns.prompts)][: ns.prompts]:
-        head = f.splitlines()[0]
-        renamed = re.sub(r"^def (\w+)", r"def \1_v2", head)
-        edits.append(tokenizer.encode(f + "\n\n# The same, renamed:\n" + renamed + "\n", bos=True))
-    return {"a_continuation": continuation, "b_edit": edits}
+    return {"a_continuation": continuation_prompts(text, tokenizer, ns.prompts, ns.prompt_tokens),
+            "b_edit": edit_prompts(text, tokenizer, ns.prompts)}
 
 
 def decode(gen: Generator, prompts: list[list[int]], new_tokens: int) -> tuple[float, float, list[list[int]]]:

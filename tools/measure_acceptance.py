@@ -1,12 +1,14 @@
 """How often the target accepts a draft's tokens on held-out text (greedy), and what that buys on this machine.
 
-Prompts are windows of the held-out file (the standard-library modules no model was trained on): each
-is --prompt-tokens tokens after BOS, and the target continues it greedily for --new-tokens. For each
+Prompts come from the held-out file (the standard-library modules no model was trained on), as the workloads of
+tools/speculation_workloads.py: --workload continuation (windows of --prompt-tokens tokens after BOS) or edit (a
+function, then its renamed `def` line to rewrite it); the target continues each greedily for --new-tokens. For each
 draft source (the draft model, prompt lookup, both) and each fixed tree shape, it reports the tokens
 per target pass (the accepted draft tokens plus the target's own one) and decode tok/s on this machine,
 beside plain decoding; the last shape of each source is the planner's own choice. Output: one JSON object (stdout, and --out if given).
 
     python -m tools.measure_acceptance --draft models/pytiny-draft --out models/pytiny-draft/acceptance.json
+    python -m tools.measure_acceptance --draft models/pytiny-draft --workload edit --prompts 4 --new-tokens 96 --shape 12x16
 """
 from __future__ import annotations
 
@@ -21,15 +23,21 @@ from engine.flag_values import parse_device
 from engine.speculative import attach_speculation
 from llama.sampling import Sampler, SamplingParams
 from llama.speculative.planner import TreeShape
+from tools.speculation_workloads import continuation_prompts, edit_prompts
 
 GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
 SHAPES = (TreeShape(4, 1), TreeShape(4, 4), TreeShape(8, 8))
 
 
-def prompts(path: Path, tokenizer, n: int, length: int) -> list[list[int]]:
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"))
-    step = (len(ids) - length) // n
-    return [[tokenizer.bos_id] + ids[i * step : i * step + length] for i in range(n)]
+def parse_shape(text: str) -> TreeShape:
+    """--shape DEPTHxWIDTH, e.g. 12x16."""
+    try:
+        depth, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected DEPTHxWIDTH, e.g. 12x16") from None
+    if depth < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: depth and width must be at least 1")
+    return TreeShape(depth, width)
 
 
 def run(engine, windows: list[list[int]], new_tokens: int) -> dict[str, float]:
@@ -54,23 +62,29 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--workload", choices=("continuation", "edit"), default="continuation")
+    p.add_argument("--shape", type=parse_shape, action="append",
+                   help="a fixed tree shape DEPTHxWIDTH to measure (repeat for more; default: 4x1, 4x4, 8x8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
     base = RunConfig(model_dir=args.model, device=parse_device(args.device), dtype="float32", ctx=1024, sampling=GREEDY)
     engine = build_engine(base)
-    windows = prompts(args.heldout, engine.tokenizer, args.prompts, args.prompt_tokens)
+    text = args.heldout.read_text(encoding="utf-8")
+    windows = (continuation_prompts(text, engine.tokenizer, args.prompts, args.prompt_tokens)
+               if args.workload == "continuation" else edit_prompts(text, engine.tokenizer, args.prompts))
     plain = run(engine, windows, args.new_tokens)
     record: dict[str, object] = {
         "model": str(args.model), "draft": str(args.draft), "device": args.device,
-        "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+        "workload": args.workload, "prompts": args.prompts, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
         "plain_decode_tok_s": round(plain["decode_tok_s"], 1),
     }
     sources = {"draft": {"draft": args.draft}, "lookup": {"lookup": True}, "both": {"draft": args.draft, "lookup": True}}
     for name, flags in sources.items():
         engine.cfg = RunConfig(**{**base.__dict__, **flags})
-        for shape in (*SHAPES, None):
+        for shape in (*(args.shape or SHAPES), None):
             if shape is not None and shape.width > 1 and name == "lookup":
                 continue
             attach_speculation(engine, log=sys.stderr, shape=shape)
