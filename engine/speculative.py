@@ -25,10 +25,10 @@ MAX_TREE_TOKENS = {"cuda": 256, "cpu": FEW_TOKENS}
 
 
 def default_tree_cap(generator: Generator) -> int:
-    """Tokens per target pass the planner may use without --draft_tokens. A resident GPU model's step reads every
-    weight from memory once per matmul call, and an exact tree's calls take ROWS_A_CALL rows each (cuBLAS as
-    checked, our int4 GEMV's chunks): one call's worth, so a tree costs about one step (H200, 7B fp16: 32 tokens
-    took 4.5 one-token steps, BENCHMARKS.md tenth session)."""
+    """Tokens per target pass the planner may use without --draft_tokens. A resident GPU model's pass reads every
+    weight once per matmul call, and an exact tree's calls take ROWS_A_CALL rows each (cuBLAS where checked, our
+    int4 GEMV's chunks): a tree of up to ROWS_A_CALL tokens costs about one step, each further ROWS_A_CALL about
+    another (H200, 7B fp16: 32 tokens took 4.4 steps, BENCHMARKS.md tenth session)."""
     if generator.steps is not None:
         return min(MAX_GRAPH_TOKENS, ROWS_A_CALL)
     return MAX_TREE_TOKENS[generator.device.type]

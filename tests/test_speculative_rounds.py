@@ -48,6 +48,16 @@ def test_slow_plain_tokens_start_the_probe_early_and_it_times_two_far_apart_size
     assert {n for n, _ in planner.passes} >= {2, planner.max_tokens}
 
 
+def test_the_probes_large_tree_is_no_deeper_than_the_planners_deepest_shape():
+    """A chain of 256 nodes would time attention over paths of 256 slots a query, which no planned tree has."""
+    from llama.speculative.planner import DEPTHS
+
+    for size in (1, 2, DEPTHS[-1] + 1, 64, 256):
+        tree = decoder._probe_tree(9, size)
+        assert len(tree) == size
+        assert max(tree.depths) == min(size - 1, DEPTHS[-1])
+
+
 class _CapturingSteps(DecodeSteps):
     """Uncaptured steps that count a 'capture' the first time each tree size runs, as graphs would."""
 
