@@ -84,10 +84,11 @@ def tree_paths(tree: TokenTree, start: int, lo: int = 0, hi: int | None = None) 
     With these, attention sees each node as the one-token step at its position (llama/fused_ops.py)."""
     hi = len(tree) if hi is None else hi
     depth = 1 + max(tree.depths[lo:hi])
-    paths = torch.full((hi - lo, depth), -1, dtype=torch.int32)
-    for row, node in enumerate(range(lo, hi)):
-        j = 0
+    rows = []  # built as lists, one tensor at the end: a round's tree pass waits for this on the host
+    for node in range(lo, hi):
+        row = []
         while node >= 0:
-            paths[row, j] = start + node
-            node, j = tree.parents[node], j + 1
-    return paths
+            row.append(start + node)
+            node = tree.parents[node]
+        rows.append(row + [-1] * (depth - len(row)))
+    return torch.tensor(rows, dtype=torch.int32)
