@@ -106,8 +106,9 @@ class DecodeSteps:
         each node's path (tree_paths), for a pass whose every node gets its one-token step's bits.
 
         A tree that a graph can take is padded (to the next power of two; an exact tree to a multiple of
-        EXACT_TREE_STEP), so that a few graphs serve trees of every size: each padding node sees only its own slot, past the tree's, and nobody reads its output
-        (the cache holds nothing there that a later step reads before writing it)."""
+        EXACT_TREE_STEP), so that a few graphs serve trees of every size: each padding node sees only its own
+        slot, past the tree's, and nobody reads its output (the cache holds nothing there that a later step reads
+        before writing it)."""
         n, seen = len(tokens), mask.shape[1]
         size = self._tree_size(n, start, paths is not None)
         inputs = self._buffers(size)

@@ -107,7 +107,8 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mask: additive (0 / -inf), broadcastable to (batch, n_heads, seqlen, cached keys), or None."""
-        return linear_rows(self.wo, self.attend(x, rotation, start_pos, cache, layer, mask), tree_rows(cache) is not None)
+        attended = self.attend(x, rotation, start_pos, cache, layer, mask)
+        return linear_rows(self.wo, attended, tree_rows(cache) is not None)
 
     def attend(
         self,
