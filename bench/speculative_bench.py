@@ -262,6 +262,9 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     ns = p.parse_args()
+    for flag, value, least in (("--slots", ns.slots, 1), ("--tree-cap", ns.tree_cap, 2)):
+        if value is not None and value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     if ns.warmup_tokens is None:
         ns.warmup_tokens = ns.new_tokens
     torch.set_num_threads(ns.threads)
