@@ -6,8 +6,8 @@ kernels of a pass of many tokens are others than a one-token step's (cuBLAS pick
 number of rows; attention of many queries was SDPA's), so a pass asked for exactly runs:
 
 - every matmul in calls that give each row the bits of a one-row call (our int4 GEMV: one launch, chunks of 8
-  rows; cuBLAS: up to 8 rows where llama/dense_row_check.py found so on this GPU, else one; tinygemm,
-  bitsandbytes, int8's dequantized weight: one), see linear_rows;
+  rows; cuBLAS, for a plain nn.Linear and for int8's weight dequantized once a matrix: up to 8 rows where
+  llama/dense_row_check.py found so on this GPU, else one; tinygemm, bitsandbytes: one), see linear_rows;
 - attention through the split kernel with each node's path (llama/fused_ops.py: attention's `paths`), so a
   node sees its ancestors at the positions a one-token step would find them, in the same splits;
 - norms, SiLU(gate) * up, RoPE and the residual adds through the kernels a step takes, one row at a time
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llama.dense_row_check import check_rows, checked_rows
@@ -52,21 +53,28 @@ def tree_rows(cache: object) -> TreeRows | None:
 
 
 def check_dense_rows(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """Check the model's plain nn.Linear shapes for calls of several rows (llama/dense_row_check.py), so that
-    linear_rows may take them: before an exact pass, outside any capture."""
+    """Check the shapes of the model's plain nn.Linear layers and quantized layers' dense weights for calls of
+    several rows (llama/dense_row_check.py), so that linear_rows may take them: before an exact pass, outside any
+    capture."""
     for m in model.modules():
         if type(m) is nn.Linear:
             check_rows(m.out_features, m.in_features, dtype, m.bias is not None, device)
+        elif hasattr(m, "dense_weight"):  # QuantizedLinear: its dense weight (int8 on the GPU) without the bias
+            check_rows(m.out_features, m.in_features, dtype, False, device)
 
 
 def linear_rows(linear: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor:
     """linear(x) for x (..., in); exact: each row as a call of one row computes it: through the module's
     `exact_forward(rows)` where it has one that takes these rows, else calls of as many rows as the kernel keeps
-    that for (a plain nn.Linear on CUDA: what check_dense_rows found; anything else: 1)."""
+    that for (a plain nn.Linear on CUDA, or a layer's `dense_weight(rows)`, made once, through F.linear: what
+    check_dense_rows found; anything else: 1)."""
     rows = x.reshape(-1, x.shape[-1])  # (tokens, in)
     if not exact or rows.shape[0] == 1:
         return linear(x)
     whole = linear.exact_forward(rows) if hasattr(linear, "exact_forward") else None
+    if whole is None and (dense := linear.dense_weight(rows) if hasattr(linear, "dense_weight") else None) is not None:
+        step = checked_rows(linear.out_features, linear.in_features, rows.dtype, False, rows.device)
+        whole = linear.with_bias(_calls(lambda part: F.linear(part, dense), rows, step))
     if whole is not None:
         return whole.view(*x.shape[:-1], -1)
     step = 1
@@ -74,8 +82,12 @@ def linear_rows(linear: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor
         step = checked_rows(linear.out_features, linear.in_features, rows.dtype, linear.bias is not None, rows.device)
     if step >= rows.shape[0]:
         return linear(x)
-    parts = [linear(_own_copy(rows[i : i + step])) for i in range(0, rows.shape[0], step)]
-    return torch.cat(parts).view(*x.shape[:-1], -1)
+    return _calls(linear, rows, step).view(*x.shape[:-1], -1)
+
+
+def _calls(fn, rows: torch.Tensor, step: int) -> torch.Tensor:
+    """fn over rows (tokens, in) in calls of `step` rows, each call's input where a one-row call's would be."""
+    return torch.cat([fn(_own_copy(rows[i : i + step])) for i in range(0, rows.shape[0], step)])
 
 
 def _own_copy(rows: torch.Tensor) -> torch.Tensor:

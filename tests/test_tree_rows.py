@@ -91,3 +91,37 @@ def test_linear_rows_takes_a_modules_exact_call_else_one_row_a_call():
     linear = _Counting(False)
     linear_rows(linear, x, exact=False)
     assert linear.calls == [7]
+
+
+class _Dequantizing(nn.Module):
+    """A layer whose forward is F.linear by a dense weight it makes on each call, plus its bias (int8 on the GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_features, self.in_features = 3, 4
+        self.weight, self.bias = torch.randn(3, 4), torch.randn(3)
+        self.made = 0
+
+    def dense_weight(self, x: torch.Tensor) -> torch.Tensor:
+        self.made += 1
+        return self.weight.clone()
+
+    def with_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y + self.bias
+
+
+def test_a_dense_weight_is_made_once_per_tree_and_used_in_calls_of_the_checked_rows(monkeypatch):
+    import llama.tree_rows as tree_rows
+
+    calls: list[int] = []
+
+    def counting_linear(x, w):
+        calls.append(x.shape[0])
+        return nn.functional.linear(x, w)
+
+    monkeypatch.setattr(tree_rows, "checked_rows", lambda *shape: 3)
+    monkeypatch.setattr(tree_rows, "F", type("F", (), {"linear": staticmethod(counting_linear)}))
+    layer, x = _Dequantizing(), torch.randn(1, 7, 4)
+    got = linear_rows(layer, x, exact=True)
+    assert layer.made == 1 and calls == [3, 3, 1] and got.shape == (1, 7, 3)
+    torch.testing.assert_close(got, nn.functional.linear(x, layer.weight, layer.bias))

@@ -18,7 +18,7 @@ from offload.errors import FormatError
 from offload.kernels.bnb import bnb_int8_linear
 from offload.kernels.int4_format import Int4Weight, quantize_int4
 from offload.kernels.int8_format import Int8Weight, quantize_int8
-from offload.kernels.matmul import int4_matmul, int8_matmul
+from offload.kernels.matmul import int4_matmul, int8_dense_weight, int8_matmul
 from offload.kernels.int4_gemv_cuda import int4_gemv, int4_gemv_fits, int4_gemv_library, int4_gemv_supported
 from offload.kernels.tinygemm import Int4CudaWeight, prepare_for_cuda, tinygemm_supports
 from offload.quant_mode import QuantMode
@@ -50,7 +50,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_format()
-        y = int8_matmul(x, w) if isinstance(w, Int8Weight) else int4_matmul(x, w)
+        return self.with_bias(int8_matmul(x, w) if isinstance(w, Int8Weight) else int4_matmul(x, w))
+
+    def with_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """y plus the layer's bias, as forward adds it after the matmul."""
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def exact_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -59,8 +62,16 @@ class QuantizedLinear(nn.Module):
         w = self.weight_format()
         if not (isinstance(w, Int4Weight) and int4_gemv_supported(x, w)):
             return None
-        y = int4_gemv(x, w)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return self.with_bias(int4_gemv(x, w))
+
+    def dense_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The dense (out, in) weight forward multiplies x by through F.linear, where it does so (int8 on the GPU:
+        dequantized, then cuBLAS, without the bias); else None. An exact tree (llama/tree_rows.py) makes it once
+        and calls cuBLAS in chunks of the rows that keep each row's one-row bits."""
+        w = self.weight_format()
+        if isinstance(w, Int8Weight) and w.qweight.is_cuda and x.is_cuda:
+            return int8_dense_weight(w, x.dtype)
+        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -41,12 +41,16 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # (tokens, in)
 
 
+def int8_dense_weight(w: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in `dtype` that int8_matmul multiplies a GPU input by: the one transient copy."""
+    return w.dequantize(dtype) if w.scale.dim() == 2 else w.qweight.to(dtype).mul_(w.scale.to(dtype)[:, None])
+
+
 def int8_matmul(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x [..., in] @ dequantized(w).T -> [..., out] in x's dtype, computed where w's tensors are."""
     x2 = _tokens(x)
     if w.qweight.device.type == "cuda":
-        y = F.linear(x2, w.dequantize(x.dtype) if w.scale.dim() == 2 else
-                     w.qweight.to(x.dtype).mul_(w.scale.to(x.dtype)[:, None]))  # the one transient copy
+        y = F.linear(x2, int8_dense_weight(w, x.dtype))
     elif w.scale.dim() == 2:
         y = _dequantized_linear(x2, w)  # grouped scales (GGUF Q8_0): the CPU kernel takes one scale per row
     elif w.qweight.device.type == "cpu" and (ext := cpu_extension()) is not None:
