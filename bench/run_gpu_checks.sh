@@ -43,6 +43,7 @@ bench decode_bench_int4_tinygemm env LLAMA_OFFLOAD_INT4_GEMV=0 "$PY" bench/decod
 bench decode_perplexity "$PY" bench/decode_perplexity.py --device cuda  # what the int8-rounded activations cost
 bench speculative_bench "$PY" bench/speculative_bench.py --modes stream_fp16,stream_int4,resident --prompts 2 \
     --new-tokens 64 --repeats 2 --json "$OUT/speculative_bench.json" --markdown "$OUT/speculative_bench.md"
+bench int8_tree_rows_bench "$PY" bench/int8_tree_rows_bench.py  # an exact tree's int8 rows: one dequantize a matrix
 bench batch_bench "$PY" bench/batch_bench.py --mode stream_fp16 --streams 1,4,16,64 --markdown "$OUT/batch_bench.md"
 # Several GPUs (issue 15): only where two or more are visible (the split on one GPU is among the CUDA tests).
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then bench multi_gpu_bench "$PY" bench/multi_gpu_bench.py --markdown "$OUT/multi_gpu_bench.md"; else echo "multi_gpu_bench: skipped (fewer than 2 GPUs visible)"; fi
