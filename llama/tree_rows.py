@@ -72,11 +72,12 @@ def linear_rows(linear: nn.Module, x: torch.Tensor, exact: bool) -> torch.Tensor
     if not exact or rows.shape[0] == 1:
         return linear(x)
     whole = linear.exact_forward(rows) if hasattr(linear, "exact_forward") else None
-    if whole is None and (dense := linear.dense_weight(rows) if hasattr(linear, "dense_weight") else None) is not None:
-        step = checked_rows(linear.out_features, linear.in_features, rows.dtype, False, rows.device)
-        whole = linear.with_bias(_calls(lambda part: F.linear(part, dense), rows, step))
     if whole is not None:
         return whole.view(*x.shape[:-1], -1)
+    dense = linear.dense_weight(rows) if hasattr(linear, "dense_weight") else None
+    if dense is not None:
+        step = checked_rows(linear.out_features, linear.in_features, rows.dtype, False, rows.device)
+        return linear.with_bias(_calls(lambda part: F.linear(part, dense), rows, step)).view(*x.shape[:-1], -1)
     step = 1
     if type(linear) is nn.Linear and rows.is_cuda:
         step = checked_rows(linear.out_features, linear.in_features, rows.dtype, linear.bias is not None, rows.device)
