@@ -241,7 +241,8 @@ class BatchDecoder:
             if seq.speculation is None:  # a plain pass gives the logits the Speculator starts from
                 seq.stats.decode_passes += 1
                 logits = self._alone_logits(seq)
-                seq.speculation = gen.speculator.tokens(gen, logits, seq.sampler, seq.history, seq.stats)
+                budget = seq.reply.max_new_tokens - seq.stats.new_tokens
+                seq.speculation = gen.speculator.tokens(gen, logits, seq.sampler, seq.history, seq.stats, budget)
                 seq.stats.speculative = True
             token = next(seq.speculation)
         except Exception as e:  # noqa: BLE001

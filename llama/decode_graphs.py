@@ -23,6 +23,7 @@ with torch's ops around our int4 GEMV; 327 in the seventh session with tinygemm'
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -86,6 +87,7 @@ class DecodeSteps:
         self._graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, StepOutput]] = {}
         self._pool: tuple[int, int] | None = None  # one memory pool for every graph: they never run at once
         self.captured = 0  # graphs captured so far: a step that captured one took a one-off time
+        self.capture_seconds = 0.0  # what capturing them took, warm-ups included
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> StepOutput:
@@ -172,6 +174,7 @@ class DecodeSteps:
         """Warm up on a side stream (torch's recipe: libraries set up their handles outside the capture),
         watching for host syncs, then record the step. The warm-up writes the same keys and values the
         replay does, so it is harmless."""
+        begin = time.perf_counter()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -189,6 +192,7 @@ class DecodeSteps:
             return self._give_up("capturing the step failed", e)
         self._pool = graph.pool()
         self.captured += 1
+        self.capture_seconds += time.perf_counter() - begin
         return graph, out
 
     def _give_up(self, why: str, error: Exception) -> None:

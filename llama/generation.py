@@ -98,6 +98,16 @@ class Generator:
     def reset(self) -> None:
         self.cached = []
 
+    def next_token(self, sampler: Sampler, history: list[int]) -> int:
+        """history[-1] run at its slot, len(history) - 1: the next token as plain decoding picks it (greedy: the
+        device's argmax, where the step takes one)."""
+        pos = len(history) - 1
+        if self.steps is not None and is_greedy(sampler):
+            chosen = self.steps.decode(history[-1], pos).argmax
+            self.cached = self.cached[:pos] + [history[-1]]
+            return int(chosen[0, -1])  # the one copy back (and the wait for the step)
+        return sampler.sample(self._forward([history[-1]], pos), history)
+
     def warm_up(self) -> None:
         """Do now, as part of loading, what would slow the first reply: capture the first bucket's decode step;
         or, for a CUDA model not wholly on the GPU (streamed), load the CUDA libraries and kernels a prefill and
@@ -226,7 +236,7 @@ class Generator:
         try:
             logits = self.prefill(prompt, stats)
             start = time.perf_counter()
-            tokens = self._decode_tokens(logits, sampler, history, stats)
+            tokens = self._decode_tokens(logits, sampler, history, stats, max_new_tokens)
             for token in tokens:
                 if token in stop_ids:
                     stats.stop_reason = "eos"
@@ -267,15 +277,17 @@ class Generator:
             yield held
 
     def _decode_tokens(
-        self, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats
+        self, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats,
+        budget: int | None = None,
     ) -> Gen[int, None, None]:
-        """The reply's tokens; each is fed to the model only when the caller asks for the one after it."""
+        """The reply's tokens; each is fed to the model only when the caller asks for the one after it. budget: the
+        most the caller will take (None: no limit but the context)."""
         if self.speculator is not None and self.speculator.applies(sampler):
             stats.speculative = True
-            yield from self.speculator.tokens(self, logits, sampler, history, stats)
+            yield from self.speculator.tokens(self, logits, sampler, history, stats, budget)
             return
         token = sampler.sample(logits, history)
-        if self.steps is not None and _is_greedy(sampler):
+        if self.steps is not None and is_greedy(sampler):
             yield from self._greedy_on_device(token, history, stats)
             return
         while True:
@@ -309,7 +321,7 @@ def _all_on_cuda(model: Transformer, device: torch.device) -> bool:
     return device.type == "cuda" and len(places) == 1 and places.pop().type == "cuda"
 
 
-def _is_greedy(sampler: Sampler) -> bool:
+def is_greedy(sampler: Sampler) -> bool:
     """The sampler takes the plain argmax of the logits (no penalty that would change them first)."""
     p = sampler.params
     return p.temperature == 0.0 and (p.repetition_penalty == 1.0 or p.repetition_window == 0)

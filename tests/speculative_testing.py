@@ -18,3 +18,10 @@ def speculating(engine: Engine, shape: TreeShape | None = None, **cfg) -> Engine
 def force_shape(engine: Engine, shape: TreeShape | None) -> None:
     """Every round uses `shape` from now on (None: the planner chooses again)."""
     engine.generator.speculator.planner.fixed = shape
+
+
+def start_at_once(monkeypatch) -> None:
+    """Speculation starts as soon as the planner would probe, however short the reply (tests of what it does then)."""
+    from llama.speculative.decoder import Speculator
+
+    monkeypatch.setattr(Speculator, "_start_pays", lambda *args: True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures import make_meta_checkpoint, tiny_args
+from speculative_testing import start_at_once
 from test_console import GREEDY_FLAGS, _app
 from tiny_model import make_tiny_model_dir
 from tiny_tokenizer import train_tiny_sentencepiece
@@ -34,6 +35,16 @@ def test_prompt_reply_is_the_plain_greedy_one(dirs):
         assert got.returncode == 0, got.stderr
         assert got.stdout == want.stdout and got.stderr.count("speculation: ") == 1
         assert "tok/pass" in got.stderr.splitlines()[-1]
+    assert "speculation: not started yet" in got.stderr  # 40 tokens cannot repay starting the draft
+
+
+def test_prompt_reply_once_speculation_starts_is_the_plain_greedy_one(dirs, capsys, monkeypatch):
+    target, draft = dirs
+    want = _app(str(target), *GREEDY_FLAGS, *PROMPT)
+    start_at_once(monkeypatch)
+    rc, out, err = _main([str(target), *GREEDY_FLAGS, *PROMPT, "--draft", str(draft), "--lookup"], capsys)
+    assert rc == 0 and out == want.stdout
+    assert err.count("speculation: ") == 1 and "not started" not in err  # the planner's choice, after its probe
 
 
 def test_mirostat_turns_speculation_off_in_one_line(dirs):

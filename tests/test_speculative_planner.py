@@ -86,3 +86,10 @@ def test_rounds_delivering_less_than_plain_steps_turn_it_off_from_the_next_round
         planner.observe_round_time(shape.budget, shape.depth, 0.030)
     assert planner.spec_rate == pytest.approx(1 / 0.030)
     assert planner.choose() is None
+
+
+def test_the_best_saving_falls_with_the_drafts_cost_and_is_none_for_a_draft_as_big_as_the_target() -> None:
+    planner = Planner(256, has_draft_model=True, announce=lambda line: None)
+    savings = [planner.best_saving(share) for share in (0.0, 0.01, 0.1, 0.5, 1.0)]
+    assert savings == sorted(savings, reverse=True) and len(set(savings)) == len(savings)
+    assert 0.5 < savings[0] < 1 and savings[-1] < 0  # at most 1 - 1 / (1 / (1 - alpha)) with the prior's alpha

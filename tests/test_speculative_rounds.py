@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speculative_testing import speculating
+from speculative_testing import speculating, start_at_once
 from tiny_model import GREEDY, build_tiny_engine, make_tiny_model_dir
 
 from llama.decode_graphs import MAX_GRAPH_TOKENS, DecodeSteps
@@ -42,6 +42,7 @@ class _Clock:
 def test_slow_plain_tokens_start_the_probe_early_and_it_times_two_far_apart_sizes(root, monkeypatch):
     engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
     planner = engine.generator.speculator.planner
+    start_at_once(monkeypatch)
     monkeypatch.setattr(decoder.time, "perf_counter", _Clock())
     _decode(engine, 8)
     assert 1 <= len(planner.plain_passes) < decoder.PROBE_AFTER  # probed after 0.5 s of plain tokens, not 16
@@ -135,7 +136,7 @@ def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatc
     speculator.planner.needs_probe = lambda: False
     speculator.planner.choose = lambda: None  # off throughout
     events = []  # "p": a plain pass, "t": a try's draft
-    for name, mark in (("_draft", "t"), ("_plain_pass", "p")):
+    for name, mark in (("_draft", "t"), ("_plain_token", "p")):
         real = getattr(speculator, name)
         monkeypatch.setattr(speculator, name, lambda *a, real=real, mark=mark: (events.append(mark), real(*a))[1])
     monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)

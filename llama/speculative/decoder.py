@@ -8,12 +8,14 @@ trims `generator.cached` to the tokens it kept.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
+from llama.config import ModelArgs
 from llama.sampling import Sampler
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
@@ -28,6 +30,12 @@ EXPLORE_EVERY = 32  # while speculation is off, try one small round after this m
 MAX_EXPLORE_EVERY = 512  # twice as many after each try that leaves it off (a try first catches the draft up)
 PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation,
 PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large model: speculation pays at once)
+# Starting speculation costs once (the probe, the tree steps' graphs, the draft's catch-up on the context); it starts
+# only when the tokens ahead could repay that PAYBACK times over at the best saving the planner's prior allows
+# (Planner.best_saving). The cost, estimated:
+START_PASSES = 6  # the probe's 3-4 passes, the large ones up to 2.5 plain passes each (CPU: 2.3),
+START_GRAPHS = 6  # graphs (the target's tree steps of 4 and 8 tokens, the draft's) at the target's mean capture time
+PAYBACK = 2.0  # (H200, the 7B twin resident: 10 captures in one 96-token reply, 0.74 s more than plain decoding)
 
 
 class Speculator:
@@ -45,6 +53,8 @@ class Speculator:
         self._said_mirostat = False
         self._pass_seconds = 0.0  # the latest tree pass
         self._explore_every = EXPLORE_EVERY  # plain tokens between tries while speculation is off
+        self.decoded = 0  # tokens given out, over all replies
+        self._said_waiting = False
         # Where the speculative rounds' time went, summed (benchmarks report it): drafting, the target's tree
         # passes, whole rounds (the rest is verifying, moving keys, sampling).
         self.spent = {"draft": 0.0, "target": 0.0, "round": 0.0, "rounds": 0.0}
@@ -58,19 +68,25 @@ class Speculator:
         return True
 
     def tokens(
-        self, gen: Generator, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats
+        self, gen: Generator, logits: torch.Tensor, sampler: Sampler, history: list[int], stats: GenerationStats,
+        budget: int | None = None,
     ) -> Iterator[int]:
-        """Next tokens; `history` grows by each one (the caller appends it) before the next is asked for."""
+        """Next tokens; `history` grows by each one (the caller appends it) before the next is asked for. budget: the
+        most the caller will take (None: no limit but the context)."""
         pending = [sampler.sample(logits, history)]
         plain_run = 0
+        end = None if budget is None else self.decoded + budget  # self.decoded when the caller has taken them all
         while True:
-            yield from pending
+            for token in pending:
+                self.decoded += 1
+                yield token
             start = len(history) - 1  # the root (history[-1]) goes to this slot; the cache holds the rest
             begin, one_offs = time.perf_counter(), self._one_offs(gen)
             if self.planner.needs_probe():
-                if plain_run < PROBE_AFTER and sum(self.planner.plain_passes) < PROBE_SECONDS:
+                early = plain_run < PROBE_AFTER and sum(self.planner.plain_passes) < PROBE_SECONDS
+                if early or not self._start_pays(gen, history, stats, end):
                     plain_run += 1
-                    pending = [sampler.sample(self._plain_pass(gen, history[-1], start), history)]
+                    pending = [self._plain_token(gen, sampler, history)]
                     stats.decode_passes += 1
                     continue
                 self._probe(gen, history, start)
@@ -88,7 +104,7 @@ class Speculator:
             drafted = time.perf_counter()
             if len(tree) == 1:
                 plain_run += 1
-                pending = [sampler.sample(self._plain_pass(gen, history[-1], start), history)]
+                pending = [self._plain_token(gen, sampler, history)]
             else:
                 pending = self._verify(gen, tree, sampler, history, start, shape)
             depth = shape.depth if shape is not None and len(tree) > 1 else 0
@@ -98,6 +114,43 @@ class Speculator:
             if depth:
                 self._account(drafted - begin, seconds)
             stats.decode_passes += 1
+
+    def _start_pays(self, gen: Generator, history: list[int], stats: GenerationStats, end: int | None) -> bool:
+        """Whether the tokens ahead could repay what starting speculation costs: this reply's remaining ones and as
+        many as were decoded before it (a conversation that has gone on is taken to go on)."""
+        if not self.planner.plain_passes:
+            return False
+        if end is None:
+            return True
+        left = min(end - self.decoded, gen.max_seq_len - len(history))
+        ahead_seconds = (left + self.decoded) * self.planner.plain_seconds()
+        cost = self._start_seconds(gen, history, stats)
+        if ahead_seconds * self.planner.best_saving(self._draft_share(gen)) >= PAYBACK * cost:
+            return True
+        if not self._said_waiting:
+            self._said_waiting = True
+            self.announce(f"speculation: not started yet (starting costs about {1e3 * cost:.0f} ms, more than "
+                          f"{left} tokens left can repay)")
+        return False
+
+    def _start_seconds(self, gen: Generator, history: list[int], stats: GenerationStats) -> float:
+        """What starting speculation would cost, estimated before it starts: the probe's passes, the graphs of tree
+        steps (at the target's mean capture time so far), the draft's catch-up on the context (a prefill at the
+        target's prefill rate of this reply, scaled by the draft's share of the weights)."""
+        seconds = START_PASSES * self.planner.plain_seconds()
+        steps = gen.steps
+        if steps is not None and steps.capture and steps.captured:
+            seconds += START_GRAPHS * steps.capture_seconds / steps.captured
+        if self.draft is not None and stats.prefilled_tokens:
+            behind = len(history) - self.draft.generator.reusable_prefix(history)
+            seconds += behind * stats.prefill_seconds / stats.prefilled_tokens * self._draft_share(gen)
+        return seconds
+
+    def _draft_share(self, gen: Generator) -> float:
+        """The draft model's weights over the target's (0 without one): about what a draft step costs in target passes."""
+        if self.draft is None:
+            return 0.0
+        return _weights(self.draft.generator.model.args) / _weights(gen.model.args)
 
     def _one_offs(self, gen: Generator) -> int:
         """Graphs the target's and the draft's decode steps have captured so far, and the draft's long catch-ups:
@@ -147,13 +200,13 @@ class Speculator:
         gives plain greedy's tokens): a captured step when the target is resident and the tree small."""
         return gen.tree_logits(tree.tokens, start, positions, mask, tree_paths(tree, start)).float().cpu()
 
-    def _plain_pass(self, gen: Generator, token: int, start: int) -> torch.Tensor:
-        """One token through the plain decode path (what decoding without speculation costs), timed."""
+    def _plain_token(self, gen: Generator, sampler: Sampler, history: list[int]) -> int:
+        """The next token through the plain decode path (what decoding without speculation costs), timed."""
         begin, one_offs = time.perf_counter(), self._one_offs(gen)
-        logits = gen._forward([token], start)  # on the CPU: the device has finished
+        token = gen.next_token(sampler, history)
         if self._one_offs(gen) == one_offs:
             self.planner.observe_plain_pass(time.perf_counter() - begin)
-        return logits
+        return token
 
     def _timed(self, fn: Callable[..., torch.Tensor], n: int, gen: Generator, *args: object) -> torch.Tensor:
         begin, one_offs = time.perf_counter(), self._one_offs(gen)
@@ -188,6 +241,10 @@ class Speculator:
             self._draft(gen, TokenTree(history[-1]), history, TreeShape(2, 1))
             if self.planner.draft_steps:
                 break
+
+
+def _weights(args: ModelArgs) -> int:
+    return sum(math.prod(shape) for shape in args.weight_shapes().values())
 
 
 def _probe_tree(root: int, size: int) -> TokenTree:

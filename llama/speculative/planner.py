@@ -136,6 +136,12 @@ class Planner:
         prior = PRIOR_ALPHA if width == 1 else 1 - (1 - self.alpha(1)) / width**0.5
         return (self.hits[width] + PRIOR_TRIALS * prior) / (self.trials[width] + PRIOR_TRIALS)
 
+    def best_saving(self, draft_share: float) -> float:
+        """The share of plain decoding's time speculation could save at best, before anything is measured: passes
+        as cheap for a tree as for one token, each draft step costing `draft_share` of a pass, the prior acceptance."""
+        cost = lambda depth: 1 + depth * draft_share  # noqa: E731  # a round, in plain passes
+        return max(1 - cost(depth) / expected_tokens(depth, PRIOR_ALPHA) for depth in DEPTHS)
+
     def pass_seconds(self, tokens: int) -> float:
         """t(n) = a + b * n (b >= 0), least squares over the median time of each pass size timed: a one-off
         slow pass (a kernel compiled, a graph captured for a new size) does not tilt the line."""
