@@ -135,6 +135,7 @@ def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatc
     speculator = engine.generator.speculator
     speculator.planner.needs_probe = lambda: False
     speculator.planner.choose = lambda: None  # off throughout
+    speculator.planner.could_pay = lambda: True
     events = []  # "p": a plain pass, "t": a try's draft
     for name, mark in (("_draft", "t"), ("_plain_token", "p")):
         real = getattr(speculator, name)
@@ -144,3 +145,18 @@ def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatc
     _decode(engine, 60)
     runs = [len(run) for run in "".join(events).split("t")]
     assert runs[:3] == [4, 8, 16]  # plain passes before each try
+
+
+def test_no_tries_while_off_where_no_acceptance_could_make_speculation_pay(root, monkeypatch):
+    engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
+    speculator = engine.generator.speculator
+    speculator.planner.needs_probe = lambda: False
+    speculator.planner.choose = lambda: None  # off throughout
+    speculator.planner.could_pay = lambda: False
+    drafts = []
+    real = speculator._draft
+    monkeypatch.setattr(speculator, "_draft", lambda *a: (drafts.append(a), real(*a))[1])
+    monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)
+    speculator._explore_every = 4
+    _decode(engine, 60)
+    assert drafts == []

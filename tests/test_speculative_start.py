@@ -63,7 +63,7 @@ def test_the_start_cost_counts_the_probe_graph_captures_and_the_drafts_catch_up(
     speculator.planner.observe_plain_pass(0.01)
     history = engine.tokenizer.encode(PROMPT, bos=True)
     stats = GenerationStats(prefill_seconds=0.5, prefilled_tokens=100)
-    share = speculator._draft_share(gen)
+    share = speculator._draft_weight_share(gen)
     assert 0 < share < 1
     catch_up = len(history) * 0.005 * share  # the draft holds nothing yet
     assert speculator._start_seconds(gen, history, stats) == pytest.approx(decoder.START_PASSES * 0.01 + catch_up)
@@ -86,3 +86,48 @@ def test_plain_tokens_before_the_start_take_the_steps_argmax_as_plain_greedy_doe
     n = math.floor(_threshold()) - 1
     assert _reply(engine, n).token_ids == _reply(plain, n).token_ids
     assert len(decodes) == n - 1 and not engine.generator.speculator.planner.passes
+
+
+def _draft_engine(root):
+    return speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root, name="d", dim=32, n_heads=2,
+                                                                          n_kv_heads=2))
+
+
+def test_a_draft_whose_step_costs_about_a_plain_pass_keeps_even_a_long_reply_plain(root, monkeypatch, capsys):
+    """On the CPU the draft's step is timed before the start (a small draft is bound by its per-layer overhead, not
+    its weights): one as slow as the target's pass leaves nothing to save however long the reply; a free one starts."""
+    long = 4 * math.ceil(_threshold())  # lookup alone starts here
+    small_draft = make_tiny_model_dir(root, name="d8", dim=8, n_heads=2, n_kv_heads=2, n_layers=1)
+    plain = _reply(build_tiny_engine(root), long).token_ids
+    for step_seconds, starts in ((0.0, True), (10.0, False)):
+        monkeypatch.setattr(decoder, "_timed_draft_step", lambda draft, history: step_seconds)
+        engine = speculating(build_tiny_engine(root), draft=small_draft)
+        capsys.readouterr()
+        assert _reply(engine, long).token_ids == plain
+        assert bool(engine.generator.speculator.planner.passes) == starts
+        assert capsys.readouterr().err.count("speculation: not started yet") == (0 if starts else 1)
+
+
+def test_the_drafts_step_is_timed_once_from_an_empty_cache_and_left_empty(root):
+    engine = _draft_engine(root)
+    gen, speculator = engine.generator, engine.generator.speculator
+    speculator.planner.observe_plain_pass(1e-3)
+    history = engine.tokenizer.encode(PROMPT, bos=True)
+    share = speculator._draft_step_share(gen, history)
+    assert share >= speculator._draft_weight_share(gen) > 0
+    assert speculator.draft.generator.cached == []  # the catch-up runs the whole context, as it would have
+    speculator.planner.observe_plain_pass(1.0)  # a later, slower pass: the estimate stands
+    assert speculator._draft_step_share(gen, history) == share
+
+
+def test_the_start_is_decided_once_a_reply(root, monkeypatch):
+    engine = speculating(build_tiny_engine(root), lookup=True)
+    speculator = engine.generator.speculator
+    decisions = []
+    real = speculator._decide_start
+    monkeypatch.setattr(speculator, "_decide_start", lambda *a: (decisions.append(a), real(*a))[1])
+    short = math.floor(_threshold()) - 1
+    _reply(engine, short)
+    assert len(decisions) == 1 and not speculator.planner.passes
+    _reply(engine, short)  # a new reply decides anew (and, the conversation having gone on, starts)
+    assert len(decisions) == 2 and speculator.planner.passes

@@ -17,6 +17,7 @@ import torch
 
 from llama.config import ModelArgs
 from llama.sampling import Sampler
+from llama.sampling_params import SamplingParams
 from llama.speculative.draft import DraftModel
 from llama.speculative.lookup import PromptLookup
 from llama.speculative.planner import DEPTHS, Planner, TreeShape
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from llama.generation import GenerationStats, Generator
 
 EXPLORE_EVERY = 32  # while speculation is off, try one small round after this many plain tokens,
-MAX_EXPLORE_EVERY = 512  # twice as many after each try that leaves it off (a try first catches the draft up)
+MAX_EXPLORE_EVERY = 512  # twice as many after each try that leaves it off (a try first catches the draft up);
+# a try is made only where a higher acceptance could make speculation pay (Planner.could_pay)
 PROBE_AFTER = 16  # plain tokens (timed) before the first probe: a short reply pays nothing for speculation,
 PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large model: speculation pays at once)
 # Starting speculation costs once (the probe, the tree steps' graphs, the draft's catch-up on the context); it starts
@@ -35,6 +37,7 @@ PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large m
 # (Planner.best_saving). The cost, estimated:
 START_PASSES = 6  # the probe's 3-4 passes, the large ones up to 2.5 plain passes each (CPU: 2.3),
 START_GRAPHS = 6  # graphs (the target's tree steps of 4 and 8 tokens, the draft's) at the target's mean capture time
+GREEDY_DRAFT = Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.0))  # the draft's timed step draws nothing from the reply's sampler
 PAYBACK = 2.0  # (H200, the 7B twin resident: 10 captures in one 96-token reply, 0.74 s more than plain decoding)
 
 
@@ -55,6 +58,8 @@ class Speculator:
         self._explore_every = EXPLORE_EVERY  # plain tokens between tries while speculation is off
         self.decoded = 0  # tokens given out, over all replies
         self._said_waiting = False
+        self._starts: bool | None = None  # this reply's start verdict, once made
+        self._step_share: float | None = None  # a draft step over a plain pass, once estimated
         # Where the speculative rounds' time went, summed (benchmarks report it): drafting, the target's tree
         # passes, whole rounds (the rest is verifying, moving keys, sampling).
         self.spent = {"draft": 0.0, "target": 0.0, "round": 0.0, "rounds": 0.0}
@@ -75,6 +80,7 @@ class Speculator:
         most the caller will take (None: no limit but the context)."""
         pending = [sampler.sample(logits, history)]
         plain_run = 0
+        self._starts = None
         end = None if budget is None else self.decoded + budget  # self.decoded when the caller has taken them all
         while True:
             for token in pending:
@@ -96,8 +102,10 @@ class Speculator:
             if shape is not None:
                 self._explore_every = EXPLORE_EVERY
             elif plain_run >= self._explore_every:
-                shape, plain_run = TreeShape(2, 1), 0
+                plain_run = 0
                 self._explore_every = min(2 * self._explore_every, MAX_EXPLORE_EVERY)
+                if self.planner.could_pay():
+                    shape = TreeShape(2, 1)
             tree = TokenTree(history[-1])
             if shape is not None:
                 self._draft(gen, tree, history, shape)
@@ -117,15 +125,21 @@ class Speculator:
 
     def _start_pays(self, gen: Generator, history: list[int], stats: GenerationStats, end: int | None) -> bool:
         """Whether the tokens ahead could repay what starting speculation costs: this reply's remaining ones and as
-        many as were decoded before it (a conversation that has gone on is taken to go on)."""
+        many as were decoded before it (a conversation that has gone on is taken to go on). Decided once a reply:
+        the tokens ahead stay the same while it goes on (one fewer left, one more decoded)."""
         if not self.planner.plain_passes:
             return False
+        if self._starts is None:
+            self._starts = self._decide_start(gen, history, stats, end)
+        return self._starts
+
+    def _decide_start(self, gen: Generator, history: list[int], stats: GenerationStats, end: int | None) -> bool:
         if end is None:
             return True
         left = min(end - self.decoded, gen.max_seq_len - len(history))
         ahead_seconds = (left + self.decoded) * self.planner.plain_seconds()
         cost = self._start_seconds(gen, history, stats)
-        if ahead_seconds * self.planner.best_saving(self._draft_share(gen)) >= PAYBACK * cost:
+        if ahead_seconds * self.planner.best_saving(self._draft_step_share(gen, history)) >= PAYBACK * cost:
             return True
         if not self._said_waiting:
             self._said_waiting = True
@@ -143,14 +157,27 @@ class Speculator:
             seconds += START_GRAPHS * steps.capture_seconds / steps.captured
         if self.draft is not None and stats.prefilled_tokens:
             behind = len(history) - self.draft.generator.reusable_prefix(history)
-            seconds += behind * stats.prefill_seconds / stats.prefilled_tokens * self._draft_share(gen)
+            seconds += behind * stats.prefill_seconds / stats.prefilled_tokens * self._draft_weight_share(gen)
         return seconds
 
-    def _draft_share(self, gen: Generator) -> float:
-        """The draft model's weights over the target's (0 without one): about what a draft step costs in target passes."""
+    def _draft_weight_share(self, gen: Generator) -> float:
+        """The draft model's weights over the target's (0 without one): about what its prefill costs in the target's."""
         if self.draft is None:
             return 0.0
         return _weights(self.draft.generator.model.args) / _weights(gen.model.args)
+
+    def _draft_step_share(self, gen: Generator, history: list[int]) -> float:
+        """What a draft step costs in plain passes, estimated once: timed where a step costs only itself (the draft's
+        steps are not captured graphs, whose capture would cost more than the step: the CPU), else its share of the
+        weights (a step reading its weights once, as the graphs' steps do). A small draft on the CPU is bound by its
+        per-layer overhead, not its weights: the bundled pair's draft step took 0.47-0.83 of a plain pass, its
+        weights 0.24."""
+        if self._step_share is None:
+            self._step_share = self._draft_weight_share(gen)
+            draft = self.draft.generator if self.draft is not None else None
+            if draft is not None and (draft.steps is None or not draft.steps.capture):
+                self._step_share = max(self._step_share, _timed_draft_step(draft, history) / self.planner.plain_seconds())
+        return self._step_share
 
     def _one_offs(self, gen: Generator) -> int:
         """Graphs the target's and the draft's decode steps have captured so far, and the draft's long catch-ups:
@@ -241,6 +268,18 @@ class Speculator:
             self._draft(gen, TokenTree(history[-1]), history, TreeShape(2, 1))
             if self.planner.draft_steps:
                 break
+
+
+def _timed_draft_step(draft: Generator, history: list[int]) -> float:
+    """Seconds of the draft's one-token step at the context's end, the second of two (the first may set up kernels).
+    The draft has run nothing yet (it starts with the probe), so its cache is left empty again."""
+    seconds = 0.0
+    for _ in range(2):
+        begin = time.perf_counter()
+        draft.next_token(GREEDY_DRAFT, history)
+        seconds = time.perf_counter() - begin
+    draft.reset()
+    return seconds
 
 
 def _weights(args: ModelArgs) -> int:

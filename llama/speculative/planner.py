@@ -26,6 +26,8 @@ from dataclasses import dataclass
 MIN_GAIN = 1.05  # a shape must promise this much over plain decoding to be used
 PRIOR_TRIALS = 4.0  # weight of the prior acceptance, in levels
 PRIOR_ALPHA = 0.6
+EXPLORE_ALPHA = 0.9  # the most a chain's level is taken to be accepted when weighing a try while off (the bundled
+# pair accepts about 8 tokens a pass on held-out code at depth 12: 0.9 a level)
 DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
 WIDTHS = (1, 2, 4, 8, 16, 32)
 DECAY = 0.98  # older rounds count less, so the plan follows the conversation
@@ -141,6 +143,14 @@ class Planner:
         as cheap for a tree as for one token, each draft step costing `draft_share` of a pass, the prior acceptance."""
         cost = lambda depth: 1 + depth * draft_share  # noqa: E731  # a round, in plain passes
         return max(1 - cost(depth) / expected_tokens(depth, PRIOR_ALPHA) for depth in DEPTHS)
+
+    def could_pay(self) -> bool:
+        """Whether some chain would beat plain decoding at the measured costs were its levels accepted with
+        EXPLORE_ALPHA: where none would (the draft's step costs about what the target's pass does), a try while
+        speculation is off cannot find a gain and is not made."""
+        plain, spec_ratio = self._plain_rate(), self.time_ratio[True] or 1.0
+        return any(expected_tokens(depth, EXPLORE_ALPHA) / (self.round_seconds(1 + depth, depth) * spec_ratio)
+                   > plain * MIN_GAIN for depth in DEPTHS if 1 + depth <= self.max_tokens)
 
     def pass_seconds(self, tokens: int) -> float:
         """t(n) = a + b * n (b >= 0), least squares over the median time of each pass size timed: a one-off
