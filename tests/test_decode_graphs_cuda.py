@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 from dataclasses import replace
 
 import pytest
@@ -64,6 +65,9 @@ def test_graphs_on_and_off_give_the_same_tokens_across_a_bucket_boundary(base, m
     assert len(on) == NEW and on == off
     assert {bucket for _, _, bucket in engine.generator.steps._graphs} == {256, 512}  # both were captured
     assert not plain.generator.steps._graphs
+    steps = engine.generator.steps
+    assert steps.captured == len(steps._graphs) and 0 < steps.capture_estimate < math.inf  # what a start would pay
+    assert plain.generator.steps.capture_estimate == math.inf  # nothing recorded
 
 
 @pytest.mark.parametrize("mode", MODES[:1] + MODES[3:], ids=_ids)
