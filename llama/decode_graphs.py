@@ -89,6 +89,7 @@ class DecodeSteps:
         self._pool: tuple[int, int] | None = None  # one memory pool for every graph: they never run at once
         self.captured = 0  # graphs captured so far: a step that captured one took a one-off time
         self.cheapest_recording = math.inf  # seconds, the shortest recording of a graph so far
+        self.first_capture_seconds = 0.0  # the first capture, warm-up included (libraries set up, kernels loaded)
 
     @torch.inference_mode()
     def decode(self, token: int, pos: int) -> StepOutput:
@@ -175,6 +176,7 @@ class DecodeSteps:
         """Warm up on a side stream (torch's recipe: libraries set up their handles outside the capture),
         watching for host syncs, then record the step. The warm-up writes the same keys and values the
         replay does, so it is harmless."""
+        begin = time.perf_counter()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         try:
@@ -191,6 +193,8 @@ class DecodeSteps:
         except RuntimeError as e:
             return self._give_up("capturing the step failed", e)
         self._pool = graph.pool()
+        if not self.captured:
+            self.first_capture_seconds = time.perf_counter() - begin
         self.captured += 1
         self.cheapest_recording = min(self.cheapest_recording, time.perf_counter() - recording)
         return graph, out

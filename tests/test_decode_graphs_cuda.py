@@ -67,6 +67,7 @@ def test_graphs_on_and_off_give_the_same_tokens_across_a_bucket_boundary(base, m
     assert not plain.generator.steps._graphs
     steps = engine.generator.steps
     assert steps.captured == len(steps._graphs) and 0 < steps.capture_estimate < math.inf  # what a start would pay
+    assert steps.first_capture_seconds > steps.capture_estimate / 2  # the first recording and its warm-up, at least
     assert plain.generator.steps.capture_estimate == math.inf  # nothing recorded
 
 

@@ -36,7 +36,9 @@ PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large m
 # only when the tokens ahead could repay that PAYBACK times over at the best saving the planner's prior allows
 # (Planner.best_saving). The cost, estimated:
 START_PASSES = 6  # the probe's 3-4 passes, the large ones up to 2.5 plain passes each (CPU: 2.3),
-START_GRAPHS = 10  # graphs (the target's tree steps of 4 and 8 tokens, the draft's), each at the target's estimate
+START_GRAPHS = 10  # graphs (the target's tree steps of 4 and 8 tokens, the draft's), each at the target's estimate,
+# and the first uses of the tree steps' and the draft's kernels, as long as the target's first capture took (H200, the
+# 7B twin resident: first capture 1.0 s; a start's probe 0.4-1.1 s, the draft's first prefill 0.1-0.2 s)
 PAYBACK = 2.0  # (H200, the 7B twin resident: 10 captures in one 96-token reply, 0.74 s more than plain decoding)
 GREEDY_DRAFT = Sampler(SamplingParams(temperature=0.0, repetition_penalty=1.0))  # times the draft's step, drawing
 # nothing from the reply's sampler
@@ -150,12 +152,13 @@ class Speculator:
 
     def _start_seconds(self, gen: Generator, history: list[int], stats: GenerationStats) -> float:
         """What starting speculation would cost, estimated before it starts: the probe's passes, the graphs of tree
-        steps (at the target's estimate of a capture), the draft's catch-up on the context (a prefill at the
-        target's prefill rate of this reply, scaled by the draft's share of the weights)."""
+        steps (at the target's estimate of a capture) and the first uses of their kernels, the draft's catch-up on
+        the context (a prefill at the target's prefill rate of this reply, scaled by the draft's share of the
+        weights)."""
         seconds = START_PASSES * self.planner.plain_seconds()
         steps = gen.steps
         if steps is not None and steps.capture and steps.captured:
-            seconds += START_GRAPHS * steps.capture_estimate
+            seconds += START_GRAPHS * steps.capture_estimate + steps.first_capture_seconds
         if self.draft is not None and stats.prefilled_tokens:
             behind = len(history) - self.draft.generator.reusable_prefix(history)
             seconds += behind * stats.prefill_seconds / stats.prefilled_tokens * self._draft_weight_share(gen)
