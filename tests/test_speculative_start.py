@@ -6,6 +6,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 from speculative_testing import speculating
 from tiny_model import GREEDY, build_tiny_engine, make_tiny_model_dir
 
@@ -67,6 +68,10 @@ def test_the_start_cost_counts_the_probe_graph_captures_and_the_drafts_catch_up(
     assert 0 < share < 1
     catch_up = len(history) * 0.005 * share  # the draft holds nothing yet
     assert speculator._start_seconds(gen, history, stats) == pytest.approx(decoder.START_PASSES * 0.01 + catch_up)
+    gen.device = torch.device("cuda")  # no steps on a GPU: the blocks stream, and passes of any size cost one
+    assert speculator._start_seconds(gen, history, stats) == pytest.approx(
+        decoder.START_PASSES_STREAMED * 0.01 + catch_up)
+    gen.device = torch.device("cpu")
     # a graph would take 0.1 s; the first, setting up the process's kernels, took 0.7 s
     gen.steps = SimpleNamespace(capture=True, captured=2, capture_estimate=0.1, first_capture_seconds=0.7)
     graphs = decoder.START_GRAPHS * 0.1 + 0.7

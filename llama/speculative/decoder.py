@@ -35,7 +35,8 @@ PROBE_SECONDS = 0.5  # unless they took this long already (a streamed or large m
 # Starting speculation costs once (the probe, the tree steps' graphs, the draft's catch-up on the context); it starts
 # only when the tokens ahead could repay that PAYBACK times over at the best saving the planner's prior allows
 # (Planner.best_saving). The cost, estimated:
-START_PASSES = 6  # the probe's 3-4 passes, the large ones up to 2.5 plain passes each (CPU: 2.3),
+START_PASSES = 6  # the probe's 3-4 passes, the large ones up to 2.5 plain passes each (CPU: 2.3);
+START_PASSES_STREAMED = 3  # a streamed target's probe: 3 passes, each as dear as one token's (the link dominates),
 START_GRAPHS = 10  # graphs (the target's tree steps of 4 and 8 tokens, the draft's), each at the target's estimate,
 # and the first uses of the tree steps' and the draft's kernels, as long as the target's first capture took (H200, the
 # 7B twin resident: first capture 1.0 s; a start's probe 0.4-1.1 s, the draft's first prefill 0.1-0.2 s)
@@ -155,7 +156,8 @@ class Speculator:
         steps (at the target's estimate of a capture) and the first uses of their kernels, the draft's catch-up on
         the context (a prefill at the target's prefill rate of this reply, scaled by the draft's share of the
         weights)."""
-        seconds = START_PASSES * self.planner.plain_seconds()
+        streamed = gen.steps is None and gen.device.type == "cuda"
+        seconds = (START_PASSES_STREAMED if streamed else START_PASSES) * self.planner.plain_seconds()
         steps = gen.steps
         if steps is not None and steps.capture and steps.captured:
             seconds += START_GRAPHS * steps.capture_estimate + steps.first_capture_seconds
