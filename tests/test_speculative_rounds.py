@@ -130,33 +130,33 @@ def test_a_round_whose_draft_caught_up_on_a_prompt_is_not_timed(root):
     assert speculator.draft.long_catch_ups == 1 and speculator.planner.draft_steps == 2
 
 
-def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatch):
+def _off_throughout(root, monkeypatch, could_pay: bool):
+    """A speculator with a draft whose planner keeps speculation off, tries due every 4 plain tokens at first."""
     engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
     speculator = engine.generator.speculator
     speculator.planner.needs_probe = lambda: False
-    speculator.planner.choose = lambda: None  # off throughout
-    speculator.planner.could_pay = lambda: True
+    speculator.planner.choose = lambda: None
+    speculator.planner.could_pay = lambda: could_pay
+    monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)
+    speculator._explore_every = 4
+    return engine, speculator
+
+
+def test_tries_while_speculation_is_off_grow_twice_as_far_apart(root, monkeypatch):
+    engine, speculator = _off_throughout(root, monkeypatch, could_pay=True)
     events = []  # "p": a plain pass, "t": a try's draft
     for name, mark in (("_draft", "t"), ("_plain_token", "p")):
         real = getattr(speculator, name)
         monkeypatch.setattr(speculator, name, lambda *a, real=real, mark=mark: (events.append(mark), real(*a))[1])
-    monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)
-    speculator._explore_every = 4
     _decode(engine, 60)
     runs = [len(run) for run in "".join(events).split("t")]
     assert runs[:3] == [4, 8, 16]  # plain passes before each try
 
 
 def test_no_tries_while_off_where_no_acceptance_could_make_speculation_pay(root, monkeypatch):
-    engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root))
-    speculator = engine.generator.speculator
-    speculator.planner.needs_probe = lambda: False
-    speculator.planner.choose = lambda: None  # off throughout
-    speculator.planner.could_pay = lambda: False
+    engine, speculator = _off_throughout(root, monkeypatch, could_pay=False)
     drafts = []
     real = speculator._draft
     monkeypatch.setattr(speculator, "_draft", lambda *a: (drafts.append(a), real(*a))[1])
-    monkeypatch.setattr(decoder, "EXPLORE_EVERY", 4)
-    speculator._explore_every = 4
     _decode(engine, 60)
     assert drafts == []

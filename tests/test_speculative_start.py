@@ -57,9 +57,13 @@ def test_a_conversation_that_went_on_starts_in_a_short_reply(root):
     assert engine.generator.speculator.planner.passes
 
 
+def _draft_engine(root):
+    return speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root, name="d", dim=32, n_heads=2,
+                                                                          n_kv_heads=2))
+
+
 def test_the_start_cost_counts_the_probe_graph_captures_and_the_drafts_catch_up(root):
-    engine = speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root, name="d", dim=32, n_heads=2,
-                                                                            n_kv_heads=2))
+    engine = _draft_engine(root)
     gen, speculator = engine.generator, engine.generator.speculator
     speculator.planner.observe_plain_pass(0.01)
     history = engine.tokenizer.encode(PROMPT, bos=True)
@@ -92,11 +96,6 @@ def test_plain_tokens_before_the_start_take_the_steps_argmax_as_plain_greedy_doe
     n = math.floor(_threshold()) - 1
     assert _reply(engine, n).token_ids == _reply(plain, n).token_ids
     assert len(decodes) == n - 1 and not engine.generator.speculator.planner.passes
-
-
-def _draft_engine(root):
-    return speculating(build_tiny_engine(root), draft=make_tiny_model_dir(root, name="d", dim=32, n_heads=2,
-                                                                          n_kv_heads=2))
 
 
 def test_a_draft_whose_step_costs_about_a_plain_pass_keeps_even_a_long_reply_plain(root, monkeypatch, capsys):
